@@ -1,0 +1,369 @@
+"""Typed configuration for the Gemma 3 / Gemma 4 text decoder.
+
+One dataclass, `TextConfig`, describes both families; the handful of behaviours in which they
+differ are plain fields (`norm_offset`, `attn_scale`, `v_norm`, ...), set by `from_hf_dict` from
+the checkpoint's `config.json`, never guessed from file names. Everything the model needs per
+layer (type, head dim, KV heads, k_eq_v, KV-sharing producer, MLP width, RoPE) is derived once,
+in `layers`, so the model code reads geometry and never recomputes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+LAYER_TYPES = (SLIDING, FULL)
+
+
+class ConfigError(ValueError):
+    """A config.json (or GGUF metadata) that does not describe a model we can build."""
+
+
+@dataclass(frozen=True)
+class Rope:
+    """RoPE of one layer type. `rotated` angles out of head_dim/2 rotate; the rest pass through."""
+
+    theta: float
+    head_dim: int
+    rotated: int  # number of rotated frequency pairs (head_dim // 2 unless proportional)
+    scale: float = 1.0  # linear position scaling (Gemma 3 4B+: 8) or proportional `factor`
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Geometry of one decoder layer, derived from the config."""
+
+    index: int
+    type: str  # SLIDING or FULL
+    head_dim: int
+    num_kv_heads: int
+    k_eq_v: bool  # no v_proj: V is the raw K projection
+    kv_source: int  # the layer whose K/V this layer attends to (itself unless KV-shared)
+    stores_kv: bool  # a producer whose K/V later layers reuse
+    intermediate_size: int
+    window: int | None  # sliding window (keys q-W < k <= q), None on full layers
+
+    @property
+    def shares_kv(self) -> bool:
+        return self.kv_source != self.index
+
+
+@dataclass
+class TextConfig:
+    """The text decoder of a Gemma 3 or Gemma 4 checkpoint (field names follow config.json)."""
+
+    family: str  # "gemma4" or "gemma3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    layer_types: list[str]
+    sliding_window: int
+    rope_parameters: dict[str, dict[str, Any]]
+    # Full-layer overrides: Gemma 4 uses a wider head and (with k_eq_v) fewer KV heads there.
+    global_head_dim: int | None = None
+    num_global_key_value_heads: int | None = None
+    attention_k_eq_v: bool = False
+    # Per-layer embeddings (E2B / E4B).
+    hidden_size_per_layer_input: int = 0
+    vocab_size_per_layer_input: int = 0
+    # KV sharing (E2B / E4B): the last `num_kv_shared_layers` layers reuse earlier layers' K/V.
+    num_kv_shared_layers: int = 0
+    use_double_wide_mlp: bool = False
+    # Mixture of experts (26B-A4B): a routed expert branch beside the dense MLP on every layer.
+    enable_moe_block: bool = False
+    num_experts: int = 0
+    top_k_experts: int = 0
+    moe_intermediate_size: int = 0
+    final_logit_softcapping: float | None = None
+    query_pre_attn_scalar: float | None = None  # Gemma 3 attention scale = qpas^-1/2
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = True
+    hidden_activation: str = "gelu_pytorch_tanh"
+    use_bidirectional_attention: str | None = None  # "vision" on 12B/26B/31B (multimodal prefill)
+    pad_token_id: int = 0
+    bos_token_id: int = 2
+    eos_token_id: list[int] = field(default_factory=lambda: [1])
+    layers: list[LayerSpec] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._validate()
+        self.layers = self._derive_layers()
+
+    # ----------------------------------------------------------------------------------------
+    # Family switches (spec section 7).
+    @property
+    def norm_offset(self) -> float:
+        """Gemma 3 stores RMSNorm weights zero-centred (x * (1 + w)); Gemma 4 stores w itself."""
+        return 1.0 if self.family == "gemma3" else 0.0
+
+    @property
+    def attn_scale(self) -> float:
+        """Gemma 4 q/k are RMS-normed, so scores are unscaled; Gemma 3 uses query_pre_attn_scalar^-1/2."""
+        if self.family == "gemma3":
+            return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+        return 1.0
+
+    @property
+    def v_norm(self) -> bool:
+        return self.family == "gemma4"
+
+    @property
+    def first_shared_layer(self) -> int:
+        return self.num_hidden_layers - self.num_kv_shared_layers
+
+    def rope(self, layer_type: str) -> Rope:
+        params = self.rope_parameters[layer_type]
+        head_dim = self.head_dim_of(layer_type)
+        kind = params.get("rope_type", "default")
+        theta = float(params.get("rope_theta", 10000.0))
+        if kind == "default":
+            return Rope(theta, head_dim, head_dim // 2)
+        if kind == "linear":
+            return Rope(theta, head_dim, head_dim // 2, float(params["factor"]))
+        if kind == "proportional":
+            # Only the first partial_rotary_factor * head_dim/2 frequencies rotate, and their
+            # exponent keeps the *full* head_dim as denominator (spec 1.4).
+            rotated = int(float(params.get("partial_rotary_factor", 1.0)) * head_dim // 2)
+            return Rope(theta, head_dim, rotated, float(params.get("factor", 1.0)))
+        raise ConfigError(f"unsupported rope_type {kind!r} for {layer_type}; supported: default, linear, proportional")
+
+    def head_dim_of(self, layer_type: str) -> int:
+        if layer_type == FULL and self.global_head_dim:
+            return self.global_head_dim
+        return self.head_dim
+
+    def kv_heads_of(self, layer_type: str) -> int:
+        # The global KV-head count applies only with k_eq_v (as in the reference config).
+        if layer_type == FULL and self.attention_k_eq_v and self.num_global_key_value_heads:
+            return self.num_global_key_value_heads
+        return self.num_key_value_heads
+
+    # ----------------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        if self.family not in ("gemma3", "gemma4"):
+            raise ConfigError(f"unknown family {self.family!r}")
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}"
+            )
+        bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if bad:
+            raise ConfigError(f"unknown layer types {bad}; expected {list(LAYER_TYPES)}")
+        for t in set(self.layer_types):
+            if t not in self.rope_parameters:
+                raise ConfigError(f"rope_parameters has no entry for {t}")
+            kv = self.kv_heads_of(t)
+            if self.num_attention_heads % kv:
+                raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of {kv} KV heads")
+        if not 0 <= self.num_kv_shared_layers < self.num_hidden_layers:
+            raise ConfigError("num_kv_shared_layers must be >= 0 and leave at least one layer computing K/V")
+        if self.enable_moe_block and not (self.num_experts and self.top_k_experts and self.moe_intermediate_size):
+            raise ConfigError("enable_moe_block needs num_experts, top_k_experts and moe_intermediate_size")
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu"):
+            raise ConfigError(f"unsupported hidden_activation {self.hidden_activation!r}")
+
+    def _derive_layers(self) -> list[LayerSpec]:
+        first_shared = self.first_shared_layer
+        # The producer of each type is the last non-shared layer of that type (spec 1.5).
+        producer: dict[str, int] = {}
+        for i in range(first_shared):
+            producer[self.layer_types[i]] = i
+        if self.num_kv_shared_layers:
+            missing = set(self.layer_types[first_shared:]) - set(producer)
+            if missing:
+                raise ConfigError(f"KV-shared layers of type {sorted(missing)} have no earlier layer to reuse K/V from")
+        stores = set(producer.values()) if self.num_kv_shared_layers else set()
+        specs = []
+        for i, t in enumerate(self.layer_types):
+            shared = i >= first_shared
+            width = self.intermediate_size * (2 if shared and self.use_double_wide_mlp else 1)
+            specs.append(
+                LayerSpec(
+                    index=i,
+                    type=t,
+                    head_dim=self.head_dim_of(t),
+                    num_kv_heads=self.kv_heads_of(t),
+                    k_eq_v=self.attention_k_eq_v and t == FULL,
+                    kv_source=producer[t] if shared else i,
+                    stores_kv=i in stores,
+                    intermediate_size=width,
+                    window=self.sliding_window if t == SLIDING else None,
+                )
+            )
+        return specs
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any]) -> TextConfig:
+        """Build from a checkpoint's config.json (multimodal or text-only Gemma 4, or Gemma 3)."""
+        model_type = raw.get("model_type")
+        if model_type in ("gemma4", "gemma4_unified", "gemma3") and "text_config" in raw:
+            text = dict(raw["text_config"] or {})
+            text.setdefault("model_type", "gemma4_text" if model_type.startswith("gemma4") else "gemma3_text")
+            for key in ("eos_token_id", "bos_token_id", "pad_token_id", "tie_word_embeddings"):
+                if key in raw and key not in text:
+                    text[key] = raw[key]
+            return cls.from_hf_dict(text)
+        if model_type == "gemma4_text":
+            return cls._from_gemma4(raw)
+        if model_type == "gemma3_text":
+            return cls._from_gemma3(raw)
+        known = "gemma4, gemma4_text, gemma4_unified, gemma3, gemma3_text"
+        raise ConfigError(f"unsupported model_type {model_type!r} in config.json; gemma4 runs: {known}")
+
+    @classmethod
+    def _from_gemma4(cls, raw: dict[str, Any]) -> TextConfig:
+        n = _req(raw, "num_hidden_layers")
+        layer_types = _layer_types(raw, n, default_period=6)
+        global_head_dim = raw.get("global_head_dim")
+        global_kv = raw.get("num_global_key_value_heads")
+        # Newer transformers serialise the full-layer geometry as per_layer_config {idx: {...}}.
+        for idx, override in (raw.get("per_layer_config") or {}).items():
+            if layer_types[int(idx)] != FULL:
+                raise ConfigError(f"per_layer_config overrides layer {idx}, which is not a full-attention layer")
+            global_head_dim = override.get("head_dim", global_head_dim)
+            global_kv = override.get("num_key_value_heads", global_kv)
+        rope = raw.get("rope_parameters") or {
+            SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+            FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+        }
+        ple = raw.get("hidden_size_per_layer_input") or 0
+        return cls(
+            family="gemma4",
+            **_common(raw, layer_types),
+            rope_parameters=rope,
+            global_head_dim=global_head_dim if global_head_dim is not None else 512,
+            num_global_key_value_heads=global_kv,
+            attention_k_eq_v=bool(raw.get("attention_k_eq_v", False)),
+            hidden_size_per_layer_input=ple,
+            vocab_size_per_layer_input=raw.get("vocab_size_per_layer_input", raw["vocab_size"]) if ple else 0,
+            num_kv_shared_layers=raw.get("num_kv_shared_layers") or 0,
+            use_double_wide_mlp=bool(raw.get("use_double_wide_mlp", False)),
+            enable_moe_block=bool(raw.get("enable_moe_block", False)),
+            num_experts=raw.get("num_experts") or 0,
+            top_k_experts=raw.get("top_k_experts") or 0,
+            moe_intermediate_size=raw.get("moe_intermediate_size") or 0,
+            final_logit_softcapping=raw.get("final_logit_softcapping"),
+            use_bidirectional_attention=raw.get("use_bidirectional_attention"),
+        )
+
+    @classmethod
+    def _from_gemma3(cls, raw: dict[str, Any]) -> TextConfig:
+        n = _req(raw, "num_hidden_layers")
+        pattern = raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6
+        layer_types = _layer_types(raw, n, default_period=pattern, force_last_full=False)
+        if raw.get("attn_logit_softcapping") is not None:
+            raise ConfigError("attn_logit_softcapping is not supported (no released Gemma 3 uses it)")
+        if raw.get("use_bidirectional_attention"):
+            raise ConfigError("bidirectional Gemma 3 (embedding) models are not supported")
+        rope = raw.get("rope_parameters")
+        if not rope or SLIDING not in rope:
+            # Legacy keys: rope_theta (full), rope_local_base_freq (sliding), rope_scaling (full only).
+            full = {"rope_type": "default", "rope_theta": raw.get("rope_theta", 1_000_000.0)}
+            scaling = raw.get("rope_scaling") or (rope if rope and "rope_type" in rope else None)
+            if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+                full = {"rope_type": scaling.get("rope_type", scaling.get("type")),
+                        "factor": scaling.get("factor", 1.0), "rope_theta": full["rope_theta"]}
+            rope = {SLIDING: {"rope_type": "default", "rope_theta": raw.get("rope_local_base_freq", 10_000.0)},
+                    FULL: full}
+        return cls(
+            family="gemma3",
+            **_common(raw, layer_types),
+            rope_parameters=rope,
+            final_logit_softcapping=raw.get("final_logit_softcapping"),
+            query_pre_attn_scalar=raw.get("query_pre_attn_scalar", 256),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A config.json for this model that transformers and `from_hf_dict` both read."""
+        out: dict[str, Any] = {
+            "model_type": f"{self.family}_text",
+            "architectures": ["Gemma4ForCausalLM" if self.family == "gemma4" else "Gemma3ForCausalLM"],
+        }
+        for f in dataclasses.fields(self):
+            if f.name in ("family", "layers"):
+                continue
+            out[f.name] = getattr(self, f.name)
+        if self.family == "gemma3":
+            for key in ("global_head_dim", "num_global_key_value_heads", "attention_k_eq_v",
+                        "hidden_size_per_layer_input", "vocab_size_per_layer_input", "num_kv_shared_layers",
+                        "use_double_wide_mlp", "enable_moe_block", "num_experts", "top_k_experts",
+                        "moe_intermediate_size", "use_bidirectional_attention"):
+                out.pop(key)
+        else:
+            out.pop("query_pre_attn_scalar")
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        """Parameters of the text model (tied head counted once), computed from the geometry."""
+        d = self.hidden_size
+        total = self.vocab_size * d + d  # embedding + final norm
+        if not self.tie_word_embeddings:
+            total += self.vocab_size * d
+        p = self.hidden_size_per_layer_input
+        if p:
+            lp = self.num_hidden_layers * p
+            total += self.vocab_size_per_layer_input * lp + lp * d + p
+        for spec in self.layers:
+            h = self.num_attention_heads * spec.head_dim
+            total += 2 * h * d + spec.head_dim  # q_proj, o_proj, q_norm
+            if not spec.shares_kv:
+                kv = spec.num_kv_heads * spec.head_dim
+                total += kv * d * (1 if spec.k_eq_v else 2) + spec.head_dim  # k/v proj, k_norm
+            total += 3 * spec.intermediate_size * d + 4 * d  # MLP + 4 norms
+            if p:
+                total += 2 * p * d + d
+            if self.enable_moe_block:
+                e, ie = self.num_experts, self.moe_intermediate_size
+                total += e * d + d + e  # router proj, scale, per_expert_scale
+                total += e * 3 * ie * d + 3 * d  # experts + 3 extra norms
+        return total
+
+
+def _req(raw: dict[str, Any], key: str) -> Any:
+    if key not in raw or raw[key] is None:
+        raise ConfigError(f"config.json lacks required key {key!r}")
+    return raw[key]
+
+
+def _layer_types(raw: dict[str, Any], n: int, default_period: int, force_last_full: bool = True) -> list[str]:
+    types = list(raw.get("layer_types") or [])
+    if not types:
+        types = [SLIDING if (i + 1) % default_period else FULL for i in range(n)]
+    if force_last_full and types and types[-1] != FULL:
+        types[-1] = FULL  # the reference forces the last Gemma 4 layer to be global
+    return types
+
+
+def _common(raw: dict[str, Any], layer_types: list[str]) -> dict[str, Any]:
+    eos = raw.get("eos_token_id", 1)
+    hidden = _req(raw, "hidden_size")
+    heads = _req(raw, "num_attention_heads")
+    return dict(
+        vocab_size=_req(raw, "vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=_req(raw, "intermediate_size"),
+        num_hidden_layers=_req(raw, "num_hidden_layers"),
+        num_attention_heads=heads,
+        num_key_value_heads=raw.get("num_key_value_heads") or heads,
+        head_dim=raw.get("head_dim") or hidden // heads,
+        layer_types=layer_types,
+        sliding_window=raw.get("sliding_window") or 4096,
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=raw.get("max_position_embeddings", 131072),
+        tie_word_embeddings=raw.get("tie_word_embeddings", True),
+        hidden_activation=raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh",
+        pad_token_id=raw.get("pad_token_id", 0) if raw.get("pad_token_id") is not None else 0,
+        bos_token_id=raw.get("bos_token_id", 2) if raw.get("bos_token_id") is not None else 2,
+        eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else [eos if eos is not None else 1],
+    )
+

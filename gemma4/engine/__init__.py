@@ -1,0 +1,1 @@
+"""The engine: KV caches, sampling, the generation loop, batching. Knows nothing of HTTP."""

@@ -1,0 +1,98 @@
+"""Self-attention of one decoder layer, with its own head dim, KV heads and window.
+
+Masks are built from token *positions* rather than indices: every key carries the position of
+the token it came from (-1 for an empty cache slot or a padding token). That one rule serves
+plain forwards, left-padded batches, the sliding ring-buffer cache (whose slots are not in
+position order) and the K/V that KV-shared layers borrow from their producer.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LayerSpec, TextConfig
+from .layers import RMSNorm, apply_rope
+
+KV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys, values [B, Hkv, S, d]; key positions [B, S]
+
+
+class LayerCache(Protocol):
+    """What attention needs of a per-layer KV cache (implementations live in gemma4.engine.cache)."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> KV:
+        """Store new keys/values at positions `pos`; return every key/value the new queries may see."""
+        ...
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean [B, 1, Tq, S]: key visible iff it exists, is not in the future, and is in the window.
+
+    Sliding layers see W keys including the query itself: q - W < k <= q. Padding queries
+    (position -1) see every key, so their (unused) rows stay finite.
+    """
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed &= k > q - window
+    allowed |= q < 0
+    return allowed[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig, spec: LayerSpec):
+        super().__init__()
+        d, heads, dim = spec.head_dim, config.num_attention_heads, config.hidden_size
+        self.spec = spec
+        self.scale = config.attn_scale
+        self.q_proj = nn.Linear(dim, heads * d, bias=False)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps, config.norm_offset)
+        if not spec.shares_kv:  # KV-shared layers read their producer's K/V: no k/v weights at all
+            self.k_proj = nn.Linear(dim, spec.num_kv_heads * d, bias=False)
+            # k_eq_v (full layers of 12B/26B/31B): V is the raw K projection, so there is no v_proj.
+            self.v_proj = None if spec.k_eq_v else nn.Linear(dim, spec.num_kv_heads * d, bias=False)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps, config.norm_offset)
+            self.v_norm = RMSNorm(d, config.rms_norm_eps, with_weight=False) if config.v_norm else None
+        self.o_proj = nn.Linear(heads * d, dim, bias=False)
+
+    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New keys (normed, rotated) and values (normed) as [B, Hkv, T, d]."""
+        shape = (*x.shape[:-1], self.spec.num_kv_heads, self.spec.head_dim)
+        k_raw = self.k_proj(x).view(shape)
+        v = k_raw if self.v_proj is None else self.v_proj(x).view(shape)
+        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        q_pos: torch.Tensor,
+        masks: dict[str, torch.Tensor],
+        kv: KV | None = None,
+        cache: LayerCache | None = None,
+    ) -> tuple[torch.Tensor, KV]:
+        """x: [B, T, D] (already input-normed); q_pos: [B, T]. Returns the output and the K/V used.
+
+        Layers that compute K/V may write them to `cache`; KV-shared layers are handed `kv`.
+        `masks` holds one mask per layer type for this forward: layers of a type see the same
+        key positions, so the first one builds it and the rest reuse it.
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.spec.head_dim)
+        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
+        if kv is None:
+            k, v = self.project_kv(x, cos, sin)
+            kv = (k, v, q_pos) if cache is None else cache.update(k, v, q_pos)
+        mask = masks.get(self.spec.type)
+        if mask is None:
+            mask = masks[self.spec.type] = attention_mask(q_pos, kv[2], self.spec.window)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), kv

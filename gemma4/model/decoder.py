@@ -1,0 +1,237 @@
+"""The Gemma 3 / Gemma 4 text decoder: one model for the family, checkpoint-native names.
+
+Module names equal the Hugging Face checkpoint's (`model.layers.3.self_attn.q_proj.weight`), so
+loading is a name-for-name assignment. What differs between variants lives in `TextConfig` and
+its per-layer `LayerSpec`s: per-layer embeddings, KV sharing, k_eq_v, double-wide MLPs, MoE.
+
+Data flow of `Gemma.forward` (spec 1.9):
+    ids -> embed * sqrt(D) -> [PLE inputs] -> layers (attention, MLP[+MoE], [PLE], * layer_scalar)
+        -> final norm -> tied head -> soft-cap
+The forward never samples and knows nothing of tokenizers or serving; caches are handed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..config import LayerSpec, TextConfig
+from .attention import KV, Attention, LayerCache
+from .layers import MLP, Experts, RMSNorm, Router, gelu, rope_cos_sin, rope_inv_freq
+
+
+class ModelCache(Protocol):
+    """A whole-model KV cache (see gemma4.engine.cache.KVCache)."""
+
+    def reserve(self, n: int) -> int:
+        """Claim n new slots for every sequence; return how many were filled before (or raise)."""
+        ...
+
+    def layer(self, index: int) -> LayerCache | None:
+        ...
+
+
+@dataclass
+class DecoderOutput:
+    """Final-normed hidden states [B, T', D] and the K/V of the KV-producing layers.
+
+    `shared_kv` maps layer type -> (K, V, key positions) of the last K/V-computing layer of that
+    type: the store layers of a KV-sharing model, which is what the MTP drafter attends to.
+    """
+
+    hidden: torch.Tensor
+    shared_kv: dict[str, KV]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, spec: LayerSpec):
+        super().__init__()
+        dim, eps, off = config.hidden_size, config.rms_norm_eps, config.norm_offset
+        self.spec = spec
+        self.self_attn = Attention(config, spec)
+        self.mlp = MLP(dim, spec.intermediate_size)
+        self.input_layernorm = RMSNorm(dim, eps, off)
+        self.post_attention_layernorm = RMSNorm(dim, eps, off)
+        self.pre_feedforward_layernorm = RMSNorm(dim, eps, off)
+        self.post_feedforward_layernorm = RMSNorm(dim, eps, off)
+        self.moe = config.enable_moe_block
+        if self.moe:
+            self.router = Router(dim, config.num_experts, config.top_k_experts, eps)
+            self.experts = Experts(config.num_experts, dim, config.moe_intermediate_size)
+            self.pre_feedforward_layernorm_2 = RMSNorm(dim, eps)
+            self.post_feedforward_layernorm_1 = RMSNorm(dim, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(dim, eps)
+        self.ple = config.hidden_size_per_layer_input
+        if self.ple:
+            self.per_layer_input_gate = nn.Linear(dim, self.ple, bias=False)
+            self.per_layer_projection = nn.Linear(self.ple, dim, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(dim, eps)
+        if config.family == "gemma4":
+            # A learned scalar multiplying the whole residual stream; a buffer, as in the checkpoint.
+            self.register_buffer("layer_scalar", torch.ones(1))
+        else:
+            self.layer_scalar = None
+
+    def forward(self, h, cos, sin, q_pos, masks, ple_input=None, kv=None, cache=None) -> tuple[torch.Tensor, KV]:
+        attn, kv = self.self_attn(self.input_layernorm(h), cos, sin, q_pos, masks, kv=kv, cache=cache)
+        h = h + self.post_attention_layernorm(attn)
+        f = self.mlp(self.pre_feedforward_layernorm(h))
+        if self.moe:
+            flat = h.reshape(-1, h.shape[-1])
+            weights, index = self.router(flat)  # the router reads the raw residual, not a normed input
+            e = self.experts(self.pre_feedforward_layernorm_2(flat), weights, index).view_as(h)
+            f = self.post_feedforward_layernorm_1(f) + self.post_feedforward_layernorm_2(e)
+        h = h + self.post_feedforward_layernorm(f)
+        if self.ple:
+            g = self.per_layer_projection(gelu(self.per_layer_input_gate(h)) * ple_input)
+            h = h + self.post_per_layer_input_norm(g)
+        if self.layer_scalar is not None:
+            h = h * self.layer_scalar
+        return h, kv
+
+
+class TextModel(nn.Module):
+    """The decoder stack (`model.*` in checkpoints)."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, spec) for spec in config.layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)
+        p = config.hidden_size_per_layer_input
+        if p:
+            self.embed_tokens_per_layer = nn.Embedding(config.vocab_size_per_layer_input, config.num_hidden_layers * p)
+            self.per_layer_model_projection = nn.Linear(config.hidden_size, config.num_hidden_layers * p, bias=False)
+            self.per_layer_projection_norm = RMSNorm(p, config.rms_norm_eps)
+        for t in set(config.layer_types):
+            self.register_buffer(f"inv_freq_{t}", rope_inv_freq(config.rope(t)), persistent=False)
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute non-persistent buffers (RoPE tables), e.g. after building on the meta device."""
+        for t in set(self.config.layer_types):
+            setattr(self, f"inv_freq_{t}", rope_inv_freq(self.config.rope(t)).to(device))
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings times sqrt(D), the factor rounded to the weight dtype as the reference does."""
+        w = self.embed_tokens.weight
+        return self.embed_tokens(ids) * torch.tensor(self.config.hidden_size**0.5).to(w.dtype)
+
+    def per_layer_inputs(self, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """PLE inputs [B, T, L, P] from the token ids and the final input embeddings (spec 1.8)."""
+        c = self.config
+        L, P = c.num_hidden_layers, c.hidden_size_per_layer_input
+        table = self.embed_tokens_per_layer
+        tok = table(ids) * torch.tensor(P**0.5).to(table.weight.dtype)
+        ctx = self.per_layer_model_projection(embeds) * c.hidden_size**-0.5
+        ctx = self.per_layer_projection_norm(ctx.view(*ids.shape, L, P))
+        return (ctx + tok.view(*ids.shape, L, P)) * 2.0**-0.5
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: ModelCache | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> DecoderOutput:
+        """Run the stack. `keep` (indices along T) lets the KV-shared tail skip unneeded rows.
+
+        input_ids carry the token identity for PLE even when `inputs_embeds` (e.g. with merged
+        image/audio soft tokens) are given; placeholder ids should then be the pad id 0.
+        """
+        c = self.config
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        ple = self.per_layer_inputs(input_ids, h) if c.hidden_size_per_layer_input else None
+        rope = {t: rope_cos_sin(getattr(self, f"inv_freq_{t}"), positions, h.dtype) for t in set(c.layer_types)}
+        masks: dict[str, torch.Tensor] = {}
+        # Latest K/V per layer type; by the first KV-shared layer these are the producers' (spec 1.5).
+        shared_kv: dict[str, KV] = {}
+        q_pos = positions
+        for spec, layer in zip(c.layers, self.layers):
+            if keep is not None and spec.index == c.first_shared_layer and c.num_kv_shared_layers:
+                # From here on no layer writes K/V, so only the rows whose output is wanted matter.
+                h, q_pos = h[:, keep], q_pos[:, keep]
+                ple = ple[:, keep] if ple is not None else None
+                rope = {t: (cos[:, keep], sin[:, keep]) for t, (cos, sin) in rope.items()}
+                masks, keep = {}, None
+            cos, sin = rope[spec.type]
+            h, kv = layer(
+                h,
+                cos,
+                sin,
+                q_pos,
+                masks,
+                ple_input=ple[:, :, spec.index] if ple is not None else None,
+                kv=shared_kv[spec.type] if spec.shares_kv else None,
+                cache=cache.layer(spec.index) if cache is not None and not spec.shares_kv else None,
+            )
+            shared_kv[spec.type] = kv
+        if keep is not None:
+            h = h[:, keep]
+        return DecoderOutput(self.norm(h), shared_kv)
+
+
+class Gemma(nn.Module):
+    """Gemma causal LM: `model` (the decoder) plus the tied LM head and final soft-cap."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.model = TextModel(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, False)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = torch.nn.functional.linear(hidden, weight)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: ModelCache | None = None,
+        logits_to_keep: int | torch.Tensor | None = None,
+    ) -> DecoderOutput:
+        """Hidden states (final-normed) for the kept positions, plus the producers' K/V.
+
+        positions: [B, T] token positions, -1 at padding. Defaults to consecutive positions after
+        what the cache holds, or to `attention_mask.cumsum(-1) - 1` (left padding takes no
+        position). logits_to_keep: an int n keeps the last n positions; a tensor keeps those
+        indices; None keeps all.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        start = cache.reserve(T) if cache is not None else 0
+        if positions is None:
+            if attention_mask is not None:
+                positions = (attention_mask.long().cumsum(-1) - 1 + start).masked_fill(attention_mask == 0, -1)
+            else:
+                positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        if positions.max() >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"position {int(positions.max())} is past the model's context of "
+                f"{self.config.max_position_embeddings} tokens; shorten the input"
+            )
+        keep = None
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            keep = torch.arange(max(T - logits_to_keep, 0), T, device=input_ids.device)
+        elif isinstance(logits_to_keep, torch.Tensor):
+            keep = logits_to_keep.to(input_ids.device)
+        return self.model(input_ids, positions, inputs_embeds=inputs_embeds, cache=cache, keep=keep)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Logits [B, T', V] (soft-capped); keyword arguments as in `decode`."""
+        return self.logits(self.decode(input_ids, **kwargs).hidden)
+
+

@@ -1,0 +1,113 @@
+"""Named variants: the released models' exact text geometry, and tiny look-alikes for tests.
+
+The real numbers come from the spec (section 2 and 7). The tiny variants switch on the same
+features as the model they stand for (PLE, KV sharing, double-wide MLP, k_eq_v, MoE, linear
+RoPE scaling), small enough to run in a test in milliseconds; their windows are short so a test
+sequence spans several windows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import FULL, SLIDING, TextConfig
+
+_G4_ROPE = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
+
+
+def _pattern(n: int, period: int) -> list[str]:
+    return [FULL if (i + 1) % period == 0 else SLIDING for i in range(n)]
+
+
+def _gemma4(layers: int, period: int, **kw: Any) -> dict[str, Any]:
+    base = dict(
+        model_type="gemma4_text", vocab_size=262_144, head_dim=256, global_head_dim=512,
+        num_hidden_layers=layers, layer_types=_pattern(layers, period), rope_parameters=_G4_ROPE,
+        final_logit_softcapping=30.0, max_position_embeddings=262_144, eos_token_id=[1, 106],
+    )
+    return base | kw
+
+
+def _gemma3(layers: int, **kw: Any) -> dict[str, Any]:
+    base = dict(
+        model_type="gemma3_text", vocab_size=262_144, head_dim=256, num_hidden_layers=layers,
+        layer_types=_pattern(layers, 6), rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+        query_pre_attn_scalar=256, final_logit_softcapping=None, eos_token_id=[1, 106],
+    )
+    return base | kw
+
+
+_PLE = dict(hidden_size_per_layer_input=256, vocab_size_per_layer_input=262_144)
+_LINEAR8 = dict(rope_scaling={"rope_type": "linear", "factor": 8.0})
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # ---- Gemma 4 (text decoder of the released checkpoints) ----
+    "gemma-4-e2b": _gemma4(35, 5, hidden_size=1536, intermediate_size=6144, num_attention_heads=8,
+                           num_key_value_heads=1, sliding_window=512, num_kv_shared_layers=20,
+                           use_double_wide_mlp=True, max_position_embeddings=131_072, **_PLE),
+    "gemma-4-e4b": _gemma4(42, 6, hidden_size=2560, intermediate_size=10240, num_attention_heads=8,
+                           num_key_value_heads=2, sliding_window=512, num_kv_shared_layers=18,
+                           max_position_embeddings=131_072, **_PLE),
+    "gemma-4-12b": _gemma4(48, 6, hidden_size=3840, intermediate_size=15360, num_attention_heads=16,
+                           num_key_value_heads=8, num_global_key_value_heads=1, attention_k_eq_v=True,
+                           sliding_window=1024, use_bidirectional_attention="vision"),
+    "gemma-4-26b-a4b": _gemma4(30, 6, hidden_size=2816, intermediate_size=2112, num_attention_heads=16,
+                               num_key_value_heads=8, num_global_key_value_heads=2, attention_k_eq_v=True,
+                               sliding_window=1024, enable_moe_block=True, num_experts=128, top_k_experts=8,
+                               moe_intermediate_size=704, use_bidirectional_attention="vision"),
+    "gemma-4-31b": _gemma4(60, 6, hidden_size=5376, intermediate_size=21504, num_attention_heads=32,
+                           num_key_value_heads=16, num_global_key_value_heads=4, attention_k_eq_v=True,
+                           sliding_window=1024, use_bidirectional_attention="vision"),
+    # ---- Gemma 3 text ----
+    "gemma-3-270m": _gemma3(18, hidden_size=640, intermediate_size=2048, num_attention_heads=4,
+                            num_key_value_heads=1, sliding_window=512, max_position_embeddings=32_768),
+    "gemma-3-1b": _gemma3(26, hidden_size=1152, intermediate_size=6912, num_attention_heads=4,
+                          num_key_value_heads=1, sliding_window=512, max_position_embeddings=32_768),
+    "gemma-3-4b": _gemma3(34, vocab_size=262_208, hidden_size=2560, intermediate_size=10240,
+                          num_attention_heads=8, num_key_value_heads=4, sliding_window=1024,
+                          max_position_embeddings=131_072, **_LINEAR8),
+    "gemma-3-12b": _gemma3(48, vocab_size=262_208, hidden_size=3840, intermediate_size=15360,
+                           num_attention_heads=16, num_key_value_heads=8, sliding_window=1024,
+                           max_position_embeddings=131_072, **_LINEAR8),
+    "gemma-3-27b": _gemma3(62, vocab_size=262_208, hidden_size=5376, intermediate_size=21504,
+                           num_attention_heads=32, num_key_value_heads=16, head_dim=128,
+                           query_pre_attn_scalar=168, sliding_window=1024, max_position_embeddings=131_072,
+                           **_LINEAR8),
+}
+
+# Tiny look-alikes: same features, toy sizes (vocab 128, D 64, head dims 16 / 32, window 4).
+_TINY = dict(vocab_size=128, hidden_size=64, head_dim=16, max_position_embeddings=512, sliding_window=4)
+_TINY_PLE = dict(hidden_size_per_layer_input=8, vocab_size_per_layer_input=128)
+VARIANTS |= {
+    "tiny-e2b": _gemma4(10, 5, **_TINY, global_head_dim=32, intermediate_size=96, num_attention_heads=4,
+                        num_key_value_heads=1, num_kv_shared_layers=4, use_double_wide_mlp=True, **_TINY_PLE),
+    "tiny-e4b": _gemma4(12, 6, **_TINY, global_head_dim=32, intermediate_size=128, num_attention_heads=4,
+                        num_key_value_heads=2, num_kv_shared_layers=5, **_TINY_PLE),
+    "tiny-12b": _gemma4(6, 6, **_TINY, global_head_dim=32, intermediate_size=128, num_attention_heads=4,
+                        num_key_value_heads=2, num_global_key_value_heads=1, attention_k_eq_v=True),
+    "tiny-26b-a4b": _gemma4(6, 6, **_TINY, global_head_dim=32, intermediate_size=48, num_attention_heads=4,
+                            num_key_value_heads=2, num_global_key_value_heads=1, attention_k_eq_v=True,
+                            enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=24),
+    "tiny-31b": _gemma4(12, 6, **_TINY, global_head_dim=32, intermediate_size=128, num_attention_heads=8,
+                        num_key_value_heads=4, num_global_key_value_heads=2, attention_k_eq_v=True),
+    "tiny-gemma-3-270m": _gemma3(6, **_TINY, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1,
+                                 query_pre_attn_scalar=16),
+    "tiny-gemma-3-4b": _gemma3(6, **_TINY, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                               query_pre_attn_scalar=16, **_LINEAR8),
+}
+
+
+def variant_hf_config(name: str) -> dict[str, Any]:
+    """The config.json dict of a named variant (a copy; safe to modify)."""
+    try:
+        raw = VARIANTS[name]
+    except KeyError:
+        raise KeyError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}") from None
+    return {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+
+
+def variant(name: str) -> TextConfig:
+    return TextConfig.from_hf_dict(variant_hf_config(name))
