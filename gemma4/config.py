@@ -160,6 +160,7 @@ class TextConfig:
         for t in set(self.layer_types):
             if t not in self.rope_parameters:
                 raise ConfigError(f"rope_parameters has no entry for {t}")
+            self.rope(t)  # raises on an unsupported rope_type
             kv = self.kv_heads_of(t)
             if self.num_attention_heads % kv:
                 raise ConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of {kv} KV heads")
@@ -235,16 +236,17 @@ class TextConfig:
             SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
             FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
         }
-        ple = raw.get("hidden_size_per_layer_input") or 0
+        # Absent keys mean what transformers' Gemma4TextConfig defaults say (PLE of 256 included).
+        ple = raw.get("hidden_size_per_layer_input", 256) or 0
         return cls(
             family="gemma4",
-            **_common(raw, layer_types),
+            **_common(raw, layer_types, sliding_window=512),
             rope_parameters=rope,
             global_head_dim=global_head_dim if global_head_dim is not None else 512,
             num_global_key_value_heads=global_kv,
             attention_k_eq_v=bool(raw.get("attention_k_eq_v", False)),
             hidden_size_per_layer_input=ple,
-            vocab_size_per_layer_input=raw.get("vocab_size_per_layer_input", raw["vocab_size"]) if ple else 0,
+            vocab_size_per_layer_input=raw.get("vocab_size_per_layer_input", 262_144) if ple else 0,
             num_kv_shared_layers=raw.get("num_kv_shared_layers") or 0,
             use_double_wide_mlp=bool(raw.get("use_double_wide_mlp", False)),
             enable_moe_block=bool(raw.get("enable_moe_block", False)),
@@ -276,7 +278,7 @@ class TextConfig:
                     FULL: full}
         return cls(
             family="gemma3",
-            **_common(raw, layer_types),
+            **_common(raw, layer_types, sliding_window=4096),
             rope_parameters=rope,
             final_logit_softcapping=raw.get("final_logit_softcapping"),
             query_pre_attn_scalar=raw.get("query_pre_attn_scalar", 256),
@@ -344,20 +346,19 @@ def _layer_types(raw: dict[str, Any], n: int, default_period: int, force_last_fu
     return types
 
 
-def _common(raw: dict[str, Any], layer_types: list[str]) -> dict[str, Any]:
+def _common(raw: dict[str, Any], layer_types: list[str], sliding_window: int) -> dict[str, Any]:
+    """Fields shared by both families; absent optional keys take transformers' defaults."""
     eos = raw.get("eos_token_id", 1)
-    hidden = _req(raw, "hidden_size")
-    heads = _req(raw, "num_attention_heads")
     return dict(
         vocab_size=_req(raw, "vocab_size"),
-        hidden_size=hidden,
+        hidden_size=_req(raw, "hidden_size"),
         intermediate_size=_req(raw, "intermediate_size"),
         num_hidden_layers=_req(raw, "num_hidden_layers"),
-        num_attention_heads=heads,
-        num_key_value_heads=raw.get("num_key_value_heads") or heads,
-        head_dim=raw.get("head_dim") or hidden // heads,
+        num_attention_heads=_req(raw, "num_attention_heads"),
+        num_key_value_heads=raw.get("num_key_value_heads", 4),
+        head_dim=raw.get("head_dim", 256),
         layer_types=layer_types,
-        sliding_window=raw.get("sliding_window") or 4096,
+        sliding_window=raw.get("sliding_window") or sliding_window,
         rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
         max_position_embeddings=raw.get("max_position_embeddings", 131072),
         tie_word_embeddings=raw.get("tie_word_embeddings", True),

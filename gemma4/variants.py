@@ -27,6 +27,7 @@ def _gemma4(layers: int, period: int, **kw: Any) -> dict[str, Any]:
         model_type="gemma4_text", vocab_size=262_144, head_dim=256, global_head_dim=512,
         num_hidden_layers=layers, layer_types=_pattern(layers, period), rope_parameters=_G4_ROPE,
         final_logit_softcapping=30.0, max_position_embeddings=262_144, eos_token_id=[1, 106],
+        hidden_size_per_layer_input=0,
     )
     return base | kw
 

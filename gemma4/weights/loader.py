@@ -1,0 +1,151 @@
+"""Checkpoint -> model: resolve the source, read the config, build on `meta`, assign tensors.
+
+The model is built on the meta device (no memory), then every parameter is assigned a tensor
+from the checkpoint (memory-mapped, converted only when the dtype or device differs). Loading is
+strict: a missing, unexpected or mis-shaped tensor is an error naming it. The only exceptions
+are explicit: the towers of multimodal checkpoints (not supported yet, skipped with a notice),
+the tied LM head, and the unused K/V weights that released checkpoints ship for KV-shared layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import ConfigError, TextConfig
+from ..model import Gemma
+from .errors import CheckpointError
+from .hub import resolve
+from .safetensors import open_tensors, read_config, shard_files
+
+log = logging.getLogger(__name__)
+
+TEXT_PREFIXES = ("model.language_model.", "model.")  # multimodal, then text-only layout
+# Parts of multimodal checkpoints that the text model does not use (yet).
+TOWER_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
+                  "model.vision_embedder.")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on accelerators (the checkpoints' own dtype); float32 on CPU, where bf16 matmuls are slow."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)} or 'auto'")
+    return names[dtype]
+
+
+def ignored_keys(config: TextConfig) -> set[str]:
+    """Checkpoint tensors that exist on disk but that the model has no use for.
+
+    Released E2B/E4B checkpoints still ship k_proj/v_proj/k_norm/v_norm for KV-shared layers;
+    those layers read the producer's K/V instead (spec 1.5), so the tensors are dropped.
+    """
+    keys = set()
+    for spec in config.layers:
+        if spec.shares_kv:
+            for part in ("k_proj", "v_proj", "k_norm", "v_norm"):
+                keys.add(f"model.layers.{spec.index}.self_attn.{part}.weight")
+    if config.tie_word_embeddings:
+        keys.add("lm_head.weight")  # tied to model.embed_tokens.weight
+    return keys
+
+
+def canonical_name(name: str) -> str | None:
+    """Checkpoint name -> our parameter name; None for tower tensors we skip."""
+    if name.startswith(TOWER_PREFIXES):
+        return None
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    return name
+
+
+def load_model(
+    path_or_id: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    revision: str | None = None,
+) -> Gemma:
+    """Load a Gemma 3/4 text model from a local checkpoint, a .gguf file or a Hub id."""
+    device = torch.device(device or "cpu")
+    dtype = parse_dtype(dtype, device)
+    source = resolve(path_or_id, revision=revision)
+    if source.is_file() and source.suffix == ".gguf":
+        from .gguf import read_gguf
+
+        ckpt = read_gguf(source, dtype=dtype)
+        raw = ckpt.config
+        entries = [(n, (lambda t=t: t), tuple(t.shape)) for n, t in ckpt.tensors.items()]
+    else:
+        if not source.is_dir():
+            raise CheckpointError(f"{source} is neither a checkpoint directory nor a .gguf file")
+        raw = read_config(source)
+        entries = list(open_tensors(shard_files(source)))
+    try:
+        config = TextConfig.from_hf_dict(raw)
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    return build(config, entries, dtype, device, str(source))
+
+
+def build(
+    config: TextConfig,
+    entries: list[tuple[str, Callable[[], torch.Tensor], tuple[int, ...]]],
+    dtype: torch.dtype,
+    device: torch.device,
+    source: str = "checkpoint",
+) -> Gemma:
+    """Build on meta and assign checkpoint tensors, strictly (see module docstring)."""
+    with torch.device("meta"):
+        model = Gemma(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    ignore = ignored_keys(config)
+    found: dict[str, tuple[Callable[[], torch.Tensor], tuple[int, ...]]] = {}
+    skipped = 0
+    for name, get, shape in entries:
+        ours = canonical_name(name)
+        if ours is None:
+            skipped += 1
+        elif ours not in ignore:
+            found[ours] = (get, shape)
+    if skipped:
+        log.warning("%s: skipped %d vision/audio tensors (only the text model is supported so far)", source, skipped)
+    _check(expected, found, source)
+
+    state = {}
+    for name in tqdm(expected, desc="loading weights", unit="tensor", disable=None, leave=False):
+        tensor = found[name][0]()
+        state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.model.reset_buffers(device)
+    return model.eval()
+
+
+def _check(expected: dict[str, tuple[int, ...]], found: dict, source: str) -> None:
+    def names(keys) -> str:
+        keys = sorted(keys)
+        return ", ".join(keys[:5]) + (f" (and {len(keys) - 5} more)" if len(keys) > 5 else "")
+
+    missing = expected.keys() - found.keys()
+    if missing:
+        raise CheckpointError(f"{source} is missing tensors the config requires: {names(missing)}. "
+                              "Is config.json the one that belongs to these weights?")
+    unexpected = found.keys() - expected.keys()
+    if unexpected:
+        raise CheckpointError(f"{source} has tensors this config does not use: {names(unexpected)}. "
+                              "Is config.json the one that belongs to these weights?")
+    wrong = [f"{k} {found[k][1]} (expected {expected[k]})" for k in expected if tuple(found[k][1]) != expected[k]]
+    if wrong:
+        raise CheckpointError(f"{source} has tensors of the wrong shape: {names(wrong)}")
