@@ -228,7 +228,7 @@ class TextConfig:
         global_kv = raw.get("num_global_key_value_heads")
         # Newer transformers serialise the full-layer geometry as per_layer_config {idx: {...}}.
         for idx, override in (raw.get("per_layer_config") or {}).items():
-            if layer_types[int(idx)] != FULL:
+            if not 0 <= int(idx) < n or layer_types[int(idx)] != FULL:
                 raise ConfigError(f"per_layer_config overrides layer {idx}, which is not a full-attention layer")
             global_head_dim = override.get("head_dim", global_head_dim)
             global_kv = override.get("num_key_value_heads", global_kv)

@@ -1,14 +1,16 @@
 """Hugging Face checkpoint directories: config.json plus one or several safetensors shards.
 
-Tensors are opened with `safetensors.safe_open`, which memory-maps the file: a tensor whose
-dtype already matches the requested one is used in place, without a second copy in RAM.
+`safetensors.safe_open` validates each file; the tensors are then views of a private memory map
+of it, so a tensor whose dtype already matches the requested one is used in place, without a
+second copy in RAM.
 Never pickle: only safetensors files are read.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -62,27 +64,46 @@ def shard_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"{directory} has config.json but no .safetensors weights{hint}")
 
 
-def open_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor | None, tuple[int, ...]]]:
-    """Yield (name, lazy getter, shape) for every tensor of the shards; headers are validated here."""
+def open_tensors(files: list[Path]) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple[int, ...]]]:
+    """Yield (name, getter, shape) for every tensor of the shards; headers are validated here.
+
+    The getter returns a view into a private memory map of the file (no copy, pages shared with
+    the OS cache) when the tensor's offset allows it, else a copy read by safetensors.
+    """
     for path in files:
         try:
-            handle = safe_open(str(path), framework="pt")
+            handle = safe_open(str(path), framework="pt")  # validates header, offsets and file size
             names = list(handle.keys())
+            header_len = struct.unpack("<Q", path.open("rb").read(8))[0]
+            header = json.loads(path.open("rb").read(8 + header_len)[8:])
         except Exception as e:  # safetensors raises its own error types for bad headers / truncation
             raise CheckpointError(
                 f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: re-download it"
             ) from None
+        storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
         for name in names:
-            yield name, _Lazy(handle, name, path), tuple(handle.get_slice(name).get_shape())
+            info = header[name]
+            yield name, _Mapped(storage, 8 + header_len, info, handle, name, path), tuple(info["shape"])
 
 
-class _Lazy:
-    """Reads one tensor when called; read errors become CheckpointError naming the tensor."""
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
 
-    def __init__(self, handle, name: str, path: Path):
+
+class _Mapped:
+    """One tensor of a safetensors file: a view of the mapped file, or a safetensors read."""
+
+    def __init__(self, storage, data_start: int, info: dict, handle, name: str, path: Path):
+        self.storage, self.data_start, self.info = storage, data_start, info
         self.handle, self.name, self.path = handle, name, path
 
     def __call__(self) -> torch.Tensor:
+        dtype = _DTYPES.get(self.info["dtype"])
+        offset = self.data_start + self.info["data_offsets"][0]
+        if dtype is not None and offset % dtype.itemsize == 0:
+            t = torch.empty(0, dtype=dtype)
+            return t.set_(self.storage, offset // dtype.itemsize, self.info["shape"])
         try:
             return self.handle.get_tensor(self.name)
         except Exception as e:

@@ -1,0 +1,527 @@
+"""GGUF (llama.cpp's single-file format) -> Hugging Face-named float tensors + a config.json-style dict.
+
+Design:
+- The header (metadata and tensor table) is parsed here, with every count, length and offset checked
+  against the file size *before* anything is allocated or looped over, so a truncated, corrupt or
+  hostile file gives a `GGUFError` saying what is wrong, never a traceback or a huge allocation.
+  We parse it ourselves rather than with `gguf.GGUFReader` because the reader builds Python objects
+  per array element (the 262k-token vocabulary) and takes minutes on a small machine; dequantizing
+  stays with the `gguf` package (`gguf.quants.dequantize`, `GGML_QUANT_SIZES`).
+- Tensor data is memory-mapped and dequantized one tensor at a time (`GGUFFile.tensor`), so the
+  peak is one fp32 tensor plus the model being built.
+- llama.cpp's Gemma 3 converter stores every RMSNorm weight as `1 + w` (HF Gemma 3 computes
+  `x̂ · (1 + w)`, llama.cpp `x̂ · w'`); we subtract the 1 again, in fp32. Gemma uses no Q/K row
+  permutation (llama.cpp permutes only LLaMA-style rotary layouts), so projections load as stored;
+  both facts are checked against transformers' own GGUF loader in tests/weights/test_gguf.py.
+- The sliding/full layer pattern is not stored in Gemma 3 GGUF files: llama.cpp hard-codes "every
+  6th layer is full" (`set_swa_pattern(6)`) and a local RoPE base of 10k; we do the same, but honour
+  `{arch}.attention.sliding_window_pattern` / `{arch}.rope.freq_base_swa` when a file has them.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+__all__ = ["GGUFError", "GGUFCheckpoint", "GGUFFile", "TensorInfo", "read_gguf", "read_gguf_metadata"]
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_ARCHS = ("gemma3",)
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ARRAY_NESTING = 3
+
+# GGUF value type id -> (struct code, size); 8 = string and 9 = array are variable-sized.
+_SCALARS = {0: ("B", 1), 1: ("b", 1), 2: ("H", 2), 3: ("h", 2), 4: ("I", 4), 5: ("i", 4), 6: ("f", 4),
+            7: ("?", 1), 10: ("Q", 8), 11: ("q", 8), 12: ("d", 8)}
+_NUMPY = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "u1", 10: "u8", 11: "i8", 12: "f8"}
+_STRING, _ARRAY = 8, 9
+_MIN_VALUE_SIZE = {**{t: s for t, (_, s) in _SCALARS.items()}, _STRING: 8, _ARRAY: 12}
+
+
+class GGUFError(CheckpointError):
+    """A .gguf file that cannot be read: missing, truncated, corrupt, or not a supported Gemma model."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # PyTorch order (outermost first), i.e. ggml's ne reversed
+    ggml_type: int
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+@dataclass
+class GGUFCheckpoint:
+    config: dict[str, Any]  # config.json-style (`model_type: gemma3_text`, ...)
+    tensors: dict[str, torch.Tensor]  # HF names and shapes, dequantized
+    tokenizer: dict[str, Any]  # `tokenizer.*` metadata, prefix stripped: tokens, scores, token_type, ...
+    metadata: dict[str, Any] = field(default_factory=dict)  # every other key/value of the header
+
+
+# ------------------------------------------------------------------------------------------------
+# Header parsing, bounded by the file size
+
+
+class _Cursor:
+    """Reads little-endian GGUF fields from a buffer, refusing to read past its end."""
+
+    def __init__(self, buf: memoryview, path: str):
+        self.buf, self.path, self.pos = buf, path, 0
+        self.size = len(buf)
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise GGUFError(
+                f"{self.path}: truncated or corrupt GGUF file: {what} at byte {self.pos} needs {n} bytes, but the "
+                f"file ends at byte {self.size}. Download or convert the file again."
+            )
+
+    def scalar(self, code: str, size: int, what: str):
+        self.need(size, what)
+        (v,) = struct.unpack_from("<" + code, self.buf, self.pos)
+        self.pos += size
+        return v
+
+    def u32(self, what: str) -> int:
+        return self.scalar("I", 4, what)
+
+    def u64(self, what: str) -> int:
+        return self.scalar("Q", 8, what)
+
+    def string(self, what: str) -> str:
+        n = self.u64(f"length of {what}")
+        self.need(n, f"{what} ({n} bytes)")
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise GGUFError(f"{self.path}: corrupt GGUF header: {what} ending at byte {self.pos} is not valid "
+                            "UTF-8. Download or convert the file again.") from None
+
+    def _strings(self, n: int, key: str) -> list[str]:
+        """A string array (the vocabulary: 262k entries), with the bounds checks of `string` inlined."""
+        buf, pos, size, out = self.buf, self.pos, self.size, []
+        unpack = struct.Struct("<Q").unpack_from
+        try:
+            for _ in range(n):
+                if pos + 8 > size:
+                    break
+                (length,) = unpack(buf, pos)
+                if length > size - pos - 8:
+                    break
+                out.append(str(buf[pos + 8:pos + 8 + length], "utf-8"))
+                pos += 8 + length
+        except UnicodeDecodeError:
+            raise GGUFError(f"{self.path}: corrupt GGUF header: element {len(out)} of {key!r} at byte {pos} is not "
+                            "valid UTF-8. Download or convert the file again.") from None
+        self.pos = pos
+        if len(out) < n:  # re-read the failing element to raise the precise truncation error
+            self.string(f"element {len(out)} of {key!r}")
+        return out
+
+    def count(self, what: str, min_item_size: int) -> int:
+        """A u64 element count, checked against the bytes left (each element takes >= min_item_size)."""
+        at = self.pos
+        n = self.u64(what)
+        room = (self.size - self.pos) // max(min_item_size, 1)
+        if n > room:
+            raise GGUFError(f"{self.path}: corrupt GGUF header: {what} at byte {at} is {n}, but the rest of the "
+                            f"file has room for at most {room}. The file is truncated or corrupt; download or "
+                            "convert it again.")
+        return n
+
+    def value(self, vtype: int, key: str, depth: int = 0):
+        if vtype in _SCALARS:
+            code, size = _SCALARS[vtype]
+            return self.scalar(code, size, f"value of {key!r}")
+        if vtype == _STRING:
+            return self.string(f"value of {key!r}")
+        if vtype == _ARRAY:
+            if depth >= MAX_ARRAY_NESTING:
+                raise GGUFError(f"{self.path}: corrupt GGUF header: {key!r} nests arrays deeper than "
+                                f"{MAX_ARRAY_NESTING} levels.")
+            etype = self.u32(f"array type of {key!r}")
+            if etype not in _MIN_VALUE_SIZE:
+                raise GGUFError(f"{self.path}: corrupt GGUF header: array {key!r} has unknown element type {etype} "
+                                "(known: 0-12). The file is corrupt or from a newer GGUF version.")
+            n = self.count(f"element count of array {key!r}", _MIN_VALUE_SIZE[etype])
+            if etype in _NUMPY:  # fixed-size elements: one bounded numpy read
+                size = _SCALARS[etype][1]
+                self.need(n * size, f"array {key!r}")
+                arr = np.frombuffer(self.buf, dtype=np.dtype("<" + _NUMPY[etype]),
+                                    count=n, offset=self.pos)
+                self.pos += n * size
+                return arr.astype(bool).tolist() if etype == 7 else arr.tolist()
+            if etype == _STRING:
+                return self._strings(n, key)
+            return [self.value(etype, f"{key}[{i}]", depth + 1) for i in range(n)]
+        raise GGUFError(f"{self.path}: corrupt GGUF header: metadata key {key!r} has unknown value type {vtype} "
+                        "(known: 0-12). The file is corrupt or from a newer GGUF version.")
+
+
+def _parse_header(buf: memoryview, path: str) -> tuple[dict[str, Any], list[TensorInfo]]:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    size = len(buf)
+    if size < 24:
+        raise GGUFError(f"{path} is too small to be a GGUF file ({size} bytes; the header alone takes 24). "
+                        "It is probably truncated: download or convert it again.")
+    if bytes(buf[:4]) != GGUF_MAGIC:
+        raise GGUFError(f"{path} is not a GGUF file: it starts with {bytes(buf[:4])!r}, not {GGUF_MAGIC!r}. "
+                        "Pass a llama.cpp .gguf file, or a checkpoint directory with config.json + *.safetensors.")
+    (version,) = struct.unpack_from("<I", buf, 4)
+    if version & 0xFFFF == 0 and version != 0:  # a big-endian file reads as a huge little-endian version
+        raise GGUFError(f"{path} is a big-endian GGUF file, which gemma4 does not read. Convert the model again "
+                        "on (or for) a little-endian machine.")
+    if version not in (2, 3):
+        raise GGUFError(f"{path}: unsupported GGUF version {version}; this reader handles versions 2 and 3. "
+                        "Convert the model again with a recent llama.cpp.")
+    cur = _Cursor(buf, path)
+    cur.pos = 8
+    n_tensors = cur.count("tensor count", 8 + 4 + 8 + 4 + 8)  # name length, n_dims, one dim, type, offset
+    n_kv = cur.count("metadata entry count", 8 + 4 + 1)  # key length, value type, smallest value
+
+    meta: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = cur.string(f"metadata key #{i}")
+        if key in meta:
+            raise GGUFError(f"{path}: corrupt GGUF header: metadata key {key!r} appears twice.")
+        meta[key] = cur.value(cur.u32(f"value type of {key!r}"), key)
+
+    raw = []
+    for i in range(n_tensors):
+        name = cur.string(f"name of tensor #{i}")
+        n_dims = cur.u32(f"dimension count of tensor {name!r}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise GGUFError(f"{path}: corrupt GGUF header: tensor {name!r} has {n_dims} dimensions "
+                            f"(GGUF allows 1 to {MAX_DIMS}). Download or convert the file again.")
+        ne = [cur.u64(f"dimension {d} of tensor {name!r}") for d in range(n_dims)]
+        type_id = cur.u32(f"type of tensor {name!r}")
+        offset = cur.u64(f"data offset of tensor {name!r}")
+        raw.append((name, ne, type_id, offset))
+
+    alignment = meta.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
+        raise GGUFError(f"{path}: corrupt GGUF header: general.alignment is {alignment!r}, not a power of two.")
+    data_start = -(-cur.pos // alignment) * alignment
+
+    infos, seen = [], set()
+    for name, ne, type_id, offset in raw:
+        if name in seen:
+            raise GGUFError(f"{path}: corrupt GGUF header: tensor {name!r} appears twice.")
+        seen.add(name)
+        try:
+            qtype = GGMLQuantizationType(type_id)
+        except ValueError:
+            raise GGUFError(f"{path}: tensor {name!r} has unknown GGML type id {type_id}: the file is corrupt, or "
+                            "newer than the installed `gguf` package (try `pip install -U gguf`).") from None
+        block, block_bytes = GGML_QUANT_SIZES[qtype]
+        n = 1
+        for d in ne:
+            if d == 0 or d > size * 8:  # no tensor can hold more elements than 8 per file byte (1-bit types)
+                raise GGUFError(f"{path}: corrupt GGUF header: tensor {name!r} has impossible shape {ne} for a "
+                                f"{size}-byte file. Download or convert the file again.")
+            n *= d
+        if ne[0] % block:
+            raise GGUFError(f"{path}: corrupt GGUF header: tensor {name!r} ({qtype.name}) has a row of {ne[0]} "
+                            f"values, not a multiple of its block size {block}.")
+        nbytes = n // block * block_bytes
+        start = data_start + offset
+        if offset % alignment or start + nbytes > size:
+            raise GGUFError(f"{path}: tensor {name!r} data (bytes {start} to {start + nbytes}) lies outside the "
+                            f"{size}-byte file or is misaligned: the file is truncated or corrupt. Download or "
+                            "convert it again.")
+        infos.append(TensorInfo(name, tuple(reversed(ne)), type_id, start, nbytes))
+    return meta, infos
+
+
+# ------------------------------------------------------------------------------------------------
+# GGUF -> Hugging Face names and config
+
+
+# Per-layer GGUF tensor (blk.N.<key>.weight) -> HF name under model.layers.N.; True = stored as 1 + w.
+_GEMMA3_LAYER = {
+    "attn_q": ("self_attn.q_proj", False),
+    "attn_k": ("self_attn.k_proj", False),
+    "attn_v": ("self_attn.v_proj", False),
+    "attn_output": ("self_attn.o_proj", False),
+    "attn_q_norm": ("self_attn.q_norm", True),
+    "attn_k_norm": ("self_attn.k_norm", True),
+    "attn_norm": ("input_layernorm", True),
+    "post_attention_norm": ("post_attention_layernorm", True),
+    "ffn_norm": ("pre_feedforward_layernorm", True),
+    "post_ffw_norm": ("post_feedforward_layernorm", True),
+    "ffn_gate": ("mlp.gate_proj", False),
+    "ffn_up": ("mlp.up_proj", False),
+    "ffn_down": ("mlp.down_proj", False),
+}
+_GEMMA3_GLOBAL = {
+    "token_embd.weight": ("model.embed_tokens.weight", False),
+    "output_norm.weight": ("model.norm.weight", True),
+    "output.weight": ("lm_head.weight", False),  # only in untied conversions
+}
+
+
+def _gemma3_name(name: str) -> tuple[str, bool] | None:
+    if name in _GEMMA3_GLOBAL:
+        return _GEMMA3_GLOBAL[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight" and parts[2] in _GEMMA3_LAYER:
+        hf, shifted = _GEMMA3_LAYER[parts[2]]
+        return f"model.layers.{int(parts[1])}.{hf}.weight", shifted
+    return None
+
+
+class GGUFFile:
+    """A validated, memory-mapped .gguf file: metadata, HF-style config, and tensors on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise GGUFError(f"GGUF file not found: {self.path}. Check the path (or let gemma4 resolve a Hub id).")
+        if not self.path.is_file():
+            raise GGUFError(f"{self.path} is not a file; pass the path of a .gguf file.")
+        size = self.path.stat().st_size
+        if size == 0:
+            raise GGUFError(f"{self.path} is empty (0 bytes), not a GGUF file. Download or convert it again.")
+        with open(self.path, "rb") as f:
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = memoryview(self._mm)
+        try:
+            self.metadata, infos = _parse_header(buf, str(self.path))
+        finally:
+            buf.release()
+        self.tensor_infos: dict[str, TensorInfo] = {t.name: t for t in infos}
+        self.arch = self._arch()
+        self.config = self._config()
+        self._names = self._map_names()
+
+    # -- metadata -------------------------------------------------------------------------------
+    def _arch(self) -> str:
+        arch = self.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            raise GGUFError(f"{self.path}: metadata key 'general.architecture' is missing; the file is incomplete "
+                            "or not a llama.cpp model conversion.")
+        if arch == "gemma4":
+            raise GGUFError(f"{self.path}: Gemma 4 GGUF files (architecture 'gemma4') are not supported yet. "
+                            "Load the Hugging Face safetensors checkpoint (config.json + *.safetensors) instead.")
+        if arch not in SUPPORTED_ARCHS:
+            raise GGUFError(f"{self.path}: GGUF architecture {arch!r} is not supported; gemma4 reads Gemma 3 "
+                            f"({', '.join(map(repr, SUPPORTED_ARCHS))}) GGUF files. Use a Gemma 3 GGUF, or a "
+                            "safetensors checkpoint.")
+        return arch
+
+    def _get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        full = f"{self.arch}.{key}"
+        if full not in self.metadata:
+            if default is ...:
+                raise GGUFError(f"{self.path}: required metadata key {full!r} is missing; the file is incomplete "
+                                "or not a llama.cpp Gemma conversion.")
+            return default
+        value = self.metadata[full]
+        if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+            raise GGUFError(f"{self.path}: metadata key {full!r} is {value!r}, expected {getattr(kind, '__name__', kind)}"
+                            "; the file is corrupt.")
+        return value
+
+    def _positive(self, key: str, default: Any = ...) -> int:
+        value = self._get(key, int, default)
+        if not isinstance(value, int) or value <= 0:
+            raise GGUFError(f"{self.path}: metadata key '{self.arch}.{key}' is {value!r}; it must be a positive "
+                            "integer. The file is corrupt.")
+        return value
+
+    @property
+    def tokenizer(self) -> dict[str, Any]:
+        """`tokenizer.*` metadata with the prefix (`tokenizer.ggml.` or `tokenizer.`) stripped."""
+        out = {}
+        for key, value in self.metadata.items():
+            if key.startswith("tokenizer.ggml."):
+                out[key[len("tokenizer.ggml."):]] = value
+            elif key.startswith("tokenizer."):
+                out[key[len("tokenizer."):]] = value
+        return out
+
+    def _config(self) -> dict[str, Any]:
+        hidden = self._positive("embedding_length")
+        n_layers = self._positive("block_count")
+        n_heads = self._positive("attention.head_count")
+        n_kv = self._get("attention.head_count_kv", (int, list), n_heads)
+        if isinstance(n_kv, list):  # per-layer counts: Gemma 3 uses one value
+            if len(set(n_kv)) != 1:
+                raise GGUFError(f"{self.path}: per-layer KV head counts {n_kv} are not supported for Gemma 3.")
+            n_kv = n_kv[0]
+        head_dim = self._positive("attention.key_length", hidden // n_heads)
+        window = self._positive("attention.sliding_window", 4096)
+        emb = self.tensor_infos.get("token_embd.weight")
+        vocab = emb.shape[0] if emb is not None else len(self.metadata.get("tokenizer.ggml.tokens", ()))
+        if vocab <= 0:
+            raise GGUFError(f"{self.path}: no 'token_embd.weight' tensor and no vocabulary; the file is incomplete.")
+
+        # Sliding/full pattern: a per-layer flag list when the file has one, else llama.cpp's Gemma 3
+        # rule (every 6th layer is global: layers 5, 11, 17, ...).
+        pattern = self.metadata.get(f"{self.arch}.attention.sliding_window_pattern", 6)
+        if isinstance(pattern, list):
+            if len(pattern) != n_layers:
+                raise GGUFError(f"{self.path}: sliding_window_pattern has {len(pattern)} entries for {n_layers} layers.")
+            sliding = [bool(s) for s in pattern]
+        elif isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
+            sliding = [(i + 1) % pattern != 0 for i in range(n_layers)]
+        else:
+            raise GGUFError(f"{self.path}: sliding_window_pattern {pattern!r} is neither a count nor a flag list.")
+        layer_types = ["sliding_attention" if s else "full_attention" for s in sliding]
+
+        rope_scaling = None
+        scaling_type = self._get("rope.scaling.type", str, None)
+        factor = self._get("rope.scaling.factor", (int, float), 1.0)
+        if scaling_type not in (None, "none") and factor != 1.0:
+            if scaling_type != "linear":
+                raise GGUFError(f"{self.path}: RoPE scaling {scaling_type!r} is not supported for Gemma 3 "
+                                "(only 'linear').")
+            rope_scaling = {"rope_type": "linear", "factor": float(factor)}
+
+        # llama.cpp (and gemma_pytorch) scale attention by 1/sqrt(head_dim), except Gemma 3 27B (62
+        # layers), which uses 1/sqrt(hidden/heads); the file does not store it.
+        qpas = hidden // n_heads if n_layers == 62 else head_dim
+        tok = self.tokenizer
+        softcap = self._get("final_logit_softcapping", (int, float), None)
+        return {
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            "vocab_size": int(vocab),
+            "hidden_size": hidden,
+            "intermediate_size": self._positive("feed_forward_length"),
+            "num_hidden_layers": n_layers,
+            "num_attention_heads": n_heads,
+            "num_key_value_heads": int(n_kv),
+            "head_dim": head_dim,
+            "sliding_window": window,
+            "layer_types": layer_types,
+            "rope_theta": float(self._get("rope.freq_base", (int, float), 1_000_000.0)),
+            "rope_local_base_freq": float(self._get("rope.freq_base_swa", (int, float), 10_000.0)),
+            "rope_scaling": rope_scaling,
+            "query_pre_attn_scalar": qpas,
+            "rms_norm_eps": float(self._get("attention.layer_norm_rms_epsilon", (int, float), 1e-6)),
+            "max_position_embeddings": self._positive("context_length", 131072),
+            "hidden_activation": "gelu_pytorch_tanh",
+            "final_logit_softcapping": float(softcap) if softcap else None,
+            "attn_logit_softcapping": None,
+            "bos_token_id": tok.get("bos_token_id", 2),
+            "eos_token_id": tok.get("eos_token_id", 1),
+            "pad_token_id": tok.get("padding_token_id", 0),
+            "tie_word_embeddings": "output.weight" not in self.tensor_infos,
+        }
+
+    # -- tensors --------------------------------------------------------------------------------
+    def _map_names(self) -> dict[str, tuple[str, bool]]:
+        """HF name -> (GGUF name, stored as 1 + w), checked: nothing unknown, missing or mis-shaped."""
+        c = self.config
+        D, V, I = c["hidden_size"], c["vocab_size"], c["intermediate_size"]
+        q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+        layer_shapes = {
+            "self_attn.q_proj": (q, D), "self_attn.k_proj": (kv, D), "self_attn.v_proj": (kv, D),
+            "self_attn.o_proj": (D, q), "self_attn.q_norm": (c["head_dim"],), "self_attn.k_norm": (c["head_dim"],),
+            "mlp.gate_proj": (I, D), "mlp.up_proj": (I, D), "mlp.down_proj": (D, I),
+            **{n: (D,) for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                                 "post_feedforward_layernorm")},
+        }
+        expected = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+        if not c["tie_word_embeddings"]:
+            expected["lm_head.weight"] = (V, D)
+        for i in range(c["num_hidden_layers"]):
+            expected.update({f"model.layers.{i}.{n}.weight": s for n, s in layer_shapes.items()})
+
+        names: dict[str, tuple[str, bool]] = {}
+        for gname, info in self.tensor_infos.items():
+            if gname == "rope_freqs.weight":  # a derived RoPE table some converters add; we compute RoPE
+                continue
+            mapped = _gemma3_name(gname)
+            if mapped is None or mapped[0] not in expected:
+                raise GGUFError(f"{self.path}: unexpected tensor {gname!r} for a {c['num_hidden_layers']}-layer "
+                                f"{self.arch} model; the file is not a plain Gemma 3 text model.")
+            hf, shifted = mapped
+            if info.shape != expected[hf]:
+                raise GGUFError(f"{self.path}: tensor {gname!r} has shape {list(info.shape)}, expected "
+                                f"{list(expected[hf])} from the file's metadata; the file is corrupt.")
+            names[hf] = (gname, shifted)
+        missing = sorted(set(expected) - set(names))
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise GGUFError(f"{self.path}: missing tensors {shown}; the file is incomplete.")
+        return names
+
+    def names(self) -> list[str]:
+        """HF names of the tensors, in file order."""
+        return list(self._names)
+
+    def shape(self, hf_name: str) -> tuple[int, ...]:
+        return self.tensor_infos[self._names[hf_name][0]].shape
+
+    def tensor(self, hf_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One tensor, dequantized to fp32 (norms un-shifted there), then cast to `dtype`."""
+        from gguf import quants
+        from gguf.constants import GGMLQuantizationType
+
+        gname, shifted = self._names[hf_name]
+        info = self.tensor_infos[gname]
+        qtype = GGMLQuantizationType(info.ggml_type)
+        rows = int(np.prod(info.shape[:-1], dtype=np.int64))
+        raw = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset).reshape(rows, -1)
+        try:
+            if qtype == GGMLQuantizationType.F32:
+                values = raw.view(np.float32).copy()
+            else:
+                values = quants.dequantize(raw, qtype)
+        except NotImplementedError:
+            raise GGUFError(f"{self.path}: tensor {gname!r} is stored as {qtype.name}, which the installed `gguf` "
+                            "package cannot dequantize. Re-quantize the model (e.g. Q4_K_M, Q8_0, F16).") from None
+        out = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(info.shape))
+        if shifted:
+            out = out - 1.0
+        return out.to(dtype)
+
+    def iter_tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._names:
+            yield name, self.tensor(name, dtype)
+
+    def close(self) -> None:
+        self._mm.close()
+
+
+def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """All key/values of a .gguf header (validated), without touching tensor data or the architecture."""
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFError(f"GGUF file not found: {path}. Check the path.")
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise GGUFError(f"{path} is empty (0 bytes), not a GGUF file. Download or convert it again.")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            buf = memoryview(mm)
+            try:
+                return _parse_header(buf, str(path))[0]
+            finally:
+                buf.release()
+
+
+def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
+    """Read a Gemma 3 .gguf: HF-style config, HF-named tensors dequantized to `dtype`, tokenizer metadata."""
+    f = GGUFFile(path)
+    try:
+        tensors = dict(f.iter_tensors(dtype))
+        tok = f.tokenizer
+        rest = {k: v for k, v in f.metadata.items() if not k.startswith("tokenizer.")}
+        return GGUFCheckpoint(config=f.config, tensors=tensors, tokenizer=tok, metadata=rest)
+    finally:
+        f.close()
