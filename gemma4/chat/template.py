@@ -131,10 +131,8 @@ def plain_data(value: Any) -> Any:
     Anything else (an image, bytes, an array) becomes a placeholder string naming its type:
     templates test media parts for presence, never read their payload.
     """
-    if value is None or type(value) in (str, int, float, bool):
+    if value is None or type(value) in (str, int, float, bool):  # bool cannot be subclassed
         return value
-    if isinstance(value, bool):
-        return bool(value)
     if isinstance(value, str):
         return str.__str__(value)
     if isinstance(value, int):

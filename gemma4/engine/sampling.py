@@ -1,0 +1,96 @@
+"""Turning logits into the next token: penalties, temperature, top-k / top-p / min-p, seeded draws.
+
+Each sequence has its own `SamplingParams` and its own `torch.Generator`, so a request with a
+seed gives the same tokens whether it runs alone or in a batch. Temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF-style: divides positive logits of seen tokens (prompt included)
+    presence_penalty: float = 0.0  # OpenAI-style: applied to tokens generated so far
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            problems.append(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
+            problems.append("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+class Sampler:
+    """The sampling state of one sequence: its parameters, token counts and random generator."""
+
+    def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int, device=None):
+        self.params = params
+        self.generator = torch.Generator(device=device or "cpu")
+        self.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        if prompt:
+            self.seen[torch.tensor(prompt, device=device).clamp(0, vocab_size - 1)] = True
+
+    def observe(self, token: int) -> None:
+        self.seen[token] = True
+        self.counts[token] += 1
+
+    def process(self, logits: torch.Tensor) -> torch.Tensor:
+        """Penalties, temperature and truncation applied to fp32 logits [V]; -inf marks removed tokens."""
+        p = self.params
+        logits = logits.float()
+        if p.repetition_penalty != 1.0:
+            seen = logits[self.seen]
+            logits[self.seen] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+        if p.presence_penalty or p.frequency_penalty:
+            logits = logits - p.presence_penalty * (self.counts > 0) - p.frequency_penalty * self.counts
+        if p.greedy:
+            return logits
+        logits = logits / p.temperature
+        if p.top_k and p.top_k < logits.numel():
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
+            logits = logits.scatter(0, order[drop], float("-inf"))
+        if p.min_p > 0:
+            probs = logits.softmax(-1)
+            logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+        return logits
+
+    def sample(self, logits: torch.Tensor) -> int:
+        processed = self.process(logits)
+        if self.params.greedy:
+            token = int(processed.argmax())
+        else:
+            token = int(torch.multinomial(processed.softmax(-1), 1, generator=self.generator))
+        self.observe(token)
+        return token
