@@ -141,11 +141,12 @@ def stream_generate(
     stop: list[str] | None = None,
     stop_token_ids: set[int] | None = None,
     logprobs: int = 0,
-    add_bos: bool = True,
+    add_bos: bool | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from one prompt, yielding a response per token; the last one has finish_reason set.
 
     Stop tokens are not part of the text. Stop strings end generation and are cut from the text.
+    add_bos=None follows the tokenizer (base checkpoints add <bos>; chat prompts carry their own).
     """
     ids = tokenizer.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
     stops = set(model.config.eos_token_id) if stop_token_ids is None else set(stop_token_ids)
@@ -188,7 +189,7 @@ def batch_generate(
     max_tokens: int = 256,
     sampling: SamplingParams | list[SamplingParams] | None = None,
     stop_token_ids: set[int] | None = None,
-    add_bos: bool = True,
+    add_bos: bool | None = None,
 ) -> list[str]:
     """Completions for several prompts in one batch (same tokens as generating them one by one)."""
     ids = [tokenizer.encode(p, add_bos=add_bos) if isinstance(p, str) else list(p) for p in prompts]

@@ -83,11 +83,11 @@ def load_model(
     dtype = parse_dtype(dtype, device)
     source = resolve(path_or_id, revision=revision)
     if source.is_file() and source.suffix == ".gguf":
-        from .gguf import read_gguf
+        from .gguf import GGUFFile
 
-        ckpt = read_gguf(source, dtype=dtype)
-        raw = ckpt.config
-        entries = [(n, (lambda t=t: t), tuple(t.shape)) for n, t in ckpt.tensors.items()]
+        gguf = GGUFFile(source)  # tensors are dequantized one by one as they are assigned
+        raw = gguf.config
+        entries = [(n, (lambda n=n: gguf.tensor(n, dtype)), tuple(gguf.shape(n))) for n in gguf.names()]
     else:
         if not source.is_dir():
             raise CheckpointError(f"{source} is neither a checkpoint directory nor a .gguf file")

@@ -11,8 +11,8 @@ from test_cache import random_model
 class LetterTokenizer:
     """A stand-in tokenizer: id i <-> one letter, enough to test the text layer."""
 
-    def encode(self, text, add_bos=True):
-        return ([2] if add_bos else []) + [ord(c) - 60 for c in text]
+    def encode(self, text, add_bos=None):
+        return ([2] if add_bos in (None, True) else []) + [ord(c) - 60 for c in text]
 
     def decode(self, ids):
         return "".join(chr(60 + i) for i in ids)

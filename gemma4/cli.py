@@ -1,0 +1,90 @@
+"""The `gemma4` command: one entry point, subcommands imported lazily so `--help` is instant.
+
+    gemma4 generate "The capital of France is"           # the embedded gemma-3-270m
+    gemma4 generate --model google/gemma-4-E2B-it --think "Why is the sky blue?"
+    gemma4 chat --model ./my-checkpoint
+    gemma4 info --variant gemma-4-26b-a4b
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+MODEL_HELP = ("checkpoint directory, .gguf file or Hugging Face Hub id (e.g. google/gemma-4-E2B-it); "
+              "default: the embedded gemma-3-270m")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help=MODEL_HELP)
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    g.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (HF style)")
+    g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", default=None, help="system prompt (Gemma 3: prepended to the first user turn)")
+    p.add_argument("--think", action="store_true", help="enable thinking (Gemma 4); thoughts go to stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma4", description="Run Gemma 4 and Gemma 3 models locally.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt (streamed to stdout)",
+                       description="Generate from a prompt given as argument or on stdin. Base checkpoints "
+                                   "continue the text; instruction checkpoints answer it as a chat message "
+                                   "(choose with --format).")
+    g.add_argument("prompt", nargs="?", help="the prompt; read from stdin when omitted")
+    _model_args(g)
+    _sampling_args(g)
+    _chat_args(g)
+    g.add_argument("--format", choices=["auto", "chat", "raw"], default="auto",
+                   help="raw: continue the text; chat: wrap it as a user turn; auto: chat when the checkpoint "
+                        "has a chat template or --system/--think is given, raw otherwise")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--verbose", "-v", action="store_true", help="print speed statistics to stderr")
+
+    c = sub.add_parser("chat", help="interactive chat (/reset, /system TEXT, /exit; Ctrl-C stops a reply)")
+    _model_args(c)
+    _sampling_args(c)
+    _chat_args(c)
+
+    i = sub.add_parser("info", help="show a model's configuration, parameter counts and memory needs")
+    i.add_argument("--model", "-m", default=None, help=MODEL_HELP)
+    i.add_argument("--variant", default=None, help="a named variant instead of a checkpoint (see --list)")
+    i.add_argument("--list", action="store_true", help="list the named variants")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .weights import CheckpointError
+
+    try:
+        if args.command == "info":
+            from .commands.info import run
+        elif args.command == "generate":
+            from .commands.generate import run
+        else:
+            from .commands.chat import run
+        return run(args) or 0
+    except (CheckpointError, ValueError, OSError) as e:  # errors meant for the user: no traceback
+        print(f"gemma4: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

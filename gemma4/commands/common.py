@@ -1,0 +1,54 @@
+"""What the subcommands share: loading with a status line, sampling flags -> SamplingParams."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from ..engine.sampling import SamplingParams
+
+
+def pick_device(name: str | None) -> str:
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_from_args(args):
+    from ..api import load
+
+    start = time.perf_counter()
+    print(f"loading {args.model or 'the embedded gemma-3-270m'} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=pick_device(args.device))
+    print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+    return model, tokenizer
+
+
+def sampling_from_args(args) -> SamplingParams:
+    return SamplingParams(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def messages_with_system(system: str | None, messages: list[dict]) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + messages
+
+
+def print_events(events, show_thoughts: bool):
+    """Write streamed chat events: content to stdout, thoughts (dimmed) to stderr. Returns the response."""
+    from ..api import ChatResponse
+    from ..chat import ContentDelta, ThoughtDelta, ToolCallComplete
+
+    response = None
+    for ev in events:
+        if isinstance(ev, ContentDelta):
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+        elif isinstance(ev, ThoughtDelta) and show_thoughts:
+            sys.stderr.write(f"\033[2m{ev.text}\033[0m")
+            sys.stderr.flush()
+        elif isinstance(ev, ToolCallComplete):
+            sys.stdout.write(f"\n[tool call] {ev.call}\n")
+        elif isinstance(ev, ChatResponse):
+            response = ev
+    sys.stdout.write("\n")
+    return response
