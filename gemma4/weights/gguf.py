@@ -32,7 +32,7 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["GGUFError", "GGUFCheckpoint", "GGUFFile", "TensorInfo", "read_gguf", "read_gguf_metadata"]
+__all__ = ["GGUFError", "GGUFCheckpoint", "GGUFFile", "TensorInfo", "dequantize", "read_gguf", "read_gguf_metadata"]
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHS = ("gemma3",)
@@ -300,12 +300,15 @@ class GGUFFile:
         buf = memoryview(self._mm)
         try:
             self.metadata, infos = _parse_header(buf, str(self.path))
-        finally:
+            self.tensor_infos: dict[str, TensorInfo] = {t.name: t for t in infos}
+            self.arch = self._arch()
+            self.config = self._config()
+            self._names = self._map_names()
+        except BaseException:
             buf.release()
-        self.tensor_infos: dict[str, TensorInfo] = {t.name: t for t in infos}
-        self.arch = self._arch()
-        self.config = self._config()
-        self._names = self._map_names()
+            self._mm.close()
+            raise
+        buf.release()
 
     # -- metadata -------------------------------------------------------------------------------
     def _arch(self) -> str:
@@ -470,26 +473,13 @@ class GGUFFile:
 
     def tensor(self, hf_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One tensor, dequantized to fp32 (norms un-shifted there), then cast to `dtype`."""
-        from gguf import quants
-        from gguf.constants import GGMLQuantizationType
-
         gname, shifted = self._names[hf_name]
         info = self.tensor_infos[gname]
-        qtype = GGMLQuantizationType(info.ggml_type)
-        rows = int(np.prod(info.shape[:-1], dtype=np.int64))
-        raw = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset).reshape(rows, -1)
+        raw = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         try:
-            if qtype == GGMLQuantizationType.F32:
-                values = raw.view(np.float32).copy()
-            else:
-                values = quants.dequantize(raw, qtype)
-        except NotImplementedError:
-            raise GGUFError(f"{self.path}: tensor {gname!r} is stored as {qtype.name}, which the installed `gguf` "
-                            "package cannot dequantize. Re-quantize the model (e.g. Q4_K_M, Q8_0, F16).") from None
-        out = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(info.shape))
-        if shifted:
-            out = out - 1.0
-        return out.to(dtype)
+            return dequantize(raw, info.ggml_type, info.shape, dtype, offset=1.0 if shifted else 0.0)
+        except NotImplementedError as e:
+            raise GGUFError(f"{self.path}: tensor {gname!r} {e}. Re-quantize the model (e.g. Q4_K_M, Q8_0, F16).") from None
 
     def iter_tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._names:
@@ -497,6 +487,37 @@ class GGUFFile:
 
     def close(self) -> None:
         self._mm.close()
+
+    def __enter__(self) -> "GGUFFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+               offset: float = 0.0) -> torch.Tensor:
+    """GGML blocks (flat uint8) -> a `shape` tensor of `dtype`, computed in fp32 minus `offset`.
+
+    Row chunks of ~16M values keep the fp32 temporaries small next to the output."""
+    from gguf import quants
+    from gguf.constants import GGMLQuantizationType
+
+    qtype = GGMLQuantizationType(ggml_type)
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
+    raw = raw.reshape(rows, -1)
+    out = torch.empty((rows, shape[-1]), dtype=dtype)
+    step = max(1, (1 << 24) // shape[-1])
+    for r0 in range(0, rows, step):
+        block = raw[r0:r0 + step]
+        try:
+            values = quants.dequantize(block, qtype)  # F32: a read-only view of the map
+        except NotImplementedError:
+            raise NotImplementedError(f"is stored as {qtype.name}, which the installed `gguf` package cannot "
+                                      "dequantize") from None
+        chunk = torch.from_numpy(values) if values.flags.writeable else torch.tensor(values, dtype=torch.float32)
+        out[r0:r0 + step] = chunk - offset if offset else chunk
+    return out.reshape(shape)
 
 
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -517,11 +538,7 @@ def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
     """Read a Gemma 3 .gguf: HF-style config, HF-named tensors dequantized to `dtype`, tokenizer metadata."""
-    f = GGUFFile(path)
-    try:
-        tensors = dict(f.iter_tensors(dtype))
-        tok = f.tokenizer
+    with GGUFFile(path) as f:
         rest = {k: v for k, v in f.metadata.items() if not k.startswith("tokenizer.")}
-        return GGUFCheckpoint(config=f.config, tensors=tensors, tokenizer=tok, metadata=rest)
-    finally:
-        f.close()
+        return GGUFCheckpoint(config=f.config, tensors=dict(f.iter_tensors(dtype)), tokenizer=f.tokenizer,
+                              metadata=rest)
