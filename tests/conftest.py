@@ -60,3 +60,11 @@ def tiny_checkpoint(tmp_path):
 def rewrite_config(directory: Path, fn) -> None:
     path = directory / "config.json"
     path.write_text(json.dumps(fn(json.loads(path.read_text()))))
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m():
+    """The real gemma-3-270m (embedded GGUF, dequantized to float32): (model, tokenizer), loaded once."""
+    import gemma4
+
+    return gemma4.load()

@@ -28,8 +28,10 @@ class LayerCache(Protocol):
         ...
 
 
-def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Boolean [B, 1, Tq, S]: key visible iff it exists, is not in the future, and is in the window.
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, Tq, S] (0 or -inf): a key is visible iff it exists, is not in the
+    future, and is in the window. Additive rather than boolean: PyTorch's CPU attention takes a
+    much slower path for boolean masks with grouped KV heads.
 
     Sliding layers see W keys including the query itself: q - W < k <= q. Padding queries
     (position -1) see every key, so their (unused) rows stay finite.
@@ -40,7 +42,7 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
     if window is not None:
         allowed &= k > q - window
     allowed |= q < 0
-    return allowed[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))[:, None]
 
 
 class Attention(nn.Module):
@@ -93,6 +95,6 @@ class Attention(nn.Module):
             kv = (k, v, q_pos) if cache is None else cache.update(k, v, q_pos)
         mask = masks.get(self.spec.type)
         if mask is None:
-            mask = masks[self.spec.type] = attention_mask(q_pos, kv[2], self.spec.window)
+            mask = masks[self.spec.type] = attention_mask(q_pos, kv[2], self.spec.window, q.dtype)
         out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=self.scale, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), kv
