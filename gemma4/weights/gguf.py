@@ -16,10 +16,17 @@ Design:
 - The sliding/full layer pattern is not stored in Gemma 3 GGUF files: llama.cpp hard-codes "every
   6th layer is full" (`set_swa_pattern(6)`) and a local RoPE base of 10k; we do the same, but honour
   `{arch}.attention.sliding_window_pattern` / `{arch}.rope.freq_base_swa` when a file has them.
+- Gemma 4 (`gemma4`) follows llama.cpp's converter: per-layer arrays for KV heads and FFN width
+  (double-wide MLP), the sliding pattern as flags, full/sliding head dims as `key_length` /
+  `key_length_swa`, and proportional RoPE as a `rope_freqs` table (1 = rotated pair, 1e30 = not),
+  from which `partial_rotary_factor` is recovered. k_eq_v is a full layer with K but no V tensor.
+  Norms carry no offset. No real Gemma 4 GGUF was available: the mapping is tested by a round trip
+  of a tiny transformers model written in llama.cpp's layout (gguf-py's own tensor-name map).
 """
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -35,7 +42,7 @@ from .errors import CheckpointError
 __all__ = ["GGUFError", "GGUFCheckpoint", "GGUFFile", "TensorInfo", "dequantize", "read_gguf", "read_gguf_metadata"]
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHS = ("gemma3",)
+SUPPORTED_ARCHS = ("gemma3", "gemma4")
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_ARRAY_NESTING = 3
 
@@ -100,7 +107,7 @@ class _Cursor:
 
     def string(self, what: str) -> str:
         n = self.u64(f"length of {what}")
-        self.need(n, f"{what} ({n} bytes)")
+        self.need(n, what)
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         try:
@@ -250,36 +257,51 @@ def _parse_header(buf: memoryview, path: str) -> tuple[dict[str, Any], list[Tens
 # GGUF -> Hugging Face names and config
 
 
-# Per-layer GGUF tensor (blk.N.<key>.weight) -> HF name under model.layers.N.; True = stored as 1 + w.
-_GEMMA3_LAYER = {
-    "attn_q": ("self_attn.q_proj", False),
-    "attn_k": ("self_attn.k_proj", False),
-    "attn_v": ("self_attn.v_proj", False),
-    "attn_output": ("self_attn.o_proj", False),
-    "attn_q_norm": ("self_attn.q_norm", True),
-    "attn_k_norm": ("self_attn.k_norm", True),
-    "attn_norm": ("input_layernorm", True),
-    "post_attention_norm": ("post_attention_layernorm", True),
-    "ffn_norm": ("pre_feedforward_layernorm", True),
-    "post_ffw_norm": ("post_feedforward_layernorm", True),
-    "ffn_gate": ("mlp.gate_proj", False),
-    "ffn_up": ("mlp.up_proj", False),
-    "ffn_down": ("mlp.down_proj", False),
+# llama.cpp tensor names (gguf-py's tensor map) -> Hugging Face names; blk.N.* maps under model.layers.N.
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",  # only in untied conversions
+    "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",  # Gemma 4 PLE
+    "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
+    "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight",
 }
-_GEMMA3_GLOBAL = {
-    "token_embd.weight": ("model.embed_tokens.weight", False),
-    "output_norm.weight": ("model.norm.weight", True),
-    "output.weight": ("lm_head.weight", False),  # only in untied conversions
+_LAYER_NAMES = {
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    # Gemma 4
+    "layer_output_scale.weight": "layer_scalar",
+    "inp_gate.weight": "per_layer_input_gate.weight",
+    "proj.weight": "per_layer_projection.weight",
+    "post_norm.weight": "post_per_layer_input_norm.weight",
+    "ffn_gate_inp.weight": "router.proj.weight",
+    "ffn_gate_inp.scale": "router.scale",
+    "ffn_down_exps.scale": "router.per_expert_scale",
+    "ffn_gate_up_exps.weight": "experts.gate_up_proj",
+    "ffn_down_exps.weight": "experts.down_proj",
+    "pre_ffw_norm_2.weight": "pre_feedforward_layernorm_2.weight",
+    "post_ffw_norm_1.weight": "post_feedforward_layernorm_1.weight",
+    "post_ffw_norm_2.weight": "post_feedforward_layernorm_2.weight",
 }
 
 
-def _gemma3_name(name: str) -> tuple[str, bool] | None:
-    if name in _GEMMA3_GLOBAL:
-        return _GEMMA3_GLOBAL[name]
-    parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight" and parts[2] in _GEMMA3_LAYER:
-        hf, shifted = _GEMMA3_LAYER[parts[2]]
-        return f"model.layers.{int(parts[1])}.{hf}.weight", shifted
+def _hf_name(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}"
     return None
 
 
@@ -306,7 +328,7 @@ class GGUFFile:
             self._names = self._map_names()
         except BaseException:
             buf.release()
-            self._mm.close()
+            self.close()
             raise
         buf.release()
 
@@ -316,13 +338,10 @@ class GGUFFile:
         if not isinstance(arch, str):
             raise GGUFError(f"{self.path}: metadata key 'general.architecture' is missing; the file is incomplete "
                             "or not a llama.cpp model conversion.")
-        if arch == "gemma4":
-            raise GGUFError(f"{self.path}: Gemma 4 GGUF files (architecture 'gemma4') are not supported yet. "
-                            "Load the Hugging Face safetensors checkpoint (config.json + *.safetensors) instead.")
         if arch not in SUPPORTED_ARCHS:
             raise GGUFError(f"{self.path}: GGUF architecture {arch!r} is not supported; gemma4 reads Gemma 3 "
-                            f"({', '.join(map(repr, SUPPORTED_ARCHS))}) GGUF files. Use a Gemma 3 GGUF, or a "
-                            "safetensors checkpoint.")
+                            "('gemma3') and Gemma 4 ('gemma4') GGUF files. Use a Gemma GGUF, or a safetensors "
+                            "checkpoint.")
         return arch
 
     def _get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
@@ -345,6 +364,16 @@ class GGUFFile:
                             "integer. The file is corrupt.")
         return value
 
+    def _per_layer(self, key: str, n_layers: int, default: Any = ...) -> list[int]:
+        """A count stored either once or per layer (llama.cpp writes arrays for Gemma 4)."""
+        value = self._get(key, (int, list), default)
+        values = value if isinstance(value, list) else [value] * n_layers
+        if len(values) != n_layers or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                              for v in values):
+            raise GGUFError(f"{self.path}: metadata key '{self.arch}.{key}' is {value!r}; expected a count or "
+                            f"{n_layers} per-layer counts. The file is corrupt.")
+        return values
+
     @property
     def tokenizer(self) -> dict[str, Any]:
         """`tokenizer.*` metadata with the prefix (`tokenizer.ggml.` or `tokenizer.`) stripped."""
@@ -356,35 +385,56 @@ class GGUFFile:
                 out[key[len("tokenizer."):]] = value
         return out
 
-    def _config(self) -> dict[str, Any]:
-        hidden = self._positive("embedding_length")
-        n_layers = self._positive("block_count")
-        n_heads = self._positive("attention.head_count")
-        n_kv = self._get("attention.head_count_kv", (int, list), n_heads)
-        if isinstance(n_kv, list):  # per-layer counts: Gemma 3 uses one value
-            if len(set(n_kv)) != 1:
-                raise GGUFError(f"{self.path}: per-layer KV head counts {n_kv} are not supported for Gemma 3.")
-            n_kv = n_kv[0]
-        head_dim = self._positive("attention.key_length", hidden // n_heads)
-        window = self._positive("attention.sliding_window", 4096)
-        emb = self.tensor_infos.get("token_embd.weight")
-        vocab = emb.shape[0] if emb is not None else len(self.metadata.get("tokenizer.ggml.tokens", ()))
-        if vocab <= 0:
-            raise GGUFError(f"{self.path}: no 'token_embd.weight' tensor and no vocabulary; the file is incomplete.")
-
-        # Sliding/full pattern: a per-layer flag list when the file has one, else llama.cpp's Gemma 3
-        # rule (every 6th layer is global: layers 5, 11, 17, ...).
-        pattern = self.metadata.get(f"{self.arch}.attention.sliding_window_pattern", 6)
-        if isinstance(pattern, list):
-            if len(pattern) != n_layers:
-                raise GGUFError(f"{self.path}: sliding_window_pattern has {len(pattern)} entries for {n_layers} layers.")
+    def _layer_types(self, n_layers: int, default_pattern: int | None) -> list[str]:
+        """Sliding/full per layer: the file's flag list, else llama.cpp's fixed Gemma 3 rule (every
+        `default_pattern`-th layer is full: 5, 11, 17, ... for 6)."""
+        key = f"{self.arch}.attention.sliding_window_pattern"
+        pattern = self.metadata.get(key, default_pattern)
+        if pattern is None:
+            raise GGUFError(f"{self.path}: required metadata key {key!r} is missing; the file is incomplete or not "
+                            "a llama.cpp Gemma conversion.")
+        if isinstance(pattern, list) and len(pattern) == n_layers:
             sliding = [bool(s) for s in pattern]
         elif isinstance(pattern, int) and not isinstance(pattern, bool) and pattern > 0:
             sliding = [(i + 1) % pattern != 0 for i in range(n_layers)]
         else:
-            raise GGUFError(f"{self.path}: sliding_window_pattern {pattern!r} is neither a count nor a flag list.")
-        layer_types = ["sliding_attention" if s else "full_attention" for s in sliding]
+            raise GGUFError(f"{self.path}: {key} is {pattern!r}, neither a period nor {n_layers} per-layer flags; "
+                            "the file is corrupt or incomplete.")
+        return ["sliding_attention" if s else "full_attention" for s in sliding]
 
+    def _common_config(self) -> dict[str, Any]:
+        hidden, n_layers = self._positive("embedding_length"), self._positive("block_count")
+        emb = self.tensor_infos.get("token_embd.weight")
+        if emb is None or len(emb.shape) != 2:
+            raise GGUFError(f"{self.path}: no 2-D 'token_embd.weight' tensor; the file is incomplete.")
+        tok = self.tokenizer
+        softcap = self._get("final_logit_softcapping", (int, float), None)
+        return {
+            "vocab_size": emb.shape[0],
+            "hidden_size": hidden,
+            "num_hidden_layers": n_layers,
+            "sliding_window": self._positive("attention.sliding_window", 4096),
+            "rms_norm_eps": float(self._get("attention.layer_norm_rms_epsilon", (int, float), 1e-6)),
+            "max_position_embeddings": self._positive("context_length", 131072),
+            "hidden_activation": "gelu_pytorch_tanh",
+            "final_logit_softcapping": float(softcap) if softcap else None,
+            "bos_token_id": tok.get("bos_token_id", 2),
+            "eos_token_id": tok.get("eos_token_id", 1),
+            "pad_token_id": tok.get("padding_token_id", 0),
+            "tie_word_embeddings": "output.weight" not in self.tensor_infos,
+        }
+
+    def _config(self) -> dict[str, Any]:
+        return self._gemma3_config() if self.arch == "gemma3" else self._gemma4_config()
+
+    def _gemma3_config(self) -> dict[str, Any]:
+        c = self._common_config()
+        n_layers, hidden = c["num_hidden_layers"], c["hidden_size"]
+        n_heads = self._positive("attention.head_count")
+        n_kv = set(self._per_layer("attention.head_count_kv", n_layers, n_heads))
+        if len(n_kv) != 1:
+            raise GGUFError(f"{self.path}: per-layer KV head counts {sorted(n_kv)} are not supported for Gemma 3.")
+        head_dim = self._positive("attention.key_length", hidden // n_heads)
         rope_scaling = None
         scaling_type = self._get("rope.scaling.type", str, None)
         factor = self._get("rope.scaling.factor", (int, float), 1.0)
@@ -393,72 +443,189 @@ class GGUFFile:
                 raise GGUFError(f"{self.path}: RoPE scaling {scaling_type!r} is not supported for Gemma 3 "
                                 "(only 'linear').")
             rope_scaling = {"rope_type": "linear", "factor": float(factor)}
-
         # llama.cpp (and gemma_pytorch) scale attention by 1/sqrt(head_dim), except Gemma 3 27B (62
         # layers), which uses 1/sqrt(hidden/heads); the file does not store it.
         qpas = hidden // n_heads if n_layers == 62 else head_dim
-        tok = self.tokenizer
-        softcap = self._get("final_logit_softcapping", (int, float), None)
         return {
             "architectures": ["Gemma3ForCausalLM"],
             "model_type": "gemma3_text",
-            "vocab_size": int(vocab),
-            "hidden_size": hidden,
+            **c,
             "intermediate_size": self._positive("feed_forward_length"),
-            "num_hidden_layers": n_layers,
             "num_attention_heads": n_heads,
-            "num_key_value_heads": int(n_kv),
+            "num_key_value_heads": n_kv.pop(),
             "head_dim": head_dim,
-            "sliding_window": window,
-            "layer_types": layer_types,
+            "layer_types": self._layer_types(n_layers, 6),
             "rope_theta": float(self._get("rope.freq_base", (int, float), 1_000_000.0)),
             "rope_local_base_freq": float(self._get("rope.freq_base_swa", (int, float), 10_000.0)),
             "rope_scaling": rope_scaling,
             "query_pre_attn_scalar": qpas,
-            "rms_norm_eps": float(self._get("attention.layer_norm_rms_epsilon", (int, float), 1e-6)),
-            "max_position_embeddings": self._positive("context_length", 131072),
-            "hidden_activation": "gelu_pytorch_tanh",
-            "final_logit_softcapping": float(softcap) if softcap else None,
             "attn_logit_softcapping": None,
-            "bos_token_id": tok.get("bos_token_id", 2),
-            "eos_token_id": tok.get("eos_token_id", 1),
-            "pad_token_id": tok.get("padding_token_id", 0),
-            "tie_word_embeddings": "output.weight" not in self.tensor_infos,
         }
+
+    def _gemma4_config(self) -> dict[str, Any]:
+        """Keys as written by llama.cpp's Gemma 4 converter (convert_hf_to_gguf.py, Gemma4Model)."""
+        c = self._common_config()
+        L, D = c["num_hidden_layers"], c["hidden_size"]
+        types = self._layer_types(L, None)
+        full = [t == "full_attention" for t in types]
+        heads = set(self._per_layer("attention.head_count", L))
+        if len(heads) != 1:
+            raise GGUFError(f"{self.path}: per-layer query head counts {sorted(heads)} are not supported.")
+        kv = self._per_layer("attention.head_count_kv", L)
+        kv_swa = {k for k, f in zip(kv, full) if not f}
+        kv_full = {k for k, f in zip(kv, full) if f}
+        if len(kv_swa) > 1 or len(kv_full) > 1:
+            raise GGUFError(f"{self.path}: KV head counts {kv} vary within a layer type; the file is corrupt.")
+        head_dim_full = self._positive("attention.key_length")
+        head_dim = self._positive("attention.key_length_swa", head_dim_full)
+        n_shared = self._get("attention.shared_kv_layers", int, 0)
+        ffn = self._per_layer("feed_forward_length", L)
+        base = ffn[0]
+        double = ffn != [base] * L
+        if double and ffn != [base if i < L - n_shared else 2 * base for i in range(L)]:
+            raise GGUFError(f"{self.path}: feed_forward_length {ffn} is neither uniform nor double-wide on the "
+                            f"{n_shared} KV-shared layers; the file is corrupt.")
+        per_layer = self._get("embedding_length_per_layer_input", int, 0)
+        ple = self.tensor_infos.get("per_layer_token_embd.weight")
+        has_v = [f"blk.{i}.attn_v.weight" in self.tensor_infos for i in range(L)]
+        has_k = [f"blk.{i}.attn_k.weight" in self.tensor_infos for i in range(L)]
+        k_eq_v = any(f and k and not v for f, k, v in zip(full, has_k, has_v))
+        moe = any(f"blk.{i}.ffn_gate_inp.weight" in self.tensor_infos for i in range(L))
+        tok = self.tokenizer.get("tokens") or []
+        # The stop tokens of Gemma 4 chat, as transformers' GGUF loader sets them (spec §4.2).
+        eos = [c["eos_token_id"]] + [tok.index(t) for t in ("<turn|>", "<|tool_response>") if t in tok]
+        config = {
+            "architectures": ["Gemma4ForCausalLM"],
+            "model_type": "gemma4_text",
+            **c,
+            "eos_token_id": eos if len(eos) > 1 else eos[0],
+            "intermediate_size": base,
+            "use_double_wide_mlp": double,
+            "num_attention_heads": heads.pop(),
+            "num_key_value_heads": kv_swa.pop() if kv_swa else kv[0],
+            "head_dim": head_dim,
+            "global_head_dim": head_dim_full,
+            "num_global_key_value_heads": kv_full.pop() if kv_full else None,
+            "attention_k_eq_v": k_eq_v,
+            "layer_types": types,
+            "num_kv_shared_layers": n_shared,
+            "hidden_size_per_layer_input": per_layer,  # 0: no per-layer embeddings
+            "vocab_size_per_layer_input": ple.shape[0] if ple is not None else c["vocab_size"],
+            "rope_parameters": {
+                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": self._partial_rotary(),
+                                   "rope_theta": float(self._get("rope.freq_base", (int, float), 1_000_000.0))},
+                "sliding_attention": {"rope_type": "default",
+                                      "rope_theta": float(self._get("rope.freq_base_swa", (int, float), 10_000.0))},
+            },
+            "enable_moe_block": moe,
+        }
+        if moe:
+            router = next(self.tensor_infos[f"blk.{i}.ffn_gate_inp.weight"] for i in range(L)
+                          if f"blk.{i}.ffn_gate_inp.weight" in self.tensor_infos)
+            down = next((t for n, t in self.tensor_infos.items() if n.endswith(".ffn_down_exps.weight")), None)
+            if down is None:
+                raise GGUFError(f"{self.path}: a MoE router without merged expert tensors (ffn_gate_up_exps / "
+                                "ffn_down_exps); split expert tensors are not supported yet.")
+            config.update(num_experts=self._positive("expert_count", router.shape[0]),
+                          top_k_experts=self._positive("expert_used_count"),
+                          moe_intermediate_size=self._positive("expert_feed_forward_length", down.shape[-1]))
+        return config
+
+    def _partial_rotary(self) -> float:
+        """llama.cpp encodes Gemma 4's proportional RoPE as per-frequency factors in `rope_freqs`: 1 for a
+        rotated pair, 1e30 (frequency ~0, so no rotation) for the rest."""
+        info = self.tensor_infos.get("rope_freqs.weight")
+        head_dim = self._positive("attention.key_length")
+        if info is None:
+            return self._positive("rope.dimension_count", head_dim) / head_dim
+        if info.shape != (head_dim // 2,):
+            raise GGUFError(f"{self.path}: rope_freqs.weight has shape {list(info.shape)}, expected "
+                            f"[{head_dim // 2}]; the file is corrupt.")
+        factors = self._read(info)
+        rotated = int((factors == 1.0).sum())
+        if not bool(((factors == 1.0) | (factors >= 1e20)).all()) or not bool((factors[:rotated] == 1.0).all()):
+            raise GGUFError(f"{self.path}: rope_freqs.weight holds factors other than 1 (rotated) then 1e30 "
+                            "(not rotated); that RoPE variant is not supported.")
+        return 2 * rotated / head_dim
+
+    def _read(self, info: TensorInfo, dtype: torch.dtype = torch.float32, offset: float = 0.0) -> torch.Tensor:
+        _check_dequantizable(info.ggml_type, f"{self.path}: tensor {info.name!r}")
+        raw = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        try:
+            return dequantize(raw, info.ggml_type, info.shape, dtype, offset)
+        finally:
+            del raw  # no view of the map may outlive the call, or close() fails
 
     # -- tensors --------------------------------------------------------------------------------
+    def _expected(self) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+        """HF name -> shape for the tensors the config implies: (required, optional)."""
+        c = self.config
+        D, V, L = c["hidden_size"], c["vocab_size"], c["num_hidden_layers"]
+        H = c["num_attention_heads"]
+        req = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+        opt: dict[str, tuple[int, ...]] = {}
+        if not c["tie_word_embeddings"]:
+            req["lm_head.weight"] = (V, D)
+        g4 = c["model_type"] == "gemma4_text"
+        P = c.get("hidden_size_per_layer_input") or 0
+        if P:
+            req.update({"model.embed_tokens_per_layer.weight": (c["vocab_size_per_layer_input"], L * P),
+                        "model.per_layer_model_projection.weight": (L * P, D),
+                        "model.per_layer_projection_norm.weight": (P,)})
+        for i, t in enumerate(c["layer_types"]):
+            pre = f"model.layers.{i}."
+            full = t == "full_attention"
+            hd = c["global_head_dim"] if g4 and full else c["head_dim"]
+            kv = c["num_key_value_heads"]
+            if g4 and full and c["num_global_key_value_heads"]:
+                kv = c["num_global_key_value_heads"]
+            shared = g4 and i >= L - c["num_kv_shared_layers"]
+            ff = c["intermediate_size"] * (2 if g4 and shared and c["use_double_wide_mlp"] else 1)
+            req.update({pre + n: s for n, s in {
+                "self_attn.q_proj.weight": (H * hd, D), "self_attn.o_proj.weight": (D, H * hd),
+                "self_attn.q_norm.weight": (hd,), "mlp.gate_proj.weight": (ff, D), "mlp.up_proj.weight": (ff, D),
+                "mlp.down_proj.weight": (D, ff), "input_layernorm.weight": (D,),
+                "post_attention_layernorm.weight": (D,), "pre_feedforward_layernorm.weight": (D,),
+                "post_feedforward_layernorm.weight": (D,)}.items()})
+            kv_names = {"self_attn.k_proj.weight": (kv * hd, D), "self_attn.k_norm.weight": (hd,)}
+            if not (g4 and full and c["attention_k_eq_v"]):
+                kv_names["self_attn.v_proj.weight"] = (kv * hd, D)
+            # KV-shared layers read another layer's cache; some checkpoints still carry their unused K/V.
+            (opt if shared else req).update({pre + n: s for n, s in kv_names.items()})
+            if not g4:
+                continue
+            req[pre + "layer_scalar"] = (1,)
+            if P:
+                req.update({pre + "per_layer_input_gate.weight": (P, D), pre + "per_layer_projection.weight": (D, P),
+                            pre + "post_per_layer_input_norm.weight": (D,)})
+            if c["enable_moe_block"]:
+                E, Ie = c["num_experts"], c["moe_intermediate_size"]
+                req.update({pre + "router.proj.weight": (E, D), pre + "router.scale": (D,),
+                            pre + "router.per_expert_scale": (E,), pre + "experts.gate_up_proj": (E, 2 * Ie, D),
+                            pre + "experts.down_proj": (E, D, Ie), pre + "pre_feedforward_layernorm_2.weight": (D,),
+                            pre + "post_feedforward_layernorm_1.weight": (D,),
+                            pre + "post_feedforward_layernorm_2.weight": (D,)})
+        return req, opt
+
     def _map_names(self) -> dict[str, tuple[str, bool]]:
         """HF name -> (GGUF name, stored as 1 + w), checked: nothing unknown, missing or mis-shaped."""
-        c = self.config
-        D, V, I = c["hidden_size"], c["vocab_size"], c["intermediate_size"]
-        q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
-        layer_shapes = {
-            "self_attn.q_proj": (q, D), "self_attn.k_proj": (kv, D), "self_attn.v_proj": (kv, D),
-            "self_attn.o_proj": (D, q), "self_attn.q_norm": (c["head_dim"],), "self_attn.k_norm": (c["head_dim"],),
-            "mlp.gate_proj": (I, D), "mlp.up_proj": (I, D), "mlp.down_proj": (D, I),
-            **{n: (D,) for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                                 "post_feedforward_layernorm")},
-        }
-        expected = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-        if not c["tie_word_embeddings"]:
-            expected["lm_head.weight"] = (V, D)
-        for i in range(c["num_hidden_layers"]):
-            expected.update({f"model.layers.{i}.{n}.weight": s for n, s in layer_shapes.items()})
-
+        required, optional = self._expected()
         names: dict[str, tuple[str, bool]] = {}
         for gname, info in self.tensor_infos.items():
-            if gname == "rope_freqs.weight":  # a derived RoPE table some converters add; we compute RoPE
+            if gname == "rope_freqs.weight":  # Gemma 4's proportional-RoPE factors, already in the config
                 continue
-            mapped = _gemma3_name(gname)
-            if mapped is None or mapped[0] not in expected:
-                raise GGUFError(f"{self.path}: unexpected tensor {gname!r} for a {c['num_hidden_layers']}-layer "
-                                f"{self.arch} model; the file is not a plain Gemma 3 text model.")
-            hf, shifted = mapped
-            if info.shape != expected[hf]:
+            hf = _hf_name(gname)
+            want = required.get(hf) or optional.get(hf)
+            if want is None:
+                raise GGUFError(f"{self.path}: unexpected tensor {gname!r} for this {self.config['num_hidden_layers']}-"
+                                f"layer {self.arch} model; the file holds something gemma4 does not know how to load.")
+            if info.shape != want:
                 raise GGUFError(f"{self.path}: tensor {gname!r} has shape {list(info.shape)}, expected "
-                                f"{list(expected[hf])} from the file's metadata; the file is corrupt.")
-            names[hf] = (gname, shifted)
-        missing = sorted(set(expected) - set(names))
+                                f"{list(want)} from the file's metadata; the file is corrupt.")
+            _check_dequantizable(info.ggml_type, f"{self.path}: tensor {gname!r}")
+            # llama.cpp's Gemma 3 converter stores every *norm.weight as 1 + w (Gemma 4's as w).
+            names[hf] = (gname, self.arch == "gemma3" and hf.endswith("norm.weight"))
+        missing = sorted(set(required) - set(names))
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise GGUFError(f"{self.path}: missing tensors {shown}; the file is incomplete.")
@@ -474,25 +641,44 @@ class GGUFFile:
     def tensor(self, hf_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One tensor, dequantized to fp32 (norms un-shifted there), then cast to `dtype`."""
         gname, shifted = self._names[hf_name]
-        info = self.tensor_infos[gname]
-        raw = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
-        try:
-            return dequantize(raw, info.ggml_type, info.shape, dtype, offset=1.0 if shifted else 0.0)
-        except NotImplementedError as e:
-            raise GGUFError(f"{self.path}: tensor {gname!r} {e}. Re-quantize the model (e.g. Q4_K_M, Q8_0, F16).") from None
+        return self._read(self.tensor_infos[gname], dtype, offset=1.0 if shifted else 0.0)
 
     def iter_tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self._names:
             yield name, self.tensor(name, dtype)
 
     def close(self) -> None:
-        self._mm.close()
+        try:
+            self._mm.close()
+        except BufferError:  # a view is still alive (e.g. held by a traceback); the map goes with it
+            pass
 
     def __enter__(self) -> "GGUFFile":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@functools.lru_cache(maxsize=None)
+def _dequantizable(ggml_type: int) -> bool:
+    from gguf import quants
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    qtype = GGMLQuantizationType(ggml_type)
+    try:
+        quants.dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _check_dequantizable(ggml_type: int, where: str) -> None:
+    if not _dequantizable(ggml_type):
+        from gguf.constants import GGMLQuantizationType
+
+        raise GGUFError(f"{where} is stored as {GGMLQuantizationType(ggml_type).name}, which the installed `gguf` "
+                        "package cannot dequantize. Re-quantize the model (e.g. Q4_K_M, Q8_0, F16).")
 
 
 def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
@@ -510,11 +696,7 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], dtype: t
     step = max(1, (1 << 24) // shape[-1])
     for r0 in range(0, rows, step):
         block = raw[r0:r0 + step]
-        try:
-            values = quants.dequantize(block, qtype)  # F32: a read-only view of the map
-        except NotImplementedError:
-            raise NotImplementedError(f"is stored as {qtype.name}, which the installed `gguf` package cannot "
-                                      "dequantize") from None
+        values = quants.dequantize(block, qtype)  # F32: a read-only view of the map
         chunk = torch.from_numpy(values) if values.flags.writeable else torch.tensor(values, dtype=torch.float32)
         out[r0:r0 + step] = chunk - offset if offset else chunk
     return out.reshape(shape)
@@ -537,7 +719,7 @@ def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
-    """Read a Gemma 3 .gguf: HF-style config, HF-named tensors dequantized to `dtype`, tokenizer metadata."""
+    """Read a Gemma 3/4 .gguf: HF-style config, HF-named tensors dequantized to `dtype`, tokenizer metadata."""
     with GGUFFile(path) as f:
         rest = {k: v for k, v in f.metadata.items() if not k.startswith("tokenizer.")}
         return GGUFCheckpoint(config=f.config, tensors=dict(f.iter_tensors(dtype)), tokenizer=f.tokenizer,
