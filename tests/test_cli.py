@@ -1,0 +1,63 @@
+"""The gemma4 command end to end (in-process), on the real gemma-3-270m."""
+
+import io
+
+import pytest
+
+import gemma4.api
+from gemma4.cli import main
+
+
+@pytest.fixture
+def real(monkeypatch, gemma3_270m):
+    monkeypatch.setattr(gemma4.api, "load", lambda *a, **k: gemma3_270m)
+    return gemma3_270m
+
+
+@pytest.mark.slow
+def test_generate_raw_greedy_matches_the_reference(real, capsys):
+    assert main(["generate", "The capital of France is", "--max-tokens", "12", "-v"]) == 0
+    out, err = capsys.readouterr()
+    # transformers' greedy continuation of this prompt on the same file (see tests/data) starts so:
+    assert out.startswith("The capital of France is the capital of the country of France.")
+    assert "generation: 12 tokens" in err
+
+
+@pytest.mark.slow
+def test_generate_reads_stdin_and_stops_on_stop_string(real, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("The capital of France is"))
+    assert main(["generate", "--max-tokens", "30", "--stop", "country"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip("\n").endswith("the capital of the ")
+
+
+@pytest.mark.slow
+def test_chat_session_commands(real, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("/system Be brief.\nHello!\n/reset\n/bogus\n"))
+    assert main(["chat", "--max-tokens", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "system prompt set" in err and "conversation cleared" in err and "unknown command" in err
+
+
+def test_info_variant(capsys):
+    assert main(["info", "--variant", "gemma-4-26b-a4b"]) == 0
+    out = capsys.readouterr().out
+    assert "25,233,141,760" in out and "experts            128, top-8" in out
+
+
+def test_missing_model_is_a_clear_error(capsys, tmp_path):
+    assert main(["generate", "hi", "--model", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert "gemma4: error:" in err and "does not exist" in err and "Traceback" not in err
+
+
+def test_bad_sampling_flag_is_a_clear_error(capsys):
+    assert main(["generate", "hi", "--temp", "-1"]) == 1
+    assert "temperature must be >= 0" in capsys.readouterr().err
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    assert "--max-tokens" in out and "--think" in out and "Hugging Face Hub id" in out
