@@ -5,7 +5,7 @@
     gemma4.generate(model, tokenizer, "The capital of France is", max_tokens=20)
 """
 
-from .api import ChatResponse, chat, default_model_path, load, stream_chat
+from .api import ChatResponse, chat_reply, default_model_path, load, stream_chat
 from .config import TextConfig
 from .engine.generate import GenerationResponse, batch_generate, generate, stream_generate
 from .engine.sampling import SamplingParams
@@ -14,7 +14,7 @@ from .tokenizer import Tokenizer
 from .weights import CheckpointError, load_model
 
 __all__ = [
-    "load", "load_model", "generate", "stream_generate", "batch_generate", "chat", "stream_chat",
+    "load", "load_model", "generate", "stream_generate", "batch_generate", "chat_reply", "stream_chat",
     "ChatResponse", "GenerationResponse", "SamplingParams", "Gemma", "TextConfig", "Tokenizer",
     "CheckpointError", "default_model_path",
 ]

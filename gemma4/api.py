@@ -3,7 +3,7 @@
     import gemma4
     model, tokenizer = gemma4.load()                      # the embedded gemma-3-270m
     print(gemma4.generate(model, tokenizer, "The capital of France is", max_tokens=20))
-    reply = gemma4.chat(model, tokenizer, [{"role": "user", "content": "Hi!"}])
+    reply = gemma4.chat_reply(model, tokenizer, [{"role": "user", "content": "Hi!"}])
 """
 
 from __future__ import annotations
@@ -95,7 +95,9 @@ def stream_chat(
                        last.prompt_tokens if last else 0, last.generation_tokens if last else 0)
 
 
-def chat(model, tokenizer, messages: list[dict], **kwargs) -> ChatResponse:
-    """One chat turn: the answer, the thoughts (when thinking is on) and parsed tool calls."""
+def chat_reply(model, tokenizer, messages: list[dict], **kwargs) -> ChatResponse:
+    """One chat turn: the answer, the thoughts (when thinking is on) and parsed tool calls.
+
+    (Not named `chat`: that is the `gemma4.chat` package of prompt formats.)"""
     *_, response = stream_chat(model, tokenizer, messages, **kwargs)
     return response

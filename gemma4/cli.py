@@ -15,6 +15,13 @@ MODEL_HELP = ("checkpoint directory, .gguf file or Hugging Face Hub id (e.g. goo
               "default: the embedded gemma-3-270m")
 
 
+# name -> (help, module, function, pip extra that provides its dependencies)
+PASSTHROUGH_TARGETS = {
+    "serve": ("OpenAI-compatible HTTP server (see `gemma4 serve --help`)", "gemma4.serve.cli", "serve_cli", "serve"),
+}
+PASSTHROUGH = {name: spec[0] for name, spec in PASSTHROUGH_TARGETS.items()}
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help=MODEL_HELP)
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
@@ -60,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(c)
     _chat_args(c)
 
+    # Subcommands with their own parsers (and optional extras): arguments are passed through, so
+    # `gemma4 --help` never imports the server stack. `gemma4 serve --help` shows their flags.
+    for name, text in PASSTHROUGH.items():
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+
     i = sub.add_parser("info", help="show a model's configuration, parameter counts and memory needs")
     i.add_argument("--model", "-m", default=None, help=MODEL_HELP)
     i.add_argument("--variant", default=None, help="a named variant instead of a checkpoint (see --list)")
@@ -68,10 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     from .weights import CheckpointError
 
+    if argv and argv[0] in PASSTHROUGH_TARGETS:  # parsed by the subcommand itself, --help included
+        args = argparse.Namespace(command=argv[0], args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
+        if args.command in PASSTHROUGH_TARGETS:
+            return _passthrough(args.command, args.args)
         if args.command == "info":
             from .commands.info import run
         elif args.command == "generate":
@@ -84,6 +103,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _passthrough(command: str, argv: list[str]) -> int:
+    import importlib
+
+    _, module, function, extra = PASSTHROUGH_TARGETS[command]
+    try:
+        run = getattr(importlib.import_module(module), function)
+    except ImportError as e:
+        raise ValueError(f"`gemma4 {command}` needs extra packages ({e.name} is missing): "
+                         f"pip install 'gemma4[{extra}]'") from None
+    return run(argv) or 0
 
 
 if __name__ == "__main__":

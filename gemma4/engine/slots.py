@@ -49,6 +49,8 @@ class _SlotLayer:
     def write(self, lo: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """Store k/v [B, H, T, d] of rows lo.. at their positions; rows/tokens at -1 write nothing."""
         valid = pos >= 0
+        if self.window is not None:  # of a chunk longer than the ring, only the last `window` tokens stay
+            valid &= pos > pos.max(dim=1, keepdim=True).values - self.window
         if not bool(valid.any()):
             return
         B, T = pos.shape
@@ -142,4 +144,5 @@ class SlotKVCache:
                 layer.pos[slot] = -1
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for l in self.layers if l is not None for t in (l.k, l.v, l.pos))
+        return sum(t.numel() * t.element_size() for layer in self.layers if layer is not None
+                   for t in (layer.k, layer.v, layer.pos))

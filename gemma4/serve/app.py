@@ -1,0 +1,404 @@
+"""The OpenAI-compatible HTTP app: routes, request checks, streaming, lifecycle.
+
+    POST /v1/chat/completions   POST /v1/completions   GET /v1/models   GET /health   GET /metrics
+
+A request is checked completely (shape, limits, model id, tools, context length, grammar) before
+anything is allocated; then it is handed to the engine's `Scheduler`, which batches it with the
+other running requests. The scheduler thread delivers tokens through a thread-safe callback into
+an asyncio queue per request; `OutputAssembler` turns them into deltas for both the streamed
+(SSE) and the whole response. A client that goes away cancels its request, which frees its slot
+at the scheduler's next step. Errors use OpenAI's body shape (errors.py); after a stream has
+started they are sent in-band as `data: {"error": ...}` followed by `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..chat import ChatFormat, ChatTemplateError, ToolDefinitionError
+from ..engine.cache import ContextLengthError
+from ..engine.scheduler import GenerationRequest, QueueFullError, Scheduler, SchedulerClosedError, TokenEvent
+from . import checks
+from .errors import APIError, bad_request, sanitize
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .output import Delta, OutputAssembler, logprob_entry
+from .prompts import PromptBuilder
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .security import GateMiddleware, allowed_hosts_for, cors_options, read_json
+from .structured import Grammars
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    model_name: str = "gemma4"
+    api_key: str | None = None
+    host: str = "127.0.0.1"  # the bind address; decides the default Host allowlist
+    allowed_hosts: list[str] | None = None
+    cors_origins: list[str] | None = None
+    max_batch: int = 8  # KV slots: requests decoded together
+    max_queue: int = 32  # requests waiting for a slot before 429
+    max_tokens_default: int = 1024
+    max_model_len: int | None = None  # tokens per slot (prompt + completion); default: the model's context
+    max_body_bytes: int = 4 * 1024 * 1024
+    prefill_chunk: int = 256
+    grammar_timeout: float = 5.0
+    poll_interval: float = 0.25  # how often a non-streaming request checks that its client is still there
+
+
+class ServedModel:
+    """One loaded model with what serving it needs: prompt builder, grammars, scheduler."""
+
+    def __init__(self, model, tokenizer, config: ServeConfig, chat_format: ChatFormat | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.format = chat_format or ChatFormat(model.config.family)
+        self.prompts = PromptBuilder(tokenizer, self.format)
+        self.vocab = model.config.vocab_size
+        self.stop_ids = frozenset(tokenizer.stop_ids)
+        ids = {name: tokenizer.token_to_id(s) for name, s in
+               dict(open="<|tool_call>", close="<tool_call|>", quote='<|"|>', channel_open="<|channel>",
+                    channel_close="<channel|>").items()}
+        self.ids = ids
+        self.has_tools = self.format.family == "gemma4" and None not in (ids["open"], ids["close"], ids["quote"])
+        self.grammars = Grammars(tokenizer, self.vocab, self.stop_ids)
+        self.scheduler = Scheduler(model, max_batch=config.max_batch, max_queue=config.max_queue,
+                                   max_len=config.max_model_len, prefill_chunk=config.prefill_chunk,
+                                   vocab_limit=tokenizer.vocab_size)
+
+    @property
+    def context(self) -> int:
+        return self.scheduler.max_len
+
+
+@dataclass
+class _State:
+    config: ServeConfig
+    metrics: Metrics
+    served: ServedModel | None = None
+    status: str = "loading"  # loading | ready | failed
+    started: int = field(default_factory=lambda: int(time.time()))
+
+    def ready(self) -> ServedModel:
+        if self.status == "loading":
+            raise APIError(503, "the model is still loading", retry_after=5)
+        if self.served is None or self.status != "ready" or self.served.scheduler.dead is not None:
+            raise APIError(503, "the engine is not available")
+        return self.served
+
+
+ConstraintHook = Callable[[object, list[int]], list]
+
+
+def build_app(
+    model=None,
+    tokenizer=None,
+    *,
+    config: ServeConfig | None = None,
+    loader: Callable[[], tuple] | None = None,  # -> (model, tokenizer) or (model, tokenizer, chat format)
+    chat_format: ChatFormat | None = None,
+    constraint_hook: ConstraintHook | None = None,
+) -> FastAPI:
+    """The ASGI app serving `model`/`tokenizer`, or what `loader()` returns (loaded in the background
+    at startup, while /health answers 503). `constraint_hook(request, prompt_ids)` may add token
+    constraints to every request (tests use it to script outputs; see docs/serving.md)."""
+    config = config or ServeConfig()
+    state = _State(config, Metrics(config.model_name))
+
+    def install(m, t, fmt=None) -> None:
+        served = ServedModel(m, t, config, fmt or chat_format)
+        served.scheduler.start()
+        state.metrics.scheduler = served.scheduler
+        state.served, state.status = served, "ready"
+
+    def load_in_background() -> None:
+        try:
+            install(*loader())
+        except Exception:  # noqa: BLE001 - reported through /health
+            log.exception("loading the model failed")
+            state.status = "failed"
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if model is not None:
+            install(model, tokenizer)
+        elif loader is not None:
+            threading.Thread(target=load_in_background, name="gemma4-loader", daemon=True).start()
+        yield
+        if state.served is not None:
+            state.served.scheduler.stop()
+
+    app = FastAPI(title="gemma4", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.gemma4 = state
+    app.add_middleware(CORSMiddleware, **cors_options(config.cors_origins))
+    app.add_middleware(GateMiddleware, api_key=config.api_key,
+                       allowed_hosts=allowed_hosts_for(config.host, config.allowed_hosts))
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, error: APIError):
+        return error.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, error: StarletteHTTPException):
+        message = "not found" if error.status_code == 404 else str(error.detail)
+        return APIError(error.status_code, message).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, error: Exception):
+        log.exception("unhandled error")
+        return APIError(500, "internal server error").response()
+
+    @app.get("/health")
+    async def health():
+        state.ready()
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        served = state.ready()
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": state.started,
+                                            "owned_by": "gemma4", "max_model_len": served.context}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        served = state.ready()
+        req = checks.validate(ChatCompletionRequest, await read_json(request, config.max_body_bytes))
+        checks.check_model(req.model, config)
+        messages, tools = checks.chat_inputs(req, served)
+        try:
+            ids, prompt_text = await asyncio.to_thread(served.prompts.chat, messages, tools, req.enable_thinking)
+        except (ValueError, TypeError, ChatTemplateError, ToolDefinitionError) as error:
+            raise bad_request(f"cannot build the prompt: {sanitize(str(error))}", param="messages") from None
+        max_tokens = checks.max_tokens(req.requested_max_tokens, len(ids), served, config)
+        constraints = await checks.constraints(req, served, tools, prompt_text, config)
+        if constraint_hook is not None:
+            constraints += constraint_hook(req, ids)
+        gen = GenerationRequest(ids, max_tokens, checks.sampling(req), served.stop_ids,
+                                logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                                constraints=constraints, logit_bias=checks.logit_bias(req, served))
+        starts_open = prompt_text.rfind("<|channel>") > prompt_text.rfind("<channel|>")
+        assembler = OutputAssembler(served.tokenizer, served.format.stream_parser(prompt=prompt_text),
+                                    req.stop_list, served.stop_ids,
+                                    (served.ids["channel_open"], served.ids["channel_close"]), starts_open)
+        return await _run(request, state, req, gen, assembler, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        served = state.ready()
+        req = checks.validate(CompletionRequest, await read_json(request, config.max_body_bytes))
+        checks.check_model(req.model, config)
+        prompt = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt
+        if isinstance(prompt, list) and max(prompt) >= served.vocab:
+            raise bad_request(f"prompt token ids must be below the vocabulary size {served.vocab}", param="prompt")
+        ids = await asyncio.to_thread(served.prompts.completion, prompt)
+        if not ids:
+            raise bad_request("the prompt is empty", param="prompt")
+        max_tokens = checks.max_tokens(req.requested_max_tokens, len(ids), served, config)
+        constraints = constraint_hook(req, ids) if constraint_hook is not None else []
+        gen = GenerationRequest(ids, max_tokens, checks.sampling(req), served.stop_ids, logprobs=req.logprobs,
+                                constraints=constraints, logit_bias=checks.logit_bias(req, served))
+        assembler = OutputAssembler(served.tokenizer, None, req.stop_list, served.stop_ids)
+        return await _run(request, state, req, gen, assembler, chat=False)
+
+    return app
+
+
+# -- running a request ------------------------------------------------------------------------------
+
+async def _run(request: Request, state: _State, req, gen: GenerationRequest, assembler: OutputAssembler,
+               *, chat: bool):
+    served = state.served
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+    try:
+        handle = served.scheduler.submit(gen, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+    except QueueFullError:
+        state.metrics.label(state.metrics.rejected).inc()
+        raise APIError(429, "the server is busy: too many queued requests; retry later", retry_after=1) from None
+    except SchedulerClosedError:
+        raise APIError(503, "the engine is not available", retry_after=5) from None
+    except ContextLengthError as error:
+        raise bad_request(str(error), param="max_tokens", code="context_length_exceeded") from None
+    ctx = _Context(state, req, gen, assembler, handle, queue, chat)
+    if req.stream:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(ctx.sse(), media_type="text/event-stream", headers=headers)
+    return await ctx.whole(request)
+
+
+class _Context:
+    """One running request: pulls its events, builds chunks or the whole response, records metrics."""
+
+    def __init__(self, state, req, gen, assembler, handle, queue, chat):
+        self.state, self.req, self.gen, self.out, self.handle, self.queue, self.chat = (
+            state, req, gen, assembler, handle, queue, chat)
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.times: list[float] = []
+        self.error: str | None = None
+        self.pending_logprobs: list[TokenEvent] = []
+        self.done = False
+
+    async def next(self) -> list[Delta]:
+        event = await self.queue.get()
+        if event.token is not None:
+            self.times.append(event.time)
+            if self.gen.logprobs is not None:
+                self.pending_logprobs.append(event)
+        if event.finish_reason == "error":
+            self.error = event.error or "the engine failed"
+        deltas = self.out.feed(event)
+        if self.out.finish_reason is not None:
+            self.done = True
+            if self.out.hit_stop_string or event.finish_reason is None:
+                self.handle.cancel()
+            self.state.metrics.finished(self.handle, self.out.finish_reason, self.times)
+        return deltas
+
+    def close(self) -> None:
+        """The client is gone (or the response failed): stop generating at the next step."""
+        if not self.done:
+            self.done = True
+            self.handle.cancel()
+            self.state.metrics.finished(self.handle, "abort", self.times)
+
+    def usage(self) -> dict:
+        prompt, completion = len(self.gen.prompt), len(self.out.tokens)
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if self.chat:
+            usage["prompt_tokens_details"] = {"cached_tokens": 0}
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.out.reasoning_tokens}
+        return usage
+
+    def take_logprobs(self):
+        events, self.pending_logprobs = self.pending_logprobs, []
+        if self.gen.logprobs is None or not events:
+            return None
+        tok = self.out.tokenizer
+        if self.chat:
+            return {"content": [logprob_entry(tok, e) for e in events]}
+        tokens = [tok.decode([e.token]) for e in events]
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in events],
+                "top_logprobs": [{tok.decode([t]): lp for t, lp in e.top_logprobs} for e in events],
+                "text_offset": [0] * len(events)}
+
+    # -- streaming --------------------------------------------------------------------------------
+    def chunk(self, delta: dict | None, finish: str | None = None, text: str = "", logprobs=None,
+              usage=None, choices=True) -> str:
+        body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.req.model}
+        if choices:
+            choice = {"index": 0}
+            if self.chat:
+                choice["delta"] = delta or {}
+            else:
+                choice["text"] = text
+            choice.update(logprobs=logprobs, finish_reason=finish)
+            body["choices"] = [choice]
+        else:
+            body["choices"] = []
+        if self.req.stream_options and self.req.stream_options.include_usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    async def sse(self):
+        try:
+            if self.chat:
+                yield self.chunk({"role": "assistant", "content": ""})
+            while not self.done:
+                deltas = await self.next()
+                if self.error is not None:
+                    error = APIError(500, self.error).body()
+                    yield f"data: {json.dumps(error)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                for d in deltas:
+                    if self.chat:
+                        yield self.chunk(_delta_dict(d), logprobs=self.take_logprobs())
+                    else:
+                        yield self.chunk(None, text=d.text, logprobs=self.take_logprobs())
+            yield self.chunk({}, finish=self.out.finish_reason, logprobs=self.take_logprobs())
+            if self.req.stream_options and self.req.stream_options.include_usage:
+                yield self.chunk(None, usage=self.usage(), choices=False)
+            yield "data: [DONE]\n\n"
+        finally:
+            self.close()
+
+    # -- whole response ---------------------------------------------------------------------------
+    async def whole(self, request: Request) -> JSONResponse:
+        deltas: list[Delta] = []
+        logprobs = []
+        poll = self.state.config.poll_interval
+        checked = time.monotonic()
+        try:
+            while not self.done:
+                try:
+                    deltas += await asyncio.wait_for(self.next(), poll)
+                except asyncio.TimeoutError:
+                    pass
+                if time.monotonic() - checked >= poll:  # however fast tokens come, look for a gone client
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        break
+                if self.gen.logprobs is not None and (lp := self.take_logprobs()):
+                    logprobs.append(lp)
+        finally:
+            self.close()
+        if self.error is not None:
+            raise APIError(500, self.error)
+        if self.out.finish_reason == "abort":
+            raise APIError(503, "the request was aborted (the server is shutting down)")
+        body = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.req.model, "usage": self.usage()}
+        merged = _merge_logprobs(logprobs, self.chat) if self.gen.logprobs is not None else None
+        if self.chat:
+            content = "".join(d.text for d in deltas if d.kind == "content")
+            reasoning = "".join(d.text for d in deltas if d.kind == "reasoning")
+            calls = [d.call for d in deltas if d.kind == "tool_call"]
+            message = {"role": "assistant", "content": content if content or not calls else None}
+            if reasoning:
+                message["reasoning_content"] = message["reasoning"] = reasoning
+            if calls:
+                message["tool_calls"] = calls
+            choice = {"index": 0, "message": message}
+        else:
+            choice = {"index": 0, "text": "".join(d.text for d in deltas)}
+        choice.update(logprobs=merged, finish_reason=self.out.finish_reason)
+        body["choices"] = [choice]
+        return JSONResponse(body)
+
+
+def _delta_dict(d: Delta) -> dict:
+    if d.kind == "reasoning":
+        return {"reasoning": d.text, "reasoning_content": d.text}
+    if d.kind == "tool_call":
+        return {"tool_calls": [{"index": d.index, **d.call}]}
+    return {"content": d.text}
+
+
+def _merge_logprobs(parts: list[dict], chat: bool):
+    if chat:
+        return {"content": [item for p in parts for item in p["content"]]}
+    merged = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for p in parts:
+        for key in merged:
+            merged[key] += p[key]
+    return merged

@@ -1,0 +1,94 @@
+"""`gemma4 serve`: flags, model loading and the uvicorn server.
+
+Every flag has a `GEMMA4_*` environment twin (the flag wins); the API key is read from
+`--api-key` or `GEMMA4_API_KEY` and never printed. The server binds 127.0.0.1 unless told
+otherwise, and uvicorn's limits bound header sizes, keep-alive and graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+
+from .app import ServeConfig, build_app
+
+log = logging.getLogger(__name__)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = parser.add_argument
+    p("--model", default=env("GEMMA4_MODEL"),
+      help="checkpoint directory, .gguf file or Hub id (default: the embedded gemma-3-270m)")
+    p("--served-model-name", default=env("GEMMA4_SERVED_MODEL_NAME"), help="model id clients send (default: --model)")
+    p("--host", default=env("GEMMA4_HOST", "127.0.0.1"), help="bind address (default 127.0.0.1)")
+    p("--port", type=int, default=int(env("GEMMA4_PORT", "8000")))
+    p("--api-key", default=env("GEMMA4_API_KEY"), help="require 'Authorization: Bearer KEY' (env GEMMA4_API_KEY)")
+    p("--max-batch", type=int, default=int(env("GEMMA4_MAX_BATCH", "8")), help="requests decoded together (KV slots)")
+    p("--max-queue", type=int, default=int(env("GEMMA4_MAX_QUEUE", "32")), help="waiting requests before 429")
+    p("--max-tokens-default", type=int, default=int(env("GEMMA4_MAX_TOKENS_DEFAULT", "1024")),
+      help="completion length when a request gives none")
+    p("--max-model-len", type=int, default=int(env("GEMMA4_MAX_MODEL_LEN", "0")) or None,
+      help="tokens per sequence, prompt included (default: the model's context)")
+    p("--cors-origins", default=env("GEMMA4_CORS_ORIGINS"),
+      help="comma-separated allowed browser origins (default: local pages only)")
+    p("--allowed-hosts", default=env("GEMMA4_ALLOWED_HOSTS"),
+      help="comma-separated extra Host header names to accept (default: local names when bound locally)")
+    p("--dtype", default=env("GEMMA4_DTYPE", "auto"), help="auto, float32, bfloat16 or float16")
+    p("--device", default=env("GEMMA4_DEVICE"), help="torch device (default cpu)")
+    p("--threads", type=int, default=int(env("GEMMA4_THREADS", "0")) or None,
+      help="torch intra-op threads (default: torch's choice; 1 can be faster on a shared, busy CPU)")
+    p("--max-body-bytes", type=int, default=int(env("GEMMA4_MAX_BODY_BYTES", str(4 * 1024 * 1024))))
+    p("--shutdown-timeout", type=float, default=float(env("GEMMA4_SHUTDOWN_TIMEOUT", "10")),
+      help="seconds to let running requests finish on SIGTERM")
+    return parser
+
+
+def load_checkpoint(path: str | None, dtype=None, device=None):
+    """(model, tokenizer, chat format) from a checkpoint directory, .gguf file or Hub id (`gemma4.load`)."""
+    from ..api import load
+
+    model, tokenizer = load(path, dtype=dtype, device=device)
+    return model, tokenizer, tokenizer.chat_format
+
+
+def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
+    """Run the server until interrupted (the lead wires this to `gemma4 serve`)."""
+    import uvicorn
+
+    if not isinstance(args, argparse.Namespace):
+        args = add_serve_arguments(argparse.ArgumentParser(prog="gemma4 serve")).parse_args(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServeConfig(
+        model_name=args.served_model_name or args.model or "gemma-3-270m",
+        api_key=args.api_key or None,
+        host=args.host,
+        allowed_hosts=_split(args.allowed_hosts),
+        cors_origins=_split(args.cors_origins),
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_tokens_default=args.max_tokens_default,
+        max_model_len=args.max_model_len,
+        max_body_bytes=args.max_body_bytes,
+    )
+    shown = {k: v for k, v in vars(config).items() if k != "api_key"} | {"api_key": "***" if config.api_key else None}
+    log.info("serving with %s", shown)
+    # uvicorn re-raises the signal that stopped it once it has shut down; a handler that ignores it
+    # lets a drained server exit with status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    app = build_app(config=config, loader=lambda: load_checkpoint(args.model, dtype=args.dtype, device=args.device))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_keep_alive=15,
+                timeout_graceful_shutdown=args.shutdown_timeout, h11_max_incomplete_event_size=64 * 1024)
+    return 0
+
+
+def _split(value: str | None) -> list[str] | None:
+    items = [v.strip() for v in (value or "").split(",") if v.strip()]
+    return items or None

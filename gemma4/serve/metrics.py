@@ -1,0 +1,80 @@
+"""Prometheus metrics with vLLM's names under the `gemma4:` prefix (dashboards need a prefix change only).
+
+One registry per app (tests build several apps in one process). Gauges read the scheduler at
+scrape time; counters and histograms are fed by the request handlers. Every series carries
+`model_name`, as vLLM's do.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,  # noqa: F401 - re-exported for the route
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+            40.0, 80.0, 160.0)
+
+
+class Metrics:
+    def __init__(self, model_name: str, scheduler=None):
+        self.registry = r = CollectorRegistry()
+        m = ["model_name"]
+        p = "gemma4:"
+        self.running = Gauge(p + "num_requests_running", "Requests holding a KV slot.", m, registry=r)
+        self.waiting = Gauge(p + "num_requests_waiting", "Requests queued for a slot.", m, registry=r)
+        self.kv_usage = Gauge(p + "kv_cache_usage_perc", "Fraction of KV-cache token capacity in use (0-1).", m,
+                              registry=r)
+        self.slots = Gauge(p + "num_slots_in_use", "KV slots held by requests.", m, registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prefilled prompt tokens.", m, registry=r)
+        self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens.", m, registry=r)
+        self.success = Counter(p + "request_success", "Finished requests by reason.", m + ["finished_reason"],
+                               registry=r)
+        self.aborted = Counter(p + "num_aborted_requests", "Requests cancelled (client gone) before finishing.", m,
+                               registry=r)
+        self.rejected = Counter(p + "num_rejected_requests", "Requests refused because the queue was full.", m,
+                                registry=r)
+        self.errors = Counter(p + "num_failed_requests", "Requests that failed in the engine.", m, registry=r)
+        self.ttft = Histogram(p + "time_to_first_token_seconds", "Time to first token.", m, buckets=_LATENCY,
+                              registry=r)
+        self.itl = Histogram(p + "inter_token_latency_seconds", "Time between tokens.", m, buckets=_LATENCY,
+                             registry=r)
+        self.e2e = Histogram(p + "e2e_request_latency_seconds", "Request latency.", m, buckets=_LATENCY, registry=r)
+        self.queue_time = Histogram(p + "request_queue_time_seconds", "Time waiting for a slot.", m,
+                                    buckets=_LATENCY, registry=r)
+        self.model_name = model_name
+        self.scheduler = scheduler
+
+    def label(self, metric):
+        return metric.labels(model_name=self.model_name)
+
+    def render(self) -> bytes:
+        if self.scheduler is not None:
+            s = self.scheduler.stats()
+            self.label(self.running).set(s.running)
+            self.label(self.waiting).set(s.waiting)
+            self.label(self.slots).set(s.slots_in_use)
+            self.label(self.kv_usage).set(s.kv_tokens / max(s.kv_capacity, 1))
+        return generate_latest(self.registry)
+
+    def finished(self, handle, reason: str, token_times: list[float]) -> None:
+        """Record one request's outcome and latencies (times are time.monotonic())."""
+        if reason == "abort":
+            self.label(self.aborted).inc()
+        elif reason == "error":
+            self.label(self.errors).inc()
+        else:
+            self.success.labels(model_name=self.model_name, finished_reason=reason).inc()
+        self.label(self.prompt_tokens).inc(len(handle.request.prompt) if handle.admitted else 0)
+        self.label(self.generation_tokens).inc(len(token_times))
+        if handle.admitted is not None:
+            self.label(self.queue_time).observe(handle.admitted - handle.submitted)
+        if token_times:
+            self.label(self.ttft).observe(token_times[0] - handle.submitted)
+            for a, b in zip(token_times, token_times[1:]):
+                self.label(self.itl).observe(b - a)
+            self.label(self.e2e).observe(token_times[-1] - handle.submitted)

@@ -1,0 +1,42 @@
+"""`python -m gemma4.serve` as a process: flags and env, API key, clean exit on SIGTERM."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+
+def test_serve_cli_process(tiny_dir):
+    env = dict(os.environ, GEMMA4_API_KEY="sk-env-key", GEMMA4_MAX_MODEL_LEN="256")
+    command = [sys.executable, "-m", "gemma4.serve", "--model", str(tiny_dir), "--served-model-name", "tiny",
+               "--port", "0", "--max-batch", "2", "--max-tokens-default", "4"]
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        url, log = None, []
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "".join(log)
+            log.append(line)
+            if m := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line):
+                url = m.group(1)
+        assert url, "".join(log)
+        assert "sk-env-key" not in "".join(log)  # the key is never logged
+        for _ in range(600):
+            if httpx.get(url + "/health").status_code == 200:
+                break
+            time.sleep(0.1)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 401
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-env-key"})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
+        models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer sk-env-key"}).json()
+        assert models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 256
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    assert code == 0
