@@ -2,48 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-import torch
 
-from gemma4.variants import variant_hf_config
-
-
-def hf_model(name: str, seed: int = 0, dtype=torch.float32):
-    """A transformers model of a named tiny variant, with random weights that exercise every part.
-
-    Norm weights, layer scalars and router scales are randomised too, so that a wrong offset,
-    a skipped scale or a swapped norm changes the logits.
-    """
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Gemma4ForCausalLM, Gemma4TextConfig
-
-    raw = variant_hf_config(name)
-    model_type = raw.pop("model_type")
-    cls, cfg_cls = {"gemma4_text": (Gemma4ForCausalLM, Gemma4TextConfig),
-                    "gemma3_text": (Gemma3ForCausalLM, Gemma3TextConfig)}[model_type]
-    config = cfg_cls(**raw)
-    config._attn_implementation = "eager"
-    config._experts_implementation = "eager"
-    torch.manual_seed(seed)
-    model = cls(config).eval()
-    gemma3 = model_type == "gemma3_text"
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if p.dim() == 1:  # norms and scales
-                (p.uniform_(-0.5, 0.5) if gemma3 and pname.endswith("norm.weight") else p.uniform_(0.5, 1.5))
-            else:
-                p.normal_(0.0, 0.5 / p.shape[-1] ** 0.5 if "embed" not in pname else 0.3)
-        for bname, b in model.named_buffers():
-            if bname.endswith("layer_scalar"):
-                b.uniform_(0.5, 1.5)
-    return model.to(dtype)
-
-
-def save_hf(model, directory: Path, **kwargs) -> Path:
-    model.save_pretrained(directory, **kwargs)
-    return directory
+from testing_utils import hf_model, save_hf
 
 
 @pytest.fixture
@@ -55,11 +16,6 @@ def tiny_checkpoint(tmp_path):
         return model, save_hf(model, tmp_path / name, **kwargs)
 
     return make
-
-
-def rewrite_config(directory: Path, fn) -> None:
-    path = directory / "config.json"
-    path.write_text(json.dumps(fn(json.loads(path.read_text()))))
 
 
 @pytest.fixture(scope="session")

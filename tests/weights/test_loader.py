@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from gemma4.weights import CheckpointError, load_model
 from gemma4.weights.loader import ignored_keys
-from conftest import rewrite_config
+from testing_utils import rewrite_config
 
 
 def logits(model, ids):
