@@ -18,6 +18,7 @@ import torch
 
 from .cache import ContextLengthError, KVCache
 from .sampling import Sampler, SamplingParams
+from .static import StaticDecoder
 from .stops import StopMatcher
 
 
@@ -49,7 +50,10 @@ class TokenGenerator:
         stop_token_ids: set[int],
         logprobs: int = 0,
         prefill_chunk: int = 512,
+        decoder: StaticDecoder | None = None,
     ):
+        """`decoder`: a `StaticDecoder` of `model` (reused across generations) to run prefill and
+        decode steps on its static cache, e.g. with a compiled or CUDA-graph-captured step."""
         cfg = model.config
         context = cfg.max_position_embeddings
         for p in prompts:
@@ -63,6 +67,14 @@ class TokenGenerator:
         self.model = model
         self.prompts = prompts
         self.limits = [min(m, context - len(p)) for m, p in zip(max_tokens, prompts)]
+        self.decoder = decoder
+        if decoder is not None:
+            need = max(len(p) for p in prompts) + max(self.limits)
+            if len(prompts) > decoder.batch_size or need > decoder.max_len:
+                raise ContextLengthError(
+                    f"{len(prompts)} prompts needing {need} tokens do not fit the decoder's static cache of "
+                    f"{decoder.batch_size} x {decoder.max_len}; build a StaticDecoder with a larger batch_size/max_len"
+                )
         self.stop_ids = stop_token_ids
         self.logprobs = logprobs
         self.prefill_chunk = prefill_chunk
@@ -85,35 +97,46 @@ class TokenGenerator:
             mask[i, L - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, -1)
-        cache = KVCache(self.model.config, B, L + max(self.limits), self.dtype, self.device)
-        for s in range(0, L, self.prefill_chunk):
-            e = min(s + self.prefill_chunk, L)
-            hidden = self.model.decode(ids[:, s:e], positions=pos[:, s:e], cache=cache, logits_to_keep=1).hidden
-        logits = self.model.logits(hidden[:, -1])
-        last = pos[:, -1].clone()
+        if self.decoder is not None:
+            logits = self.decoder.prefill(ids, pos)
+        else:
+            cache = KVCache(self.model.config, B, L + max(self.limits), self.dtype, self.device)
+            for s in range(0, L, self.prefill_chunk):
+                e = min(s + self.prefill_chunk, L)
+                hidden = self.model.decode(ids[:, s:e], positions=pos[:, s:e], cache=cache, logits_to_keep=1).hidden
+            logits = self.model.logits(hidden[:, -1])
+        last = [len(p) - 1 for p in self.prompts]  # the position of each row's newest token
         while not all(self.done):
             steps = [self._step(i, logits[i]) if not self.done[i] else None for i in range(B)]
             yield steps
             if all(self.done):
                 return
-            nxt = torch.tensor([[s.token if s else 0] for s in steps], device=self.device)
-            live = torch.tensor([not d for d in self.done], device=self.device)
-            last = torch.where(live, last + 1, last)
-            step_pos = torch.where(live, last, torch.full_like(last, -1))[:, None]
-            logits = self.model(nxt, positions=step_pos, cache=cache)[:, -1]
+            # Positions are kept on the host: building the step's inputs costs no device round trip.
+            last = [p + 1 if not d else p for p, d in zip(last, self.done)]
+            nxt = torch.tensor([[s.token if s else 0] for s in steps]).to(self.device, non_blocking=True)
+            step_pos = torch.tensor([[-1 if d else p] for p, d in zip(last, self.done)]).to(self.device,
+                                                                                          non_blocking=True)
+            if self.decoder is not None:
+                logits = self.decoder.step(nxt, step_pos)
+            else:
+                logits = self.model(nxt, positions=step_pos, cache=cache)[:, -1]
 
     def _step(self, i: int, logits: torch.Tensor) -> TokenStep:
         token = self.samplers[i].sample(logits)
-        logp = torch.log_softmax(logits.float(), -1)
+        logits = logits.float()
         top = []
         if self.logprobs:
+            logp = torch.log_softmax(logits, -1)
             values, index = torch.topk(logp, self.logprobs)
             top = list(zip(index.tolist(), values.tolist()))
+            logprob = float(logp[token])
+        else:  # one pass over the vocabulary instead of a full log_softmax
+            logprob = float(logits[token] - torch.logsumexp(logits, -1))
         self.produced[i] += 1
         reason = "stop" if token in self.stop_ids else "length" if self.produced[i] >= self.limits[i] else None
         if reason:
             self.done[i] = True
-        return TokenStep(token, float(logp[token]), top, reason)
+        return TokenStep(token, logprob, top, reason)
 
 
 @dataclass

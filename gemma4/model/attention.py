@@ -45,6 +45,33 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))[:, None]
 
 
+# Largest folded mask (elements) worth materialising to avoid grouped-query attention (see attend).
+FOLD_MAX_MASK = 1 << 22
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of q [B, H, T, d] over k, v [B, Hkv, S, d] with an additive mask [B, 1, T, S].
+
+    With grouped KV heads (H = g * Hkv), the g query heads of a KV head are folded into the query
+    length, [B, Hkv, g*T, d], so SDPA sees plain multi-head attention. On CUDA this matters: with a
+    mask, `enable_gqa` leaves only the math backend, which repeats K/V g times (a copy of the whole
+    cache per decode step) and materialises fp32 scores; folded, SDPA takes its memory-efficient
+    kernel, which accepts the mask and head_dim 512 (flash takes neither). On CPU, SDPA's flash
+    kernel does GQA itself; folded, it reads each K/V block once for all g heads. Folding costs a
+    copy of q and of the mask (g*T*S elements): small for decode; long prefill chunks use SDPA's GQA.
+    """
+    B, H, T, d = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    g = H // Hkv
+    if g == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if g * T * S > FOLD_MAX_MASK:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    qf = q.reshape(B, Hkv, g * T, d)  # head j*g+i -> row i*T+t of KV head j (repeat_interleave order)
+    mf = mask.expand(B, g, T, S).reshape(B, 1, g * T, S)  # a view (stride 0) when T == 1
+    return F.scaled_dot_product_attention(qf, k, v, attn_mask=mf, scale=scale).view(B, H, T, d)
+
+
 class Attention(nn.Module):
     def __init__(self, config: TextConfig, spec: LayerSpec):
         super().__init__()
@@ -96,5 +123,5 @@ class Attention(nn.Module):
         mask = masks.get(self.spec.type)
         if mask is None:
             mask = masks[self.spec.type] = attention_mask(q_pos, kv[2], self.spec.window, q.dtype)
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=self.scale, enable_gqa=True)
+        out = attend(q, kv[0], kv[1], mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), kv

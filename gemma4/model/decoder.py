@@ -120,15 +120,29 @@ class TextModel(nn.Module):
         w = self.embed_tokens.weight
         return self.embed_tokens(ids) * torch.tensor(self.config.hidden_size**0.5).to(w.dtype)
 
-    def per_layer_inputs(self, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        """PLE inputs [B, T, L, P] from the token ids and the final input embeddings (spec 1.8)."""
+    def per_layer_tokens(self, ids: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """The token part of the PLE inputs, rows of the table times sqrt(P): [B, T, L*P] on `device`.
+
+        The lookup runs where the table lives: E2B's table (2.35B parameters) may stay in CPU
+        memory while the model runs on a GPU; then only the looked-up rows cross to the device.
+        """
+        table = self.embed_tokens_per_layer
+        w = table.weight
+        rows = table(ids.to(w.device)) * torch.tensor(self.config.hidden_size_per_layer_input**0.5).to(w.dtype)
+        return rows.to(device if device is not None else ids.device, non_blocking=True)
+
+    def per_layer_inputs(self, ids: torch.Tensor, embeds: torch.Tensor, tok: torch.Tensor | None = None) -> torch.Tensor:
+        """PLE inputs [B, T, L, P] from the token ids and the final input embeddings (spec 1.8).
+
+        `tok`: the token part, already looked up (`per_layer_tokens`), e.g. outside a CUDA graph.
+        """
         c = self.config
         L, P = c.num_hidden_layers, c.hidden_size_per_layer_input
-        table = self.embed_tokens_per_layer
-        tok = table(ids) * torch.tensor(P**0.5).to(table.weight.dtype)
+        if tok is None:
+            tok = self.per_layer_tokens(ids, embeds.device)
         ctx = self.per_layer_model_projection(embeds) * c.hidden_size**-0.5
         ctx = self.per_layer_projection_norm(ctx.view(*ids.shape, L, P))
-        return (ctx + tok.view(*ids.shape, L, P)) * 2.0**-0.5
+        return (ctx + tok.view(*ids.shape, L, P).to(ctx.dtype)) * 2.0**-0.5
 
     def forward(
         self,
@@ -137,15 +151,17 @@ class TextModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         cache: ModelCache | None = None,
         keep: torch.Tensor | None = None,
+        ple_tokens: torch.Tensor | None = None,
     ) -> DecoderOutput:
         """Run the stack. `keep` (indices along T) lets the KV-shared tail skip unneeded rows.
 
         input_ids carry the token identity for PLE even when `inputs_embeds` (e.g. with merged
         image/audio soft tokens) are given; placeholder ids should then be the pad id 0.
+        `ple_tokens`: the PLE table rows of input_ids if already looked up (`per_layer_tokens`).
         """
         c = self.config
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        ple = self.per_layer_inputs(input_ids, h) if c.hidden_size_per_layer_input else None
+        ple = self.per_layer_inputs(input_ids, h, ple_tokens) if c.hidden_size_per_layer_input else None
         rope = {t: rope_cos_sin(getattr(self, f"inv_freq_{t}"), positions, h.dtype) for t in set(c.layer_types)}
         masks: dict[str, torch.Tensor] = {}
         # Latest K/V per layer type; by the first KV-shared layer these are the producers' (spec 1.5).
@@ -185,8 +201,11 @@ class Gemma(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, False)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = torch.nn.functional.linear(hidden, weight)
+        # A tied model may still carry an lm_head: a repacked copy of the table (gemma4.engine.cpu).
+        if self.lm_head is None:
+            logits = torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

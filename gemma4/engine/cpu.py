@@ -1,0 +1,176 @@
+"""Faster CPU decoding of a float model: linears repacked for fbgemm (PyTorch's x86 GEMM library).
+
+Batch-1 decoding reads every weight once per token, so on a CPU its speed is memory bandwidth
+over weight bytes: gemma-3-270m in fp32 reads ~1 GB per token, 60% of it the tied 262144 x 640
+head. What halves the bytes without changing the output is fp16 *storage* with fp32 arithmetic:
+fbgemm's fp16 GEMM converts weights on the fly (F16C) and keeps activations in fp32, so the only
+error is the weights' rounding (2^-11 relative). PyTorch's other low-bit CPU kernels round the
+activations instead (int8/int4 weight-only: to bf16, whose step is 2^-8 of values that reach
+~100 in Gemma's final hidden states), and on AVX2 machines they are compute-bound, no faster
+than fp32 (docs/benchmarks.md has the figures).
+
+    pack_linears(model, "fp16")           # every nn.Linear and the tied head; in place
+    pack_linears(model, "int8-dynamic")   # int8 weights x int8 activations (per token): fastest,
+                                          # but it changes greedy output
+
+Packed models are for inference: the packed weights are opaque fbgemm objects, not parameters
+(state_dict no longer holds the linears). torch.compile cannot trace such objects, so the matmul
+is an operator (`gemma4::fbgemm_linear`) that names its weight by a handle: a compiled decode
+step (StaticDecoder(mode="compile")) calls it like any other kernel. The embedding lookup keeps
+its float table; the head gets a packed copy of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import warnings
+import weakref
+
+import torch
+from torch import nn
+
+FORMATS = ("fp16", "int8-dynamic")
+
+# Packed weights by handle; each PackedLinear removes its entry when it is garbage-collected.
+_PACKED: dict[int, object] = {}
+_HANDLES = itertools.count()
+
+
+# The matmul as an operator, so a compiled step can call it: defined with the low-level library
+# API, whose dispatch costs a few microseconds, where `torch.library.custom_op`'s Python wrappers
+# cost ~50 us per call (a decode step makes ~130 of them).
+_LIB = torch.library.Library("gemma4", "FRAGMENT")
+_LIB.define("fbgemm_linear(Tensor x, int handle, int out_features, bool int8) -> Tensor")
+
+
+def _fbgemm_linear(x: torch.Tensor, handle: int, out_features: int, int8: bool) -> torch.Tensor:
+    """x [..., K] fp32 @ the packed weight `handle` [N, K]^T -> [..., N] fp32."""
+    if int8:  # reduce_range: 7-bit activations, so fbgemm's int16 pair sums cannot saturate on AVX2
+        return torch.ops.quantized.linear_dynamic(x, _PACKED[handle], True)
+    return torch.ops.quantized.linear_dynamic_fp16(x, _PACKED[handle])
+
+
+_LIB.impl("fbgemm_linear", _fbgemm_linear, "CPU")
+
+
+@torch.library.register_fake("gemma4::fbgemm_linear", lib=_LIB)
+def _(x: torch.Tensor, handle: int, out_features: int, int8: bool) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@functools.cache
+def fbgemm_works(fmt: str) -> bool:
+    """Whether this torch build has fbgemm's CPU kernels for `fmt` and they compute a matmul (probed once)."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(48, 64, generator=gen) / 8, torch.randn(3, 64, generator=gen)
+    try:
+        got = PackedLinear(w, fmt)(x)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+    want = x @ w.T
+    return bool(torch.allclose(got, want, rtol=0.05, atol=0.05 * want.abs().max().item()))
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T with W [N, K] packed for fbgemm: fp16 weights (fp32 math), or int8 weights per
+    output channel with int8 activations quantized per call ("int8-dynamic")."""
+
+    def __init__(self, weight: torch.Tensor, fmt: str = "fp16"):
+        super().__init__()
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown packed format {fmt!r}; use one of {', '.join(FORMATS)}")
+        w = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        self.out_features, self.in_features = w.shape
+        self.fmt, self.int8 = fmt, fmt == "int8-dynamic"
+        if fmt == "fp16":
+            self.packed = torch.ops.quantized.linear_prepack_fp16(w, None)
+        else:
+            scale = (w.abs().amax(1) / 127).clamp(min=1e-12).double()
+            with warnings.catch_warnings():  # quantized tensors are deprecated as a user type, not as fbgemm input
+                warnings.simplefilter("ignore")
+                q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(q, None)
+        self.nbytes = w.numel() * (2 if fmt == "fp16" else 1)
+        self.handle = next(_HANDLES)
+        _PACKED[self.handle] = self.packed
+        weakref.finalize(self, _PACKED.pop, self.handle, None)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.fmt}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            return self.forward(x.float()).to(x.dtype)
+        if torch.compiler.is_compiling():
+            return torch.ops.gemma4.fbgemm_linear(x, self.handle, self.out_features, self.int8)
+        return _fbgemm_linear(x, self.handle, self.out_features, self.int8)
+
+
+class RescoredHead(nn.Module):
+    """The LM head as int8 scores of the whole vocabulary, with the `k` best recomputed exactly.
+
+    The head is most of a small model's bytes per token (gemma-3-270m: 168M of 268M parameters).
+    Read as int8 it costs a quarter of fp32, but int8 activations move logits enough to change
+    greedy picks. Only the top of the distribution decides greedy (and nearly all of a sampled
+    pick), so the `k` best int8 candidates are recomputed in fp32 from the float weight, a gather
+    of k rows: the returned logits are exact there and within int8 error elsewhere. The argmax
+    equals the float model's unless the true best scores below the k-th int8 candidate.
+    """
+
+    def __init__(self, weight: torch.Tensor, k: int = 64):
+        super().__init__()
+        self.approx = PackedLinear(weight, "int8-dynamic")
+        self.k = k
+        self.weight = weight  # shared with the embedding (a tied head), not a copy; not a parameter
+
+    def extra_repr(self) -> str:
+        return f"rescored top k={self.k}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.approx(x)
+        index = scores.topk(self.k, -1, sorted=False).indices
+        exact = (self.weight[index] @ x.to(self.weight.dtype).unsqueeze(-1)).squeeze(-1)
+        return scores.scatter(-1, index, exact.to(scores.dtype))
+
+
+HEADS = ("rescored", *FORMATS)
+
+
+def pack_linears(model: nn.Module, fmt: str = "fp16", head: str | None = "rescored", k: int = 64) -> nn.Module:
+    """Swap every nn.Linear of a CPU float model for a PackedLinear (in place) and return the model.
+
+    `head` packs a tied LM head too (as `model.lm_head`; the embedding keeps its float table):
+    "rescored" (`RescoredHead`, greedy output unchanged), a packed format, or None (float).
+    The default, fp16 weights and a rescored head, kept the 40-token greedy continuations of the
+    real gemma-3-270m equal to float32's on every reference prompt (tests/engine/test_fast_paths.py).
+    Raises if fbgemm's kernels are missing or wrong on this machine/torch build.
+    """
+    if head is not None and head not in HEADS:
+        raise ValueError(f"unknown head format {head!r}; use one of {', '.join(HEADS)} or None")
+    for f in {fmt, "int8-dynamic" if head == "rescored" else head} - {None}:
+        if not fbgemm_works(f):
+            raise RuntimeError(f"fbgemm {f} kernels are not available in this torch build/CPU; use the float model")
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.is_floating_point():
+                setattr(parent, name, PackedLinear(child.weight, fmt))
+    if head and getattr(model, "lm_head", 1) is None:  # tied: the head multiplies by the embedding table
+        table = model.model.embed_tokens.weight
+        model.lm_head = RescoredHead(table, k) if head == "rescored" else PackedLinear(table, head)
+    return model
+
+
+def speed_up(model: nn.Module) -> bool:
+    """Apply the CPU decode fast path (`pack_linears` defaults) to a float32 CPU model, in place,
+    where fbgemm is available; True if applied. Greedy output is unchanged (see pack_linears);
+    sampled logits differ from float32 by fp16 weight rounding and, off the top 64, int8 error."""
+    weight = model.model.embed_tokens.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return False
+    if not (fbgemm_works("fp16") and fbgemm_works("int8-dynamic")):
+        return False
+    pack_linears(model)
+    return True

@@ -1,0 +1,312 @@
+"""Every fast path against its slow path (STYLE habit 8), on tiny configs, CPU.
+
+- static cache (tensor-indexed one-token writes, trimmed or whole-buffer attention) vs the
+  dynamic KVCache vs one full forward, past the sliding window and through KV sharing;
+- the step traced whole by torch.compile (fullgraph: no graph break, so nothing stops a CUDA
+  graph from capturing it) vs eager;
+- grouped-mm and padded-bmm MoE vs the per-expert loop;
+- chunked prefill vs one shot; PLE rows looked up outside the step vs inside;
+- the generator with a StaticDecoder vs without;
+- fbgemm-packed fp16 linears and the rescored int8 head (the CPU fast path) vs float, and on the
+  real 270M vs the reference.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_cache import ALL, random_model
+
+from gemma4.engine.cache import ContextLengthError, KVCache
+from gemma4.engine.cpu import PackedLinear, RescoredHead, fbgemm_works, pack_linears
+from gemma4.engine.generate import TokenGenerator
+from gemma4.engine.sampling import SamplingParams
+from gemma4.engine.static import StaticDecoder, StaticKVCache
+from gemma4.model.layers import Experts, grouped_mm_works
+
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are latency-bound: one intra-op thread is faster, and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _ids(model, B, T, seed=3):
+    return torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("trim", [True, False])
+def test_static_cache_equals_dynamic_cache_and_full_forward(name, trim):
+    model = random_model(name)
+    T = 3 * model.config.sliding_window + 2
+    ids = _ids(model, 2, T)
+    with torch.no_grad():
+        full = model(ids)
+        dynamic, static = KVCache(model.config, 2, T + 3), StaticKVCache(model.config, 2, T + 3, trim=trim)
+        got = {}
+        for key, cache in (("dynamic", dynamic), ("static", static)):
+            pieces = [model(ids[:, :5], cache=cache), model(ids[:, 5:7], cache=cache)]  # chunked prefill
+            pieces += [model(ids[:, t : t + 1], cache=cache) for t in range(7, T)]  # one token at a time
+            got[key] = torch.cat(pieces, 1)
+    torch.testing.assert_close(got["static"], full, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got["static"], got["dynamic"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny-e2b", "tiny-26b-a4b", "tiny-gemma-3-270m"])
+def test_decoder_steps_equal_full_forward_with_left_padding(name):
+    """A 3-row decoder used for 2 left-padded rows: the padding row and the inert third row change nothing."""
+    model = random_model(name)
+    ids = _ids(model, 2, 14)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, -1)
+    dec = StaticDecoder(model, batch_size=3, max_len=20, prefill_chunk=4)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        got = [dec.prefill(ids[:, :6], pos[:, :6])]
+        got += [dec.step(ids[:, t : t + 1], pos[:, t : t + 1]) for t in range(6, 14)]
+    got = torch.stack(got, 1)
+    torch.testing.assert_close(got[0], full[0, [5, *range(6, 14)]], rtol=0, atol=1e-4)
+    torch.testing.assert_close(got[1], full[1, [5, *range(6, 14)]], rtol=0, atol=1e-4)
+
+
+def test_chunked_prefill_equals_one_shot():
+    model = random_model("tiny-e4b")  # KV sharing: the one-shot prefill takes the logits_to_keep shortcut
+    ids = _ids(model, 2, 23)
+    pos = torch.arange(23).expand(2, 23)
+    one = StaticDecoder(model, batch_size=2, max_len=30, prefill_chunk=64)
+    chunked = StaticDecoder(model, batch_size=2, max_len=30, prefill_chunk=5)
+    torch.testing.assert_close(chunked.prefill(ids, pos), one.prefill(ids, pos), rtol=0, atol=1e-4)
+    torch.testing.assert_close(one.prefill(ids, pos), model(ids)[:, -1], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny-e2b", "tiny-e4b"])
+def test_ple_rows_looked_up_outside_the_step(name):
+    """With the PLE table 'elsewhere' (forced here), the step gets its rows as an input: same logits."""
+    model = random_model(name)
+    ids = _ids(model, 1, 9)
+    pos = torch.arange(9)[None]
+    inside = StaticDecoder(model, max_len=12, ple_on_host=False)
+    outside = StaticDecoder(model, max_len=12, ple_on_host=True)
+    assert outside.ple is not None and inside.ple is None
+    for dec in (inside, outside):
+        dec.prefill(ids[:, :4], pos[:, :4])
+    for t in range(4, 9):
+        a, b = (d.step(ids[:, t : t + 1], pos[:, t : t + 1]) for d in (inside, outside))
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_static_cache_overflow_is_a_clear_error():
+    model = random_model("tiny-gemma-3-270m")
+    dec = StaticDecoder(model, max_len=6)
+    dec.prefill(torch.zeros(1, 5, dtype=torch.long), torch.arange(5)[None])
+    dec.step(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[5]]))
+    with pytest.raises(ContextLengthError, match="do not fit in a cache of 6"):
+        dec.step(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[6]]))
+    with pytest.raises(ContextLengthError, match="static cache of 1 x 6"):
+        TokenGenerator(model, [[2, 3, 4]], [GREEDY], [10], set(), decoder=dec)
+
+
+@pytest.mark.parametrize("name", ["tiny-e2b", "tiny-26b-a4b", "tiny-gemma-3-4b"])
+def test_generator_with_decoder_gives_the_same_tokens(name):
+    model = random_model(name)
+    prompts = [[2, 5, 6, 7], [2, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    dec = StaticDecoder(model, batch_size=2, max_len=32)
+
+    def run(**kw):
+        out = [[] for _ in prompts]
+        gen = TokenGenerator(model, prompts, [GREEDY] * 2, [12, 9], set(), logprobs=2, **kw)
+        for steps in gen:
+            for row, s in zip(out, steps):
+                if s:
+                    row.append((s.token, s.logprob, [t for t, _ in s.top_logprobs]))
+        return out
+
+    def same(a, b):
+        assert [[(t, top) for t, _, top in row] for row in a] == [[(t, top) for t, _, top in row] for row in b]
+        assert [lp for row in a for _, lp, _ in row] == pytest.approx([lp for row in b for _, lp, _ in row], abs=1e-4)
+
+    want = run()
+    same(run(decoder=dec), want)
+    same(run(decoder=dec), want)  # the decoder is reused: nothing of the first run leaks
+
+
+@pytest.mark.parametrize("name,dtype,backend", [("tiny-e2b", torch.float32, "aot_eager"),
+                                                ("tiny-26b-a4b", torch.bfloat16, "eager")])
+def test_compiled_step_is_one_graph_and_equals_eager(name, dtype, backend):
+    """The step traced by torch.compile with fullgraph=True (a graph break would be an error); with
+    aot_eager also through AOT functionalisation of the in-place cache writes. The traced graph is
+    what inductor or CUDA graphs run. Not inductor itself: its C++ build takes over a minute on a
+    2-core machine (checked by hand, see docs/benchmarks.md). No recompiles across steps. bf16
+    MoE traces torch._grouped_mm (fake-tensor checks included); fp32 MoE the gathered experts.
+    """
+    model = random_model(name).to(dtype)
+    ids = _ids(model, 2, 12)
+    pos = torch.arange(12).expand(2, 12)
+    eager = StaticDecoder(model, batch_size=2, max_len=16)
+    traced = StaticDecoder(model, batch_size=2, max_len=16, mode="compile", compile_options={"backend": backend})
+    torch._dynamo.reset()
+    try:
+        for dec in (eager, traced):
+            dec.prefill(ids[:, :6], pos[:, :6])
+        for t in range(6, 12):
+            with torch.compiler.set_stance("fail_on_recompile" if t > 6 else "default"):
+                got = traced.step(ids[:, t : t + 1], pos[:, t : t + 1]).float()
+            want = eager.step(ids[:, t : t + 1], pos[:, t : t + 1]).float()
+            # bf16: the traced graph's op order alone may move logits by a few ULPs (2^-8 relative).
+            tol = 1e-4 if dtype == torch.float32 else 4 * want.abs().max().item() * 2**-8
+            torch.testing.assert_close(got, want, rtol=0, atol=tol)
+    finally:
+        torch._dynamo.reset()
+
+
+# ---- MoE ---------------------------------------------------------------------------------------
+
+def _experts(E=8, D=32, I=24, seed=0):
+    torch.manual_seed(seed)
+    ex = Experts(E, D, I)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(0, D**-0.5)
+        ex.down_proj.normal_(0, I**-0.5)
+    return ex
+
+
+@pytest.mark.parametrize("impl", ["grouped", "gather"])
+@pytest.mark.parametrize("N", [1, 3, 40])
+def test_fused_moe_equals_the_loop(impl, N):
+    if impl == "grouped" and not grouped_mm_works(torch.device("cpu"), torch.float32):
+        pytest.skip("torch._grouped_mm is not available on this torch/CPU")
+    ex = _experts()
+    gen = torch.Generator().manual_seed(N)
+    x = torch.randn(N, 32, generator=gen)
+    index = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(N)])
+    weights = torch.rand(N, 2, generator=gen)
+    ex.impl = impl
+    with torch.no_grad():
+        torch.testing.assert_close(ex(x, weights, index), ex.forward_loop(x, weights, index), rtol=0, atol=1e-5)
+
+
+def test_moe_model_same_logits_with_every_expert_impl():
+    model = random_model("tiny-26b-a4b")
+    ids = _ids(model, 2, 11)
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    out = {}
+    for impl in ("loop", "gather", "grouped", "auto"):
+        for m in experts:
+            m.impl = impl
+        with torch.no_grad():
+            out[impl] = model(ids)
+    for impl in ("gather", "grouped", "auto"):
+        torch.testing.assert_close(out[impl], out["loop"], rtol=0, atol=1e-5)
+
+
+def test_unknown_expert_impl_is_refused():
+    with pytest.raises(ValueError, match="unknown experts impl"):
+        Experts(4, 8, 8, impl="fast")
+
+
+# ---- CPU: fbgemm-packed linears ------------------------------------------------------------------
+
+needs_fbgemm = pytest.mark.skipif(not fbgemm_works("fp16"), reason="fbgemm fp16 kernels unavailable")
+
+
+@needs_fbgemm
+def test_packed_fp16_linear_is_the_fp16_rounded_weight_in_fp32_math():
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(96, 64, generator=gen) / 8, torch.randn(5, 64, generator=gen)
+    got = PackedLinear(w, "fp16")(x)
+    torch.testing.assert_close(got, x @ w.half().float().T, rtol=0, atol=1e-5)  # activations not rounded
+    assert (got - x @ w.T).abs().max() > 0  # and the weights are
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("name", ["tiny-e2b", "tiny-gemma-3-270m"])
+def test_packed_model_equals_the_model_with_fp16_rounded_weights(name):
+    """Packing changes nothing but the weights' rounding: the same logits as the float model whose
+    linear weights (and, for the head only, the tied table) are rounded to fp16, to fp32 noise."""
+    model = random_model(name)
+    rounded = random_model(name)
+    with torch.no_grad():
+        for m in rounded.modules():
+            if type(m) is torch.nn.Linear:
+                m.weight.copy_(m.weight.half().float())
+    ids = _ids(model, 2, 10)
+    cap = model.config.final_logit_softcapping
+    with torch.no_grad():
+        z = torch.nn.functional.linear(rounded.decode(ids).hidden, rounded.model.embed_tokens.weight.half().float())
+        want = torch.tanh(z / cap) * cap if cap else z
+        pack_linears(model, "fp16", head="fp16")
+        assert model.lm_head is not None and not any(type(m) is torch.nn.Linear for m in model.modules())
+        got = model(ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+@needs_fbgemm
+def test_rescored_head_is_exact_at_its_top_k_and_close_elsewhere():
+    """The int8 head's k best candidates carry the float head's logits exactly (so the float argmax
+    whenever it is among them); the rest of the vocabulary carries int8-activation error only."""
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(3000, 64, generator=gen) / 8
+    x = torch.randn(2, 5, 64, generator=gen) * 4
+    head = RescoredHead(table, k=16)
+    want = x @ table.T
+    got = head(x)
+    top = head.approx(x).topk(16, -1).indices  # the candidates: the int8 scores' best 16
+    torch.testing.assert_close(got.gather(-1, top), want.gather(-1, top), rtol=0, atol=1e-5)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    err = (got - want).abs().max()
+    assert 0 < err < 0.05 * want.abs().max()  # the rest is approximate, and not wildly so
+    with pytest.raises(ValueError, match="unknown head format"):
+        pack_linears(random_model("tiny-gemma-3-270m"), head="int2")
+
+
+@needs_fbgemm
+def test_packed_linears_trace_into_a_compiled_step():
+    """The fbgemm matmul is an operator, so a packed model's step still traces as one graph."""
+    model = pack_linears(random_model("tiny-gemma-3-270m"))  # fp16 linears, rescored int8 head
+    ids = _ids(model, 1, 9)
+    pos = torch.arange(9)[None]
+    eager = StaticDecoder(model, max_len=12)
+    traced = StaticDecoder(model, max_len=12, mode="compile", compile_options={"backend": "aot_eager"})
+    torch._dynamo.reset()
+    try:
+        for dec in (eager, traced):
+            dec.prefill(ids[:, :5], pos[:, :5])
+        for t in range(5, 9):
+            got, want = (d.step(ids[:, t : t + 1], pos[:, t : t + 1]) for d in (traced, eager))
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_pack_refuses_unknown_format():
+    with pytest.raises(ValueError, match="unknown packed format"):
+        PackedLinear(torch.zeros(4, 4), "int3")
+
+
+@pytest.mark.slow
+@needs_fbgemm
+def test_real_270m_fp16_packed_greedy_equals_reference():
+    """The CPU fast path (fp16 linears, rescored int8 head) on the real gemma-3-270m: all reference
+    prompts in one batch, 40 greedy tokens each, identical to transformers' float32 greedy ids
+    (tests/data/gemma3_270m_reference.json). Int8 activations in the linears change these ids
+    from the first tokens on; an int8 head without rescoring changes them too."""
+    import gemma4
+
+    ref = json.loads((Path(__file__).parents[1] / "data" / "gemma3_270m_reference.json").read_text())
+    model = pack_linears(gemma4.load()[0])
+    prompts = [p["prompt_ids"] for p in ref["prompts"]]
+    out = [[] for _ in prompts]
+    dec = StaticDecoder(model, batch_size=len(prompts), max_len=max(map(len, prompts)) + 40)
+    for steps in TokenGenerator(model, prompts, [GREEDY] * len(prompts), [40] * len(prompts), set(), decoder=dec):
+        for row, s in zip(out, steps):
+            if s:
+                row.append(s.token)
+    assert out == [p["greedy_ids"] for p in ref["prompts"]]
