@@ -37,13 +37,20 @@ def load(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     revision: str | None = None,
+    adapter: str | Path | None = None,
 ) -> tuple[Gemma, Tokenizer]:
     """Model and tokenizer from a checkpoint dir, a .gguf file or a Hub id; None = embedded 270M.
 
     The tokenizer carries the checkpoint's chat format (its own chat template when it has one).
+    `adapter`: a LoRA adapter directory (`gemma4 finetune`'s or PEFT's) applied without merging:
+    the base weights stay as loaded and each adapted layer adds its low-rank term.
     """
     source = resolve(path_or_id, revision=revision) if path_or_id is not None else default_model_path()
     model = load_model(source, dtype=dtype, device=device)
+    if adapter is not None:
+        from .train.adapter import apply_adapter
+
+        apply_adapter(model, adapter)
     if source.suffix == ".gguf":
         tokenizer = Tokenizer.from_gguf(source)
         template = read_gguf_metadata(source).get("tokenizer.chat_template")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
+import torch
 from testing_utils import hf_model, save_hf
 
 
@@ -24,3 +24,13 @@ def gemma3_270m():
     import gemma4
 
     return gemma4.load()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are latency-bound: one intra-op thread is faster, is immune to a busy machine,
+    and leaves the other core to a server's or scheduler's threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -154,9 +154,12 @@ def pack_linears(model: nn.Module, fmt: str = "fp16", head: str | None = "rescor
         if not fbgemm_works(f):
             raise RuntimeError(f"fbgemm {f} kernels are not available in this torch build/CPU; use the float model")
     for parent in list(model.modules()):
+        if isinstance(parent, nn.Linear):  # e.g. a LoRA layer: its own factors stay trainable floats
+            continue
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.is_floating_point():
-                setattr(parent, name, PackedLinear(child.weight, fmt))
+            w = child.weight if type(child) is nn.Linear else None
+            if isinstance(w, torch.Tensor) and w.device.type == "cpu" and w.is_floating_point():
+                setattr(parent, name, PackedLinear(w, fmt))
     if head and getattr(model, "lm_head", 1) is None:  # tied: the head multiplies by the embedding table
         table = model.model.embed_tokens.weight
         model.lm_head = RescoredHead(table, k) if head == "rescored" else PackedLinear(table, head)
@@ -168,8 +171,8 @@ def speed_up(model: nn.Module) -> bool:
     where fbgemm is available; True if applied. Greedy output is unchanged (see pack_linears);
     sampled logits differ from float32 by fp16 weight rounding and, off the top 64, int8 error."""
     weight = model.model.embed_tokens.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return False
+    if not isinstance(weight, torch.Tensor) or weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return False  # a GPU, half-precision or quantized model
     if not (fbgemm_works("fp16") and fbgemm_works("int8-dynamic")):
         return False
     pack_linears(model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ TEXT_PREFIXES = ("model.language_model.", "model.")  # multimodal, then text-onl
 # Parts of multimodal checkpoints that the text model does not use (yet).
 TOWER_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
                   "model.vision_embedder.")
+Entry = tuple[str, Callable[[], torch.Tensor], tuple[int, ...]]  # (checkpoint name, lazy getter, shape)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -81,13 +83,25 @@ def load_model(
     """Load a Gemma 3/4 text model from a local checkpoint, a .gguf file or a Hub id."""
     device = torch.device(device or "cpu")
     dtype = parse_dtype(dtype, device)
+    source, config, raw, entries = open_checkpoint(path_or_id, dtype, revision)
+    return build(config, entries, dtype, device, str(source), quantization=raw.get("quantization_config"))
+
+
+def open_checkpoint(
+    path_or_id: str | Path, gguf_dtype: torch.dtype, revision: str | None = None,
+) -> tuple[Path, TextConfig, dict, list[Entry]]:
+    """Resolve a source and read its config: (path, config, raw config dict, lazy tensor entries).
+
+    Nothing is read yet but the headers: GGUF tensors are dequantized to `gguf_dtype` one by one
+    when their getter is called, safetensors ones are memory-mapped.
+    """
     source = resolve(path_or_id, revision=revision)
     if source.is_file() and source.suffix == ".gguf":
         from .gguf import GGUFFile
 
-        gguf = GGUFFile(source)  # tensors are dequantized one by one as they are assigned
+        gguf = GGUFFile(source)
         raw = gguf.config
-        entries = [(n, (lambda n=n: gguf.tensor(n, dtype)), tuple(gguf.shape(n))) for n in gguf.names()]
+        entries = [(n, partial(gguf.tensor, n, gguf_dtype), tuple(gguf.shape(n))) for n in gguf.names()]
     else:
         if not source.is_dir():
             raise CheckpointError(f"{source} is neither a checkpoint directory nor a .gguf file")
@@ -97,19 +111,32 @@ def load_model(
         config = TextConfig.from_hf_dict(raw)
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None
-    return build(config, entries, dtype, device, str(source))
+    return source, config, raw, entries
 
 
 def build(
     config: TextConfig,
-    entries: list[tuple[str, Callable[[], torch.Tensor], tuple[int, ...]]],
+    entries: list[Entry],
     dtype: torch.dtype,
     device: torch.device,
     source: str = "checkpoint",
+    quantization: dict | None = None,
 ) -> Gemma:
-    """Build on meta and assign checkpoint tensors, strictly (see module docstring)."""
+    """Build on meta and assign checkpoint tensors, strictly (see module docstring).
+
+    `quantization`: a gemma4.quant `quantization_config`; its quantized weights are swapped in on
+    meta first and their tensors are assigned as stored (no dtype cast, no re-quantization).
+    """
     with torch.device("meta"):
         model = Gemma(config)
+    as_stored: set[str] = set()
+    if quantization is not None:
+        from ..quant.quantize import prepare_quantized
+
+        try:
+            as_stored = prepare_quantized(model, quantization, dtype)
+        except ValueError as e:
+            raise CheckpointError(f"{source}: {e}") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     ignore = ignored_keys(config)
     found: dict[str, tuple[Callable[[], torch.Tensor], tuple[int, ...]]] = {}
@@ -127,7 +154,8 @@ def build(
     state = {}
     for name in tqdm(expected, desc="loading weights", unit="tensor", disable=None, leave=False):
         tensor = found[name][0]()
-        state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        cast = tensor.is_floating_point() and name not in as_stored
+        state[name] = tensor.to(device=device, dtype=dtype if cast else tensor.dtype)
     model.load_state_dict(state, assign=True, strict=True)
     model.model.reset_buffers(device)
     return model.eval()

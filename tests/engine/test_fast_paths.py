@@ -19,22 +19,16 @@ import torch
 from test_cache import ALL, random_model
 
 from gemma4.engine.cache import ContextLengthError, KVCache
-from gemma4.engine.cpu import PackedLinear, RescoredHead, fbgemm_works, pack_linears
+from gemma4.engine.cpu import PackedLinear, RescoredHead, fbgemm_works, pack_linears, speed_up
 from gemma4.engine.generate import TokenGenerator
 from gemma4.engine.sampling import SamplingParams
 from gemma4.engine.static import StaticDecoder, StaticKVCache
 from gemma4.model.layers import Experts, grouped_mm_works
 
 GREEDY = SamplingParams(temperature=0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are latency-bound: one intra-op thread is faster, and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _ids(model, B, T, seed=3):
@@ -265,6 +259,30 @@ def test_rescored_head_is_exact_at_its_top_k_and_close_elsewhere():
     assert 0 < err < 0.05 * want.abs().max()  # the rest is approximate, and not wildly so
     with pytest.raises(ValueError, match="unknown head format"):
         pack_linears(random_model("tiny-gemma-3-270m"), head="int2")
+
+
+@needs_fbgemm
+def test_speed_up_packs_float32_cpu_models_only_and_leaves_adapters_float():
+    from gemma4.quant import quantize
+    from gemma4.train.lora import LoraConfig, apply_lora, lora_modules
+
+    assert not speed_up(random_model("tiny-gemma-3-270m").to(torch.bfloat16))
+    assert not speed_up(quantize(random_model("tiny-gemma-3-270m"), "int8", progress=False))
+    model = random_model("tiny-gemma-3-270m")
+    apply_lora(model, LoraConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"]))
+    for _, m in lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.5)
+    ids = _ids(model, 1, 8)
+    with torch.no_grad():
+        want = model(ids)
+        assert speed_up(model)
+        got = model(ids)
+    assert isinstance(model.lm_head, RescoredHead)
+    assert isinstance(model.model.layers[0].mlp.up_proj, PackedLinear)  # not adapted: packed
+    adapted = list(lora_modules(model))
+    assert adapted and all(type(m.lora_A) is torch.nn.Linear and type(m.lora_B) is torch.nn.Linear
+                           and isinstance(m.weight, torch.nn.Parameter) for _, m in adapted)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-2 * want.abs().max().item())
 
 
 @needs_fbgemm

@@ -15,6 +15,7 @@ from gemma4.model import Gemma
 from gemma4.variants import variant
 
 GREEDY = SamplingParams(temperature=0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(name: str) -> Gemma:
@@ -215,11 +216,3 @@ def test_full_layers_grow_and_rings_wrap():
         cache.ensure(101)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run faster on one intra-op thread, and the scheduler thread then does not fight
-    # the test thread for cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -1,8 +1,6 @@
 """Fixtures for the server tests (helpers and the tiny model live in serve_helpers.py)."""
 
 import pytest
-import torch
-
 from serve_helpers import save_checkpoint
 
 
@@ -18,11 +16,6 @@ def loaded(tiny_dir):
     return load_checkpoint(str(tiny_dir))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tiny model is fastest on one intra-op thread, and the scheduler thread then leaves the
-    # other core to the server's event loop and the test's clients.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """The tiny model on one intra-op thread leaves the other core to the server's event loop."""

@@ -1,0 +1,38 @@
+"""Weight-only int8 / int4 quantization as a parameter swap driven by a predicate.
+
+    from gemma4.quant import quantize, save_quantized, quantize_checkpoint
+    model = quantize(load_model(path), scheme="int4", group_size=64)   # in memory
+    save_quantized(model, "out/")              # config.json (+ quantization_config) + model.safetensors
+    model = load_model("out/")                 # rebuilt on meta, tensors assigned as stored
+    model = quantize_checkpoint("x.gguf", "int8")   # files -> quantized, one tensor at a time
+
+Saved names: a float weight `X` (e.g. `model.layers.0.self_attn.q_proj.weight`,
+`model.layers.0.experts.gate_up_proj`) becomes `X.qweight`, `X.scales` and, for int4, `X.zeros`;
+formats in tensor.py, the recorded config in quantize.py.
+"""
+
+from .checkpoint import quantize_checkpoint
+from .quantize import (
+    default_predicate,
+    estimate_nbytes,
+    model_nbytes,
+    plan,
+    quantization_config,
+    quantize,
+    save_quantized,
+    set_kernels,
+)
+from .tensor import QuantizedTensor
+
+__all__ = [
+    "QuantizedTensor",
+    "default_predicate",
+    "estimate_nbytes",
+    "model_nbytes",
+    "plan",
+    "quantization_config",
+    "quantize",
+    "quantize_checkpoint",
+    "save_quantized",
+    "set_kernels",
+]

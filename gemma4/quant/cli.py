@@ -1,0 +1,113 @@
+"""`gemma4 quantize`: a float checkpoint or GGUF file -> a quantized checkpoint directory.
+
+    gemma4 quantize --model google/gemma-3-270m --out ./270m-int4 --scheme int4 --group-size 64
+    gemma4 generate --model ./270m-int4 "Hello"
+    gemma4 eval perplexity --model ./270m-int4 --file tests/data/eval/essays.txt
+
+The output directory holds config.json (with `quantization_config`), model.safetensors and the
+tokenizer: copied from a checkpoint directory, or written as tokenizer.json + tokenizer_config.json
+(with the chat template) when the source is a GGUF file, so every command can load it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .quantize import SCHEMES, model_nbytes
+from .tensor import INT4_GROUP_SIZES
+
+EXAMPLES = """examples:
+  gemma4 quantize --out ./270m-int8 --scheme int8          # the embedded gemma-3-270m
+  gemma4 quantize -m google/gemma-4-E4B-it -o ./e4b-int4 --scheme int4 --group-size 64
+  gemma4 generate -m ./e4b-int4 "Hello"                    # every command loads the result
+
+int8 keeps ~50% of the bf16 bytes and costs little quality; int4 keeps ~28% (group 64) and costs
+more (smaller groups: better quality, more bytes). Norms, the MoE router and tiny tensors stay in
+float; the embedding (also the tied output layer) and the per-layer-embedding table are quantized.
+A GGUF source is dequantized tensor by tensor and quantized again; no float copy of the whole
+model is ever held. The output is config.json (+ quantization_config), model.safetensors and the
+tokenizer files."""
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="float checkpoint directory, .gguf file or Hub id (default: the embedded gemma-3-270m)")
+    p.add_argument("--out", "-o", required=True, help="directory to write the quantized checkpoint to")
+    p.add_argument("--scheme", choices=SCHEMES, default="int4",
+                   help="int8: per-channel, ~50%% of bf16; int4: groups along K, ~28%% of bf16 (default)")
+    p.add_argument("--group-size", type=int, default=64, choices=INT4_GROUP_SIZES, metavar="N",
+                   help="int4: weights per scale/zero along the input dim: 16, 32, 64 (default), 128 or 256")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`gemma4 quantize ...` (dispatched from gemma4/cli.py, which turns ValueError/OSError into messages)."""
+    parser = argparse.ArgumentParser(prog="gemma4 quantize", epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description="Quantize a checkpoint's weights to int8 or int4 and save it.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    quantize_cli(args.model, args.out, args.scheme, args.group_size)
+    return 0
+
+
+def quantize_cli(model: str | Path | None, out: str | Path, scheme: str = "int4", group_size: int = 64,
+                 revision: str | None = None) -> Path:
+    """Quantize `model` (None: the embedded gemma-3-270m) into the directory `out`; returns `out`."""
+    from ..weights.hub import resolve
+    from .checkpoint import quantize_checkpoint
+    from .quantize import save_quantized
+
+    if model is None:
+        from ..api import default_model_path
+
+        source = default_model_path()
+    else:
+        source = resolve(model, revision=revision)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} already exists and is not an empty directory; choose a new one")
+    start = time.perf_counter()
+    print(f"quantizing {source} to {scheme}" + (f" (group {group_size})" if scheme == "int4" else ""),
+          file=sys.stderr, flush=True)
+    qmodel = quantize_checkpoint(source, scheme, group_size)
+    save_quantized(qmodel, out, scheme, group_size)
+    _write_tokenizer(Path(source), out)
+    size = (out / "model.safetensors").stat().st_size
+    bf16 = 2 * qmodel.config.num_parameters()
+    print(f"wrote {out} in {time.perf_counter() - start:.1f}s: {size / 2**20:.1f} MiB of weights "
+          f"({100 * size / bf16:.1f}% of bf16; {model_nbytes(qmodel) / 2**20:.1f} MiB in memory)",
+          file=sys.stderr, flush=True)
+    return out
+
+
+def _write_tokenizer(source: Path, out: Path) -> None:
+    if source.is_dir():
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, out / name)
+        return
+    from ..tokenizer import Tokenizer
+    from ..weights.gguf import read_gguf_metadata
+
+    tok = Tokenizer.from_gguf(source)
+    tok.backend.save(str(out / "tokenizer.json"))
+    config = {name: tok.backend.id_to_token(i) for name, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id),
+                                                                ("pad_token", tok.pad_id), ("unk_token", tok.unk_id))
+              if i is not None}
+    config["add_bos_token"] = tok.add_bos
+    template = read_gguf_metadata(source).get("tokenizer.chat_template")
+    if template:
+        config["chat_template"] = template
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")

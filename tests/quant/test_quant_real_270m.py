@@ -1,0 +1,90 @@
+"""Quality on the real gemma-3-270m: perplexity of int8 / int4 against the dequantized GGUF model.
+
+Scored on the first N tokens of tests/data/eval/essays.txt in one window; benchmarks/quant.py
+measures longer stretches and docs/benchmarks.md records them (2,048 tokens: int8 -0.7%, int4 g64
++105%, far above the issue's 8%: see there).
+"""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemma4.api import default_model_path
+from gemma4.eval import gemma_logits_fn, perplexity
+from gemma4.quant import (
+    QuantizedTensor,
+    kernels,
+    quantize,
+    quantize_checkpoint,
+    set_kernels,
+)
+
+pytestmark = pytest.mark.slow
+TEXT = Path(__file__).parents[1] / "data" / "eval" / "essays.txt"
+N = 256
+
+
+@pytest.fixture(scope="module")
+def scored(gemma3_270m):
+    model, tokenizer = gemma3_270m
+    ids = tokenizer.encode(TEXT.read_text(encoding="utf-8"))[:N]
+    return ids, perplexity(gemma_logits_fn(model), ids, window=N, progress=False)
+
+
+def rise(result, base) -> float:
+    return result.perplexity / base.perplexity - 1
+
+
+def agreement(result, base) -> float:
+    return (result.predictions == base.predictions).float().mean().item()
+
+
+def test_int8_perplexity_within_1_percent(gemma3_270m, scored):
+    ids, base = scored
+    model = quantize(copy.deepcopy(gemma3_270m[0]), "int8")
+    assert isinstance(model.model.embed_tokens.weight, QuantizedTensor)  # the tied head too
+    result = perplexity(gemma_logits_fn(model), ids, window=N, progress=False)
+    # measured on these tokens: +0.10%, greedy agreement 93%
+    print(f"int8: {base.perplexity:.3f} -> {result.perplexity:.3f} ({100 * rise(result, base):+.2f}%), "
+          f"agreement {100 * agreement(result, base):.1f}%")
+    assert rise(result, base) <= 0.01, (base.perplexity, result.perplexity)
+    assert agreement(result, base) >= 0.9
+
+
+def test_int4_from_the_gguf_file(scored):
+    """int4 (group 64), quantized tensor by tensor straight from the GGUF file.
+
+    Round-to-nearest int4 costs this small model far more than the issue's 8% target (see
+    docs/benchmarks.md). The bounds below guard against regressions only (measured on these
+    tokens: +51%, greedy agreement 61%); closing the gap needs calibrated int4 (GPTQ/AWQ).
+    """
+    ids, base = scored
+    model = quantize_checkpoint(default_model_path(), "int4", 64)
+    assert model.model.embed_tokens.weight.bits == 4
+    result = perplexity(gemma_logits_fn(model), ids, window=N, progress=False)
+    print(f"int4 g64: {base.perplexity:.3f} -> {result.perplexity:.3f} ({100 * rise(result, base):+.2f}%), "
+          f"agreement {100 * agreement(result, base):.1f}%")
+    assert rise(result, base) <= 0.6, (base.perplexity, result.perplexity)
+    assert agreement(result, base) >= 0.5
+
+    # Decode-sized inputs (<= KERNEL_MAX_ROWS rows) take the int4 kernel, whose activations are
+    # rounded to bf16 before every matmul, so its logits drift a little from the plain path's and
+    # near ties may flip. Checked on four 16-token prompts (<bos> + 15 tokens from different
+    # places in the text), 64 positions: relative RMS difference <= 3% overall and <= 5% at every
+    # position (measured 0.7% and at most 1.6%), the same top-1 token at >= 90% of positions
+    # (measured 97%), and where it differs a near tie: the kernel's token is within 0.5 of the
+    # plain path's best logit (measured <= 0.09).
+    chunks = [torch.tensor([ids[:1] + ids[i:i + kernels.KERNEL_MAX_ROWS - 1]]) for i in range(1, N, 64)]
+    with torch.no_grad():
+        fast = torch.cat([model(c)[0] for c in chunks])
+        plain = torch.cat([set_kernels(model, False)(c)[0] for c in chunks])
+    assert fast.shape[0] == 4 * kernels.KERNEL_MAX_ROWS
+    diff = fast - plain
+    assert (diff.pow(2).mean() / plain.pow(2).mean()).sqrt() <= 0.03
+    assert ((diff.pow(2).mean(-1) / plain.pow(2).mean(-1)).sqrt() <= 0.05).all()
+    same = fast.argmax(-1) == plain.argmax(-1)
+    assert same.float().mean() >= 0.9, same.float().mean()
+    chosen = plain.gather(1, fast.argmax(-1, keepdim=True))[:, 0]
+    assert (plain.amax(-1) - chosen <= 0.5).all(), (plain.amax(-1) - chosen)[~same]
