@@ -1,5 +1,6 @@
 """The gemma4 command end to end (in-process), on the real gemma-3-270m."""
 
+import copy
 import io
 
 import pytest
@@ -10,8 +11,10 @@ from gemma4.cli import main
 
 @pytest.fixture
 def real(monkeypatch, gemma3_270m):
-    monkeypatch.setattr(gemma4.api, "load", lambda *a, **k: gemma3_270m)
-    return gemma3_270m
+    """The shared real model, copied: the commands repack a CPU model for speed, in place."""
+    model = copy.deepcopy(gemma3_270m[0])
+    monkeypatch.setattr(gemma4.api, "load", lambda *a, **k: (model, gemma3_270m[1]))
+    return model, gemma3_270m[1]
 
 
 @pytest.mark.slow
