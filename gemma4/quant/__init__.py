@@ -11,6 +11,7 @@ Saved names: a float weight `X` (e.g. `model.layers.0.self_attn.q_proj.weight`,
 formats in tensor.py, the recorded config in quantize.py.
 """
 
+from .calibrate import activation_scales
 from .checkpoint import quantize_checkpoint
 from .quantize import (
     default_predicate,
@@ -24,7 +25,7 @@ from .quantize import (
 )
 from .tensor import QuantizedTensor
 
-__all__ = [
+__all__ = ["activation_scales", 
     "QuantizedTensor",
     "default_predicate",
     "estimate_nbytes",

@@ -105,13 +105,17 @@ def _swap(model: nn.Module, name: str, qt: QuantizedTensor) -> None:
 
 
 def quantize(model: nn.Module, scheme: str = "int8", group_size: int = 64,
-             predicate: Predicate = default_predicate, progress: bool | None = None) -> nn.Module:
+             predicate: Predicate = default_predicate, progress: bool | None = None,
+             col_scales: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Quantize `model` in place (weight-only) and return it. A meta-device model gets empty buffers.
 
     scheme: "int8" (symmetric, per output channel) or "int4" (asymmetric, groups of `group_size`
     along the input dim, two codes per byte). Each float weight is released as soon as its
     quantized replacement exists, so the peak is the model plus one weight's temporaries.
+    col_scales: {parameter name: [K]} column scales to quantize with, e.g. activation-aware ones
+    (`calibrate.activation_scales`); other weights get `column_scales(w)`.
     """
+    col_scales = col_scales or {}
     todo = plan(model, scheme, group_size, predicate)
     for name, spec in tqdm(todo.items(), desc=f"quantizing to {scheme}", unit="tensor",
                            disable=None if progress is None else not progress, leave=False):
@@ -120,7 +124,9 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int = 64,
             qt = QuantizedTensor(w.shape, spec["bits"], spec.get("group_size"), w.dtype, w.device)
         else:
             with torch.no_grad():
-                qt = QuantizedTensor.from_float(w.detach(), spec["bits"], spec.get("group_size"))
+                c = col_scales.get(name)
+                qt = QuantizedTensor.from_float(w.detach(), spec["bits"], spec.get("group_size"),
+                                                None if c is None else c.to(w.device))
         del w
         _swap(model, name, qt)
     return model
