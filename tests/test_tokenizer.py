@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,14 +19,7 @@ from gemma4.tokenizer import Tokenizer, TokenizerError
 DATA = Path(__file__).resolve().parent / "data"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models here are small: torch's thread hand-offs cost more than they save, and on a busy
-    2-core machine they cost seconds per op. Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: see tests/conftest.py
 PROPS = settings(max_examples=200, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 

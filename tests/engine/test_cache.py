@@ -4,19 +4,10 @@ import pytest
 import torch
 
 from gemma4.engine.cache import ContextLengthError, KVCache
-from gemma4.model import Gemma
 from gemma4.variants import variant
+from testing_utils import random_model
 
 ALL = ["tiny-e2b", "tiny-e4b", "tiny-12b", "tiny-26b-a4b", "tiny-31b", "tiny-gemma-3-270m", "tiny-gemma-3-4b"]
-
-
-def random_model(name: str) -> Gemma:
-    torch.manual_seed(0)
-    model = Gemma(variant(name)).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.normal_(0, 0.3 if "embed" in n else p.shape[-1] ** -0.5) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    return model
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cache import ALL, random_model
+from test_cache import ALL
+from testing_utils import random_model
 
 from gemma4.engine.cache import ContextLengthError, KVCache
 from gemma4.engine.cpu import PackedLinear, RescoredHead, fbgemm_works, pack_linears, speed_up

@@ -5,7 +5,7 @@ import torch
 
 from gemma4.engine.generate import PromptTooLongError, TokenGenerator, batch_generate, generate, stream_generate
 from gemma4.engine.sampling import SamplingParams
-from test_cache import random_model
+from testing_utils import random_model
 
 
 class LetterTokenizer:

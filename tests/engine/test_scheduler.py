@@ -11,22 +11,14 @@ from gemma4.engine.generate import TokenGenerator
 from gemma4.engine.sampling import SamplingParams
 from gemma4.engine.scheduler import GenerationRequest, QueueFullError, Scheduler
 from gemma4.engine.slots import SlotKVCache
-from gemma4.model import Gemma
-from gemma4.variants import variant
+from testing_utils import random_model as shared_random_model
 
 GREEDY = SamplingParams(temperature=0)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def random_model(name: str) -> Gemma:
-    """Random weights with small embeddings: the layers, not a copy of the input token, decide the
-    output, so greedy continuations vary instead of repeating the last prompt token."""
-    torch.manual_seed(0)
-    model = Gemma(variant(name)).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.normal_(0, 0.05 if "embed" in n else p.shape[-1] ** -0.5) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    return model
+def random_model(name: str):
+    return shared_random_model(name, embed_std=0.05)  # greedy continuations vary, not echo the prompt
 
 
 def alone(model, prompt, n, params=GREEDY):

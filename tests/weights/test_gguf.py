@@ -25,14 +25,7 @@ from gemma4.weights.gguf import GGUFError, GGUFFile, dequantize, read_gguf, read
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models here are small: torch's thread hand-offs cost more than they save, and on a busy
-    2-core machine they cost seconds per op. Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: see tests/conftest.py
 
 # A tiny Gemma 3: 6 layers (5 sliding, layer 5 full), D=32, 2 heads of 16, 1 KV head, I=64.
 D, H, KV, HD, I, L = 32, 2, 1, 16, 64, 6
