@@ -18,7 +18,7 @@ import torch
 
 from .cache import ContextLengthError, KVCache
 from .sampling import Sampler, SamplingParams
-from .static import StaticDecoder
+from .static import StaticDecoder, prefill
 from .stops import StopMatcher
 
 
@@ -101,10 +101,7 @@ class TokenGenerator:
             logits = self.decoder.prefill(ids, pos)
         else:
             cache = KVCache(self.model.config, B, L + max(self.limits), self.dtype, self.device)
-            for s in range(0, L, self.prefill_chunk):
-                e = min(s + self.prefill_chunk, L)
-                hidden = self.model.decode(ids[:, s:e], positions=pos[:, s:e], cache=cache, logits_to_keep=1).hidden
-            logits = self.model.logits(hidden[:, -1])
+            logits = prefill(self.model, ids, pos, cache, self.prefill_chunk)
         last = [len(p) - 1 for p in self.prompts]  # the position of each row's newest token
         while not all(self.done):
             steps = [self._step(i, logits[i]) if not self.done[i] else None for i in range(B)]

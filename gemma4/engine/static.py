@@ -29,6 +29,15 @@ from .cache import ContextLengthError
 MODES = ("eager", "compile", "reduce-overhead", "cuda-graph")
 
 
+def prefill(model, ids: torch.Tensor, positions: torch.Tensor, cache, chunk: int) -> torch.Tensor:
+    """Run prompts ids, positions [B, L] into `cache` in chunks of `chunk` tokens (bounding the
+    activations of long prompts); logits [B, V] of the last position only."""
+    for s in range(0, ids.shape[1], chunk):
+        hidden = model.decode(ids[:, s : s + chunk], positions=positions[:, s : s + chunk], cache=cache,
+                              logits_to_keep=1).hidden
+    return model.logits(hidden[:, -1])
+
+
 class _StaticLayer:
     """K/V [B, Hkv, slots, d] of one layer and the position of each slot [B, slots]."""
 
@@ -233,9 +242,4 @@ class StaticDecoder:
             pad = self.batch_size - b
             ids = torch.cat([ids, ids.new_zeros(pad, L)])
             positions = torch.cat([positions, positions.new_full((pad, L), -1)])
-        hidden = None
-        for s in range(0, L, self.prefill_chunk):
-            e = min(s + self.prefill_chunk, L)
-            hidden = self.model.decode(ids[:, s:e], positions=positions[:, s:e], cache=self.cache,
-                                       logits_to_keep=1).hidden
-        return self.model.logits(hidden[:b, -1])
+        return prefill(self.model, ids, positions, self.cache, self.prefill_chunk)[:b]
