@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/quant.py                       # whole eval text, all configs
     .venv/bin/python benchmarks/quant.py --tokens 1024 --configs float32 int8
+    .venv/bin/python benchmarks/quant.py --configs float32 int4 int4-calibrated --calibration notes.txt
 
 The float32 model is the embedded Q4_K_M GGUF dequantized (the reference the quantized models are
 compared with); int8 / int4 are quantized from that file tensor by tensor (`gemma4 quantize`) into
@@ -31,7 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "tests" / "data" / "eval" / "essays.txt"
-CONFIGS = {"float32": None, "int8": ("int8", 64), "int4": ("int4", 64), "int4-g32": ("int4", 32)}
+CONFIGS = {"float32": None, "int8": ("int8", 64), "int4": ("int4", 64), "int4-g32": ("int4", 32),
+           "int4-calibrated": ("int4", 64)}  # gemma4 quantize --calibration FILE (needs --calibration)
 
 
 def status(key: str) -> int:
@@ -83,8 +85,9 @@ def run_one(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "int4-calibrated"], choices=list(CONFIGS))
     p.add_argument("--tokens", type=int, default=None, help="score only the first N tokens (default: all)")
+    p.add_argument("--calibration", type=Path, help="text file for the int4-calibrated config (not the eval text)")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--decode-tokens", type=int, default=64)
@@ -92,6 +95,8 @@ def main() -> None:
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--ids", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if "int4-calibrated" in args.configs and not args.one and args.calibration is None:
+        p.error("the int4-calibrated config needs --calibration FILE")
     if args.one:
         return run_one(args)
 
@@ -117,7 +122,8 @@ def main() -> None:
         if CONFIGS[name]:
             scheme, group = CONFIGS[name]
             start = time.perf_counter()
-            out = quantize_cli(gguf, tmp / name, scheme, group)
+            calibration = args.calibration if name.endswith("-calibrated") else None
+            out = quantize_cli(gguf, tmp / name, scheme, group, calibration=calibration)
             quant_s = time.perf_counter() - start
             source, file_bytes = str(out), (out / "model.safetensors").stat().st_size
         cmd = [sys.executable, __file__, "--one", source, "--ids", str(tmp / "ids.json"),
@@ -149,7 +155,7 @@ def main() -> None:
             n = next((i for i, (a, b) in enumerate(zip(r["greedy"], base["greedy"])) if a != b), len(r["greedy"]))
             same = f"{n}/{len(base['greedy'])}"
         print(f"| {name} | {r['weights'] / mib:.0f} | {r['file'] / mib:.0f} | {100 * r['file'] / (2 * params):.1f}% | "
-              f"{r['rss_loaded'] / mib:.0f} / {r['rss_peak'] / mib:.0f} | {r['ppl']:.3f} | {rel} | {agree} | "
+              f"{r['load_peak'] / mib:.0f} | {r['rss_loaded'] / mib:.0f} / {r['rss_peak'] / mib:.0f} | {r['ppl']:.3f} | {rel} | {agree} | "
               f"{r['tok_s']:.1f} | {same} |")
 
 

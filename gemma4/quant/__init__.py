@@ -25,8 +25,9 @@ from .quantize import (
 )
 from .tensor import QuantizedTensor
 
-__all__ = ["activation_scales", 
+__all__ = [
     "QuantizedTensor",
+    "activation_scales",
     "default_predicate",
     "estimate_nbytes",
     "model_nbytes",

@@ -27,9 +27,10 @@ EXAMPLES = """examples:
   gemma4 generate -m ./e4b-int4 "Hello"                    # every command loads the result
   gemma4 quantize -o ./270m-int4 --calibration notes.txt   # activation-aware int4: better quality
 
-int8 keeps ~50% of the bf16 bytes and costs little quality; int4 keeps ~28% (group 64) and costs
-more (smaller groups: better quality, more bytes). Norms, the MoE router and tiny tensors stay in
-float; the embedding (also the tied output layer) and the per-layer-embedding table are quantized.
+int8 keeps ~50% of the bf16 bytes and costs little quality; int4 keeps ~30% (group 64) and costs
+more (smaller groups: better quality, more bytes; --calibration: much better quality). Norms, the
+MoE router and tiny tensors stay in float. Under int4 the embedding, which is also the tied output
+layer, is stored int8 and the per-layer-embedding table int4 in groups of 128.
 A GGUF source is dequantized tensor by tensor and quantized again; no float copy of the whole
 model is ever held. The output is config.json (+ quantization_config), model.safetensors and the
 tokenizer files."""
@@ -43,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="float checkpoint directory, .gguf file or Hub id (default: the embedded gemma-3-270m)")
     p.add_argument("--out", "-o", required=True, help="directory to write the quantized checkpoint to")
     p.add_argument("--scheme", choices=SCHEMES, default="int4",
-                   help="int8: per-channel, ~50%% of bf16; int4: groups along K, ~28%% of bf16 (default)")
+                   help="int8: per-channel, ~50%% of bf16; int4: groups along K, ~30%% of bf16 (default)")
     p.add_argument("--group-size", type=int, default=64, choices=INT4_GROUP_SIZES, metavar="N",
                    help="int4: weights per scale/zero along the input dim: 16, 32, 64 (default), 128 or 256")
     p.add_argument("--calibration", default=None, metavar="FILE",

@@ -1,11 +1,11 @@
 """Quantize a model (a predicate picks the scheme per module), record it, save it, rebuild it on load.
 
 `quantize(model, scheme, group_size, predicate)` visits every nn.Linear, nn.Embedding and MoE
-`Experts` module, asks `predicate(name, module, scheme)` for "int8", "int4" or None (keep float),
-and swaps each of the module's weight parameters for a `QuantizedTensor` of the same name. The
-forward code is untouched (see tensor.py). What was done is recorded per tensor in a
-`quantization_config` (`quantization_config(model)`), which `save_quantized` writes into
-config.json; the loader calls `prepare_quantized` to swap the same modules in on the meta device
+`Experts` module, asks `predicate(name, module, scheme)` for "int8", "int4" (or ("int4", group
+size)) or None (keep float), and swaps each of the module's weight parameters for a
+`QuantizedTensor` of the same name. The forward code is untouched (see tensor.py). What was done
+is recorded per tensor in a `quantization_config` (`quantization_config(model)`), which
+`save_quantized` writes into config.json; the loader calls `prepare_quantized` to swap the same modules in on the meta device
 before assigning the saved tensors, so a quantized checkpoint loads without re-quantizing and
 without ever holding a float copy.
 
@@ -34,24 +34,37 @@ FORMAT_VERSION = 1
 # Weights smaller than this stay in float: keeping them costs nothing worth saving.
 MIN_QUANTIZED_NUMEL = 4096
 
-Predicate = Callable[[str, nn.Module, str], "str | None"]
+# A predicate names the scheme for a module's weights: "int8", "int4" (at the requested group
+# size), ("int4", group_size) for a group of its own, or None (keep float).
+Predicate = Callable[[str, nn.Module, str], "str | tuple[str, int] | None"]
+
+# The PLE table's int4 group: coarser than the default 64, since a lookup-only table is less
+# sensitive than the head (see default_predicate).
+LOOKUP_TABLE_GROUP = 128
 
 
-def default_predicate(name: str, module: nn.Module, scheme: str) -> str | None:
+def default_predicate(name: str, module: nn.Module, scheme: str) -> str | tuple[str, int] | None:
     """Quantize every linear, embedding and expert weight except the MoE router and tiny tensors.
 
     Norms, layer scalars and the router's scale vectors are never offered to the predicate (they
-    are not Linear/Embedding/Experts weights). The embedding (also the tied LM head) and the PLE
-    table follow `scheme`: on gemma-3-270m (first 512 tokens of the eval text) int4 on the
-    embedding alone cost +11.5% perplexity, but keeping it int8 takes an E4B from 28.2% to 30.1%
-    of its bf16 bytes (over the issue's 30%), and keeping the attention int8 did not reliably
-    help. Skewed columns (the embedding's) are handled by column scales, not by precision (see
+    are not Linear/Embedding/Experts weights). Under int4, the two vocabulary tables differ:
+    - the embedding is also the tied LM head, where int4 error lands directly on the logits: it
+      stays int8 (as llama.cpp's Q4_K_M keeps its token table at 6-8 bits). On gemma-3-270m's eval
+      text (2,048 tokens), int4 on the head alone cost +5.6% perplexity, on the lookup alone +2.9%;
+    - the PLE table is looked up only, never a head, so it takes int4 with groups of 128 (the
+      lookup alone measured +2.6% at group 128 against +2.9% at 64: no worse), which pays for the
+      int8 embedding: an E4B stays at 29.5% of its bf16 bytes (all int4 g64: 28.2%).
+    Skewed columns (the embedding's) are handled by column scales, not by precision (see
     `column_scales`). A custom predicate can choose otherwise per module.
     """
     if name.endswith("router.proj"):  # routing decisions are discontinuous: keep them exact
         return None
     if sum(p.numel() for p in module.parameters(recurse=False)) < MIN_QUANTIZED_NUMEL:
         return None
+    if scheme == "int4" and name.endswith("embed_tokens"):
+        return "int8"
+    if scheme == "int4" and name.endswith("embed_tokens_per_layer"):
+        return ("int4", LOOKUP_TABLE_GROUP)
     return scheme
 
 
@@ -87,13 +100,15 @@ def plan(model: nn.Module, scheme: str = "int8", group_size: int = 64,
         names = _weights(module)
         if not names or any(isinstance(getattr(module, n), QuantizedTensor) for n in names):
             continue
-        chosen = predicate(mname, module, scheme)
-        if chosen is None:
+        answer = predicate(mname, module, scheme)
+        if answer is None:
             continue
-        if chosen not in SCHEMES:
-            raise ValueError(f"predicate returned {chosen!r} for {mname}; expected 'int8', 'int4' or None")
+        chosen, group = answer if isinstance(answer, tuple) and len(answer) == 2 else (answer, group_size)
+        if chosen not in SCHEMES or group not in INT4_GROUP_SIZES:
+            raise ValueError(f"predicate returned {answer!r} for {mname}; expected "
+                             f"'int8', 'int4', ('int4', group size in {INT4_GROUP_SIZES}) or None")
         for n in names:
-            out[f"{mname}.{n}"] = _spec(getattr(module, n).shape, chosen, group_size)
+            out[f"{mname}.{n}"] = _spec(getattr(module, n).shape, chosen, group)
     return out
 
 

@@ -1,8 +1,8 @@
 """Quality on the real gemma-3-270m: perplexity of int8 / int4 against the dequantized GGUF model.
 
 Scored on the first N tokens of tests/data/eval/essays.txt in one window; benchmarks/quant.py
-measures longer stretches and docs/benchmarks.md records them (2,048 tokens: int8 -0.7%, int4 g64
-+105%, far above the issue's 8%: see there).
+measures longer stretches and docs/benchmarks.md records them (the whole text: int8 under 1%, int4
+g64 far above the issue's 8% unless calibrated, and still above it then: see there).
 """
 
 import copy
@@ -15,6 +15,7 @@ from gemma4.api import default_model_path
 from gemma4.eval import gemma_logits_fn, perplexity
 from gemma4.quant import (
     QuantizedTensor,
+    activation_scales,
     kernels,
     quantize,
     quantize_checkpoint,
@@ -58,15 +59,15 @@ def test_int4_from_the_gguf_file(scored):
 
     Round-to-nearest int4 costs this small model far more than the issue's 8% target (see
     docs/benchmarks.md). The bounds below guard against regressions only (measured on these
-    tokens: +51%, greedy agreement 61%); closing the gap needs calibrated int4 (GPTQ/AWQ).
+    tokens: +37.5%, greedy agreement 65%; +51% and 61% when the tied head was int4 too).
     """
     ids, base = scored
     model = quantize_checkpoint(default_model_path(), "int4", 64)
-    assert model.model.embed_tokens.weight.bits == 4
+    assert model.model.embed_tokens.weight.bits == 8  # the tied head stays int8 (default_predicate)
     result = perplexity(gemma_logits_fn(model), ids, window=N, progress=False)
     print(f"int4 g64: {base.perplexity:.3f} -> {result.perplexity:.3f} ({100 * rise(result, base):+.2f}%), "
           f"agreement {100 * agreement(result, base):.1f}%")
-    assert rise(result, base) <= 0.6, (base.perplexity, result.perplexity)
+    assert rise(result, base) <= 0.45, (base.perplexity, result.perplexity)
     assert agreement(result, base) >= 0.5
 
     # Decode-sized inputs (<= KERNEL_MAX_ROWS rows) take the int4 kernel, whose activations are
@@ -88,3 +89,19 @@ def test_int4_from_the_gguf_file(scored):
     assert same.float().mean() >= 0.9, same.float().mean()
     chosen = plain.gather(1, fast.argmax(-1, keepdim=True))[:, 0]
     assert (plain.amax(-1) - chosen <= 0.5).all(), (plain.amax(-1) - chosen)[~same]
+
+
+def test_calibrated_int4_loses_much_less(gemma3_270m, scored):
+    """Activation-aware int4 (`gemma4 quantize --calibration`), calibrated on 512 tokens of the text
+    that the scored ones do not overlap: far closer to float than round to nearest (measured +13.0%,
+    agreement 74.5%, against +37.5% and 65% without calibration)."""
+    ids, base = scored
+    model, tokenizer = gemma3_270m
+    calibration = tokenizer.encode(TEXT.read_text(encoding="utf-8"))[1024:1536]
+    scales = activation_scales(model, torch.tensor(calibration))
+    model = quantize(copy.deepcopy(model), "int4", 64, col_scales=scales)
+    result = perplexity(gemma_logits_fn(model), ids, window=N, progress=False)
+    print(f"int4 g64 calibrated: {base.perplexity:.3f} -> {result.perplexity:.3f} ({100 * rise(result, base):+.2f}%), "
+          f"agreement {100 * agreement(result, base):.1f}%")
+    assert rise(result, base) <= 0.25, (base.perplexity, result.perplexity)
+    assert agreement(result, base) >= 0.7

@@ -32,7 +32,9 @@ def logits(model, ids=IDS):
 def test_default_predicate_keeps_router_norms_and_tiny_tensors_float(tiny_checkpoint):
     _, path = tiny_checkpoint("tiny-26b-a4b")
     todo = plan(load_model(path), "int4", 64)
-    assert "model.embed_tokens.weight" in todo and "model.layers.0.self_attn.q_proj.weight" in todo
+    assert todo["model.embed_tokens.weight"] == {"bits": 8}  # also the tied head: int8 under int4
+    assert todo["model.layers.0.self_attn.q_proj.weight"] == {"bits": 4, "group_size": 64}
+    assert plan(load_model(path), "int8")["model.embed_tokens.weight"] == {"bits": 8}
     assert todo["model.layers.0.experts.gate_up_proj"] == {"bits": 4, "group_size": 64}
     # down_proj rows are 24 wide: no int4 group fits (>= 16), so it falls back to int8.
     assert todo["model.layers.0.experts.down_proj"] == {"bits": 8}
@@ -42,8 +44,21 @@ def test_default_predicate_keeps_router_norms_and_tiny_tensors_float(tiny_checkp
 def test_ple_table_quantized_and_tiny_ple_projections_kept(tiny_checkpoint):
     _, path = tiny_checkpoint("tiny-e2b")
     todo = plan(load_model(path), "int4", 64)
-    assert todo["model.embed_tokens_per_layer.weight"] == {"bits": 4, "group_size": 16}  # rows of 10 x 8
+    # Groups of 128 asked for (LOOKUP_TABLE_GROUP); rows of 10 x 8 take the largest that fits.
+    assert todo["model.embed_tokens_per_layer.weight"] == {"bits": 4, "group_size": 16}
     assert "model.layers.0.per_layer_input_gate.weight" not in todo  # [8, 64]: 512 values
+
+
+def test_predicate_may_choose_a_group_size_and_bad_answers_are_named(tiny_checkpoint):
+    _, path = tiny_checkpoint("tiny-12b")
+    model = load_model(path)
+    todo = plan(model, "int4", 64, lambda name, module, scheme: ("int4", 16) if ".mlp." in name else None)
+    assert todo["model.layers.1.mlp.up_proj.weight"] == {"bits": 4, "group_size": 16}
+    assert not any(".mlp." not in n for n in todo)
+    with pytest.raises(ValueError, match=r"predicate returned \('int4', 48\) for model\.layers\.0\.self_attn"):
+        plan(model, "int4", 64, lambda name, module, scheme: ("int4", 48) if "self_attn" in name else None)
+    with pytest.raises(ValueError, match="predicate returned 'int2'"):
+        plan(model, "int4", 64, lambda name, module, scheme: "int2")
 
 
 def test_custom_predicate_mixes_schemes(tiny_checkpoint):
