@@ -53,7 +53,7 @@ def default_predicate(name: str, module: nn.Module, scheme: str) -> str | tuple[
       text (2,048 tokens), int4 on the head alone cost +5.6% perplexity, on the lookup alone +2.9%;
     - the PLE table is looked up only, never a head, so it takes int4 with groups of 128 (the
       lookup alone measured +2.6% at group 128 against +2.9% at 64: no worse), which pays for the
-      int8 embedding: an E4B stays at 29.5% of its bf16 bytes (all int4 g64: 28.2%).
+      int8 embedding: an E4B stays at 29.6% of its bf16 bytes (all int4 g64: 28.2%).
     Skewed columns (the embedding's) are handled by column scales, not by precision (see
     `column_scales`). A custom predicate can choose otherwise per module.
     """

@@ -35,7 +35,7 @@ def test_e4b_int4_takes_at_most_30_percent_of_bf16():
     assert (model.model.embed_tokens_per_layer.weight.bits, model.model.embed_tokens_per_layer.weight.group_size) == (4, 128)
     size = model_nbytes(model)
     assert size == estimate
-    assert size / bf16 <= 0.30, size / bf16  # 29.5%: 4 bits + a bf16 scale and zero per 64 (128 in the PLE table)
+    assert size / bf16 <= 0.30, size / bf16  # 29.6%: 4 bits + a bf16 scale and zero per 64 (128 in the PLE table)
 
 
 @pytest.mark.parametrize("name,scheme,bound", [("gemma-4-e2b", "int4", 0.30), ("gemma-4-26b-a4b", "int4", 0.30),
