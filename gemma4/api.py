@@ -38,15 +38,25 @@ def load(
     device: torch.device | str | None = None,
     revision: str | None = None,
     adapter: str | Path | None = None,
+    quantize: str | None = None,
+    group_size: int = 64,
 ) -> tuple[Gemma, Tokenizer]:
     """Model and tokenizer from a checkpoint dir, a .gguf file or a Hub id; None = embedded 270M.
 
     The tokenizer carries the checkpoint's chat format (its own chat template when it has one).
     `adapter`: a LoRA adapter directory (`gemma4 finetune`'s or PEFT's) applied without merging:
     the base weights stay as loaded and each adapted layer adds its low-rank term.
+    `quantize`: "int8" or "int4" (groups of `group_size`) quantizes a float or GGUF checkpoint
+    while loading it, one tensor at a time, so no float copy of the model is ever held (what
+    `gemma4 quantize` saves; an already quantized checkpoint loads as it is stored, without this).
     """
     source = resolve(path_or_id, revision=revision) if path_or_id is not None else default_model_path()
-    model = load_model(source, dtype=dtype, device=device)
+    if quantize is not None:
+        from .quant import quantize_checkpoint
+
+        model = quantize_checkpoint(source, quantize, group_size, dtype=dtype, device=device)
+    else:
+        model = load_model(source, dtype=dtype, device=device)
     if adapter is not None:
         from .train.adapter import apply_adapter
 

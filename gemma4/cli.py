@@ -40,6 +40,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter directory (from `gemma4 finetune` or PEFT: adapter_config.json + "
                         "adapter_model.safetensors), applied to --model without merging")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize a float or GGUF --model while loading it (int4: groups of 64): less "
+                        "memory, some quality lost (docs/benchmarks.md); `gemma4 quantize` saves such a copy")
     p.add_argument("--exact", action="store_true",
                    help="on CPU, keep every weight in float32. By default a float32 CPU model decodes "
                         "about 2x faster with fp16 linear weights (fp32 math) and an int8 LM head whose "

@@ -38,6 +38,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="comma-separated extra Host header names to accept (default: local names when bound locally)")
     p("--adapter", default=env("GEMMA4_ADAPTER"), metavar="DIR",
       help="a LoRA adapter directory (gemma4 finetune's or PEFT's), applied to --model without merging")
+    p("--quantize", choices=["int8", "int4"], default=env("GEMMA4_QUANTIZE"),
+      help="quantize a float or GGUF --model while loading it (int4: groups of 64): less memory, some quality lost")
     p("--dtype", default=env("GEMMA4_DTYPE", "auto"), help="auto, float32, bfloat16 or float16")
     p("--device", default=env("GEMMA4_DEVICE"), help="torch device (default cpu)")
     p("--threads", type=int, default=int(env("GEMMA4_THREADS", "0")) or None,
@@ -48,12 +50,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def load_checkpoint(path: str | None, dtype=None, device=None, adapter: str | None = None):
+def load_checkpoint(path: str | None, dtype=None, device=None, adapter: str | None = None,
+                    quantize: str | None = None):
     """(model, tokenizer, chat format) from a checkpoint directory, .gguf file or Hub id (`gemma4.load`),
-    with an unmerged LoRA adapter when `adapter` names one."""
+    with an unmerged LoRA adapter when `adapter` names one, quantized while loading when `quantize`
+    says "int8" or "int4"."""
     from ..api import load
 
-    model, tokenizer = load(path, dtype=dtype, device=device, adapter=adapter)
+    model, tokenizer = load(path, dtype=dtype, device=device, adapter=adapter, quantize=quantize)
     return model, tokenizer, tokenizer.chat_format
 
 
@@ -87,7 +91,7 @@ def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     app = build_app(config=config, loader=lambda: load_checkpoint(args.model, dtype=args.dtype, device=args.device,
-                                                                    adapter=args.adapter))
+                                                                    adapter=args.adapter, quantize=args.quantize))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_keep_alive=15,
                 timeout_graceful_shutdown=args.shutdown_timeout, h11_max_incomplete_event_size=64 * 1024)
     return 0

@@ -283,16 +283,42 @@ def test_activation_aware_scales_cut_int4_error_on_outlier_channels(tiny_checkpo
         activation_scales(float_model, ids[:1])
 
 
-def test_quantize_cli_calibration(tiny_checkpoint, tmp_path, capsys):
+def with_word_tokenizer(path):
+    """Give a tiny checkpoint directory a tokenizer.json: the words a..g (ids 4..10) and specials."""
     import tokenizers
 
-    from gemma4.cli import main
-
-    _, path = tiny_checkpoint("tiny-gemma-3-270m")
     vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", *"abcdefg"])}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_load_can_quantize_while_loading(tiny_checkpoint, capsys):
+    """`gemma4.load(quantize=...)` (and `--quantize` on generate/chat/serve) builds the same model
+    as `quantize_checkpoint`, one tensor at a time."""
+    import gemma4
+    from gemma4.cli import main
+
+    path = with_word_tokenizer(tiny_checkpoint("tiny-gemma-3-270m")[1])
+    model, tokenizer = gemma4.load(path, quantize="int4", group_size=32)
+    want = quantize_checkpoint(path, "int4", 32)
+    assert quantization_config(model) == quantization_config(want)
+    assert quantization_config(model)["tensors"]["model.layers.0.mlp.up_proj.weight"] == {"bits": 4, "group_size": 32}
+    assert torch.equal(logits(model), logits(want))
+    assert tokenizer.encode("a b", add_bos=False) == [4, 5]
+    assert main(["generate", "-m", str(path), "--quantize", "int8", "--max-tokens", "3", "--format", "raw", "a b"]) == 0
+    assert "loaded in" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: "invalid choice: 'int3' (choose from int8, int4)"
+        main(["generate", "-m", str(path), "--quantize", "int3", "a"])
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def test_quantize_cli_calibration(tiny_checkpoint, tmp_path, capsys):
+    from gemma4.cli import main
+
+    _, path = tiny_checkpoint("tiny-gemma-3-270m")
+    with_word_tokenizer(path)
     text = tmp_path / "calib.txt"
     text.write_text("a b c d e f g " * 20, encoding="utf-8")
     out = tmp_path / "q"
