@@ -26,6 +26,7 @@ import functools
 import itertools
 import warnings
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -153,16 +154,25 @@ def pack_linears(model: nn.Module, fmt: str = "fp16", head: str | None = "rescor
     for f in {fmt, "int8-dynamic" if head == "rescored" else head} - {None}:
         if not fbgemm_works(f):
             raise RuntimeError(f"fbgemm {f} kernels are not available in this torch build/CPU; use the float model")
+    jobs = {}  # (parent, attribute) -> a function that builds its replacement; the longest first
+    if head and getattr(model, "lm_head", 1) is None:  # tied: the head multiplies by the embedding table
+        table = model.model.embed_tokens.weight
+        jobs[model, "lm_head"] = functools.partial(RescoredHead if head == "rescored" else PackedLinear, table,
+                                                   k if head == "rescored" else head)
     for parent in list(model.modules()):
         if isinstance(parent, nn.Linear):  # e.g. a LoRA layer: its own factors stay trainable floats
             continue
         for name, child in list(parent.named_children()):
             w = child.weight if type(child) is nn.Linear else None
             if isinstance(w, torch.Tensor) and w.device.type == "cpu" and w.is_floating_point():
-                setattr(parent, name, PackedLinear(w, fmt))
-    if head and getattr(model, "lm_head", 1) is None:  # tied: the head multiplies by the embedding table
-        table = model.model.embed_tokens.weight
-        model.lm_head = RescoredHead(table, k) if head == "rescored" else PackedLinear(table, head)
+                jobs[parent, name] = functools.partial(PackedLinear, w, fmt)
+    # fbgemm packs on one core and releases the GIL: the body is packed while the head is (gemma-3-270m
+    # on 2 cores: 6.1 s instead of 6.8 s; slicing the head to pack it in parallel saved 2 s more but
+    # cost ~1.5 ms per decode step).
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        built = list(pool.map(lambda make: make(), jobs.values()))
+    for (parent, name), module in zip(jobs, built):
+        setattr(parent, name, module)
     return model
 
 
