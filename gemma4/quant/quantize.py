@@ -5,9 +5,9 @@
 size)) or None (keep float), and swaps each of the module's weight parameters for a
 `QuantizedTensor` of the same name. The forward code is untouched (see tensor.py). What was done
 is recorded per tensor in a `quantization_config` (`quantization_config(model)`), which
-`save_quantized` writes into config.json; the loader calls `prepare_quantized` to swap the same modules in on the meta device
-before assigning the saved tensors, so a quantized checkpoint loads without re-quantizing and
-without ever holding a float copy.
+`save_quantized` writes into config.json; the loader calls `prepare_quantized` to swap the same
+modules in on the meta device before assigning the saved tensors, so a quantized checkpoint loads
+without re-quantizing and without ever holding a float copy.
 
 int4 needs the group size to divide the row length; where it does not, the group is halved down
 to 16, and a tensor no group fits is stored int8 (the tiny test models' 24-wide experts, for

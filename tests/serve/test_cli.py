@@ -40,3 +40,20 @@ def test_serve_cli_process(tiny_dir):
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)
     assert code == 0
+
+
+def test_quantize_flag_and_env(tiny_dir, monkeypatch):
+    """--quantize (or GEMMA4_QUANTIZE) reaches the loader: the served model is quantized while loading."""
+    import argparse
+
+    from gemma4.quant import QuantizedTensor, quantization_config
+    from gemma4.serve import load_checkpoint
+    from gemma4.serve.cli import add_serve_arguments
+
+    assert add_serve_arguments(argparse.ArgumentParser()).parse_args(["--quantize", "int4"]).quantize == "int4"
+    monkeypatch.setenv("GEMMA4_QUANTIZE", "int8")
+    args = add_serve_arguments(argparse.ArgumentParser()).parse_args([])
+    assert args.quantize == "int8"
+    model, _, _ = load_checkpoint(str(tiny_dir), quantize=args.quantize)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.weight, QuantizedTensor)
+    assert quantization_config(model)["scheme"] == "int8"
