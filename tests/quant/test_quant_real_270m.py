@@ -42,16 +42,22 @@ def agreement(result, base) -> float:
     return (result.predictions == base.predictions).float().mean().item()
 
 
-def test_int8_perplexity_within_1_percent(gemma3_270m, scored):
+def score(label: str, model, scored) -> tuple[float, float]:
+    """(perplexity rise, greedy agreement) of `model` against float32 on the scored tokens; printed."""
     ids, base = scored
+    result = perplexity(gemma_logits_fn(model), ids, window=N, progress=False)
+    print(f"{label}: {base.perplexity:.3f} -> {result.perplexity:.3f} ({100 * rise(result, base):+.2f}%), "
+          f"agreement {100 * agreement(result, base):.1f}%")
+    return rise(result, base), agreement(result, base)
+
+
+def test_int8_perplexity_within_1_percent(gemma3_270m, scored):
     model = quantize(copy.deepcopy(gemma3_270m[0]), "int8")
     assert isinstance(model.model.embed_tokens.weight, QuantizedTensor)  # the tied head too
-    result = perplexity(gemma_logits_fn(model), ids, window=N, progress=False)
     # measured on these tokens: +0.10%, greedy agreement 93%
-    print(f"int8: {base.perplexity:.3f} -> {result.perplexity:.3f} ({100 * rise(result, base):+.2f}%), "
-          f"agreement {100 * agreement(result, base):.1f}%")
-    assert rise(result, base) <= 0.01, (base.perplexity, result.perplexity)
-    assert agreement(result, base) >= 0.9
+    up, agree = score("int8", model, scored)
+    assert up <= 0.01, up
+    assert agree >= 0.9, agree
 
 
 def test_int4_from_the_gguf_file(scored):
@@ -61,14 +67,12 @@ def test_int4_from_the_gguf_file(scored):
     docs/benchmarks.md). The bounds below guard against regressions only (measured on these
     tokens: +37.5%, greedy agreement 65%; +51% and 61% when the tied head was int4 too).
     """
-    ids, base = scored
+    ids, _ = scored
     model = quantize_checkpoint(default_model_path(), "int4", 64)
     assert model.model.embed_tokens.weight.bits == 8  # the tied head stays int8 (default_predicate)
-    result = perplexity(gemma_logits_fn(model), ids, window=N, progress=False)
-    print(f"int4 g64: {base.perplexity:.3f} -> {result.perplexity:.3f} ({100 * rise(result, base):+.2f}%), "
-          f"agreement {100 * agreement(result, base):.1f}%")
-    assert rise(result, base) <= 0.45, (base.perplexity, result.perplexity)
-    assert agreement(result, base) >= 0.5
+    up, agree = score("int4 g64", model, scored)
+    assert up <= 0.45, up
+    assert agree >= 0.5, agree
 
     # Decode-sized inputs (<= KERNEL_MAX_ROWS rows) take the int4 kernel, whose activations are
     # rounded to bf16 before every matmul, so its logits drift a little from the plain path's and
@@ -95,16 +99,13 @@ def test_calibrated_int4_loses_much_less(gemma3_270m, scored):
     """Activation-aware int4 (`gemma4 quantize --calibration`), calibrated on 512 tokens of the text
     that the scored ones do not overlap: far closer to float than round to nearest (measured +13.0%,
     agreement 74.5%, against +37.5% and 65% without calibration)."""
-    ids, base = scored
     model, tokenizer = gemma3_270m
     calibration = tokenizer.encode(TEXT.read_text(encoding="utf-8"))[1024:1536]
     scales = activation_scales(model, torch.tensor(calibration))
     model = quantize(copy.deepcopy(model), "int4", 64, col_scales=scales)
-    result = perplexity(gemma_logits_fn(model), ids, window=N, progress=False)
-    print(f"int4 g64 calibrated: {base.perplexity:.3f} -> {result.perplexity:.3f} ({100 * rise(result, base):+.2f}%), "
-          f"agreement {100 * agreement(result, base):.1f}%")
-    assert rise(result, base) <= 0.25, (base.perplexity, result.perplexity)
-    assert agreement(result, base) >= 0.7
+    up, agree = score("int4 g64 calibrated", model, scored)
+    assert up <= 0.25, up
+    assert agree >= 0.7, agree
 
 
 def test_int4_group_32_on_the_gguf_blocks(scored):
@@ -113,10 +114,7 @@ def test_int4_group_32_on_the_gguf_blocks(scored):
     that costs +4.1% perplexity, against +98% at group 64 (docs/benchmarks.md); these first 256
     tokens, read in one window, are the hardest stretch (measured +28.2%, agreement 70%; group 64:
     +37.5%), so the bounds below guard against regressions only."""
-    ids, base = scored
     model = quantize_checkpoint(default_model_path(), "int4", 32)
-    result = perplexity(gemma_logits_fn(model), ids, window=N, progress=False)
-    print(f"int4 g32: {base.perplexity:.3f} -> {result.perplexity:.3f} ({100 * rise(result, base):+.2f}%), "
-          f"agreement {100 * agreement(result, base):.1f}%")
-    assert rise(result, base) <= 0.35, (base.perplexity, result.perplexity)
-    assert agreement(result, base) >= 0.65
+    up, agree = score("int4 g32", model, scored)
+    assert up <= 0.35, up
+    assert agree >= 0.65, agree
