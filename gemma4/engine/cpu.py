@@ -167,8 +167,8 @@ def pack_linears(model: nn.Module, fmt: str = "fp16", head: str | None = "rescor
             if isinstance(w, torch.Tensor) and w.device.type == "cpu" and w.is_floating_point():
                 jobs[parent, name] = functools.partial(PackedLinear, w, fmt)
     # fbgemm packs on one core and releases the GIL: the body is packed while the head is (gemma-3-270m
-    # on 2 cores: 6.1 s instead of 6.8 s; slicing the head to pack it in parallel saved 2 s more but
-    # cost ~1.5 ms per decode step).
+    # on 2 cores: 5.9-6.8 s instead of 6.9-7.3 s, decode speed unchanged; slicing the head to pack it
+    # in parallel saved 2 s more but cost ~1.5 ms per decode step).
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         built = list(pool.map(lambda make: make(), jobs.values()))
     for (parent, name), module in zip(jobs, built):
