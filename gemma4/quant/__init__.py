@@ -13,6 +13,7 @@ formats in tensor.py, the recorded config in quantize.py.
 
 from .calibrate import activation_scales
 from .checkpoint import quantize_checkpoint
+from .gptq import gptq_quantize
 from .quantize import (
     default_predicate,
     estimate_nbytes,
@@ -30,6 +31,7 @@ __all__ = [
     "activation_scales",
     "default_predicate",
     "estimate_nbytes",
+    "gptq_quantize",
     "model_nbytes",
     "plan",
     "quantization_config",

@@ -26,7 +26,7 @@ EXAMPLES = """examples:
   gemma4 quantize -m google/gemma-4-E4B-it -o ./e4b-int4 --scheme int4 --group-size 64
   gemma4 generate -m ./e4b-int4 "Hello"                    # every command loads the result
   gemma4 quantize -o ./270m-int4 --group-size 32          # GGUF source: groups on its blocks
-  gemma4 quantize -m ./float-ckpt -o ./q4 --calibration notes.txt   # activation-aware int4
+  gemma4 quantize -o ./270m-gptq --calibration notes.txt   # GPTQ int4: best quality at group 64
 
 int8 keeps ~50% of the bf16 bytes and costs little quality; int4 keeps ~30% (group 64) and costs
 more (smaller groups: better quality, more bytes; --calibration: much better quality). Norms, the
@@ -34,9 +34,12 @@ MoE router and tiny tensors stay in float. Under int4 the embedding, which is al
 layer, is stored int8 and the per-layer-embedding table int4 in groups of 128.
 A GGUF source is dequantized tensor by tensor and quantized again; no float copy of the whole
 model is ever held. Its blocks hold 32 weights, so --group-size 32 re-rounds each block on its own
-grid: on the embedded gemma-3-270m, int4 perplexity rises 4% at group 32 and 98% at 64 (calibration
-helps at 64 and hurts at 32; docs/benchmarks.md). The output is config.json (+ quantization_config),
-model.safetensors and the tokenizer files."""
+grid: on the embedded gemma-3-270m, int4 perplexity rises 4% at group 32 and 98% at 64 rounded to
+nearest. --calibration runs GPTQ on Hadamard-rotated weights instead (the float model is loaded
+whole; minutes per billion parameters): at group 64 it rises ~3% (docs/benchmarks.md). The output is
+config.json (+ quantization_config), model.safetensors and the tokenizer files."""
+
+CALIBRATION_TOKENS = 16384
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -51,10 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=64, choices=INT4_GROUP_SIZES, metavar="N",
                    help="int4: weights per scale/zero along the input dim: 16, 32, 64 (default), 128 or 256")
     p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="a UTF-8 text file of ordinary text to calibrate activation-aware column scales on "
-                        "(AWQ-style; much better int4 quality). Loads the float model whole first")
-    p.add_argument("--calibration-tokens", type=int, default=512, metavar="N",
-                   help="tokens of --calibration to use (default 512)")
+                   help="int4: a UTF-8 file of ordinary text (not your eval text) to run GPTQ on, with "
+                        "Hadamard-rotated weights: much better quality. Loads the float model whole first")
+    p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS, metavar="N",
+                   help=f"tokens of --calibration to use (default {CALIBRATION_TOKENS}; ~10k measured well)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,11 +77,11 @@ def run(args: argparse.Namespace) -> int:
 
 def quantize_cli(model: str | Path | None, out: str | Path, scheme: str = "int4", group_size: int = 64,
                  revision: str | None = None, calibration: str | Path | None = None,
-                 calibration_tokens: int = 512) -> Path:
+                 calibration_tokens: int = CALIBRATION_TOKENS) -> Path:
     """Quantize `model` (None: the embedded gemma-3-270m) into the directory `out`; returns `out`.
 
-    With `calibration` (a text file) the float model is loaded whole, its linear layers' input
-    statistics on the text set activation-aware column scales, and then it is quantized."""
+    With `calibration` (a text file; int4 only) the float model is loaded whole and its linear
+    layers are quantized by GPTQ on the text (gptq.py)."""
     from ..weights.hub import resolve
     from .checkpoint import quantize_checkpoint
     from .quantize import save_quantized
@@ -94,6 +97,8 @@ def quantize_cli(model: str | Path | None, out: str | Path, scheme: str = "int4"
         raise ValueError(f"--out {out} already exists and is not an empty directory; choose a new one")
     if calibration is not None and not Path(calibration).is_file():
         raise ValueError(f"--calibration {calibration}: no such file; give a text file to calibrate on")
+    if calibration is not None and scheme != "int4":
+        raise ValueError("--calibration applies to int4 only (int8 rounded to nearest already keeps quality)")
     if calibration_tokens < 2:
         raise ValueError(f"--calibration-tokens must be at least 2, got {calibration_tokens}")
     start = time.perf_counter()
@@ -102,7 +107,7 @@ def quantize_cli(model: str | Path | None, out: str | Path, scheme: str = "int4"
     if calibration is None:
         qmodel = quantize_checkpoint(source, scheme, group_size)
     else:
-        qmodel = _calibrated(source, scheme, group_size, Path(calibration), calibration_tokens)
+        qmodel = _calibrated(source, group_size, Path(calibration), calibration_tokens)
     save_quantized(qmodel, out, scheme, group_size)
     _write_tokenizer(Path(source), out)
     size = (out / "model.safetensors").stat().st_size
@@ -135,12 +140,11 @@ def _write_tokenizer(source: Path, out: Path) -> None:
                                                encoding="utf-8")
 
 
-def _calibrated(source: Path, scheme: str, group_size: int, text_file: Path, tokens: int):
+def _calibrated(source: Path, group_size: int, text_file: Path, tokens: int):
     from ..api import load
-    from .calibrate import activation_scales
-    from .quantize import quantize
+    from .gptq import gptq_quantize
 
     model, tokenizer = load(source, dtype="float32", device="cpu")
     ids = tokenizer.encode(text_file.read_text(encoding="utf-8"))[:tokens]
-    print(f"calibrating on {len(ids)} tokens of {text_file}", file=sys.stderr, flush=True)
-    return quantize(model, scheme, group_size, col_scales=activation_scales(model, ids))
+    print(f"calibrating on {len(ids)} tokens of {text_file} (GPTQ)", file=sys.stderr, flush=True)
+    return gptq_quantize(model, ids, group_size)

@@ -30,7 +30,8 @@ from .tensor import INT4_GROUP_SIZES, QuantizedTensor, quantized_nbytes
 
 SCHEMES = ("int8", "int4")
 QUANT_METHOD = "gemma4"
-FORMAT_VERSION = 1
+# 1: int8/int4 tensors; 2: some are also rotated (`rotation`), which a version-1 reader would miss.
+FORMAT_VERSIONS = (1, 2)
 # Weights smaller than this stay in float: keeping them costs nothing worth saving.
 MIN_QUANTIZED_NUMEL = 4096
 
@@ -155,13 +156,15 @@ def quantization_config(model: nn.Module, scheme: str | None = None, group_size:
     """The `quantization_config` entry of config.json that describes `model`'s quantized tensors."""
     tensors = {}
     for name, qt in quantized_tensors(model).items():
-        tensors[name] = {"bits": qt.bits} | ({"group_size": qt.group_size} if qt.bits == 4 else {})
+        tensors[name] = ({"bits": qt.bits} | ({"group_size": qt.group_size} if qt.bits == 4 else {})
+                         | ({"rotation": qt.rotation} if qt.rotation else {}))
     if scheme is None:
         scheme = "int4" if any(t["bits"] == 4 for t in tensors.values()) else "int8"
     if group_size is None:
         groups = [t["group_size"] for t in tensors.values() if t["bits"] == 4]
         group_size = max(set(groups), key=groups.count) if groups else None
-    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "scheme": scheme,
+    version = 2 if any("rotation" in t for t in tensors.values()) else 1
+    return {"quant_method": QUANT_METHOD, "format_version": version, "scheme": scheme,
             "group_size": group_size, "tensors": tensors}
 
 
@@ -172,9 +175,9 @@ def prepare_quantized(model: nn.Module, config: dict[str, Any], dtype: torch.dty
         method = config.get("quant_method") if isinstance(config, dict) else config
         raise ValueError(f"quantization_config has quant_method {method!r}; gemma4 reads only its own "
                          f"{QUANT_METHOD!r} format (written by `gemma4 quantize`)")
-    if config.get("format_version") != FORMAT_VERSION:
+    if config.get("format_version") not in FORMAT_VERSIONS:
         raise ValueError(f"quantization format_version {config.get('format_version')!r} is not supported "
-                         f"(this gemma4 reads version {FORMAT_VERSION}); quantize the model again")
+                         f"(this gemma4 reads versions {FORMAT_VERSIONS}); quantize the model again")
     keep = set()
     params = dict(model.named_parameters())
     for name, spec in (config.get("tensors") or {}).items():
@@ -182,7 +185,8 @@ def prepare_quantized(model: nn.Module, config: dict[str, Any], dtype: torch.dty
             raise ValueError(f"quantization_config names {name}, which this model does not have as a weight")
         w = params[name]
         try:
-            qt = QuantizedTensor(w.shape, spec["bits"], spec.get("group_size"), dtype, w.device)
+            qt = QuantizedTensor(w.shape, spec["bits"], spec.get("group_size"), dtype, w.device,
+                                 spec.get("rotation", 0))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"quantization_config entry for {name} is invalid ({e})") from None
         _swap(model, name, qt)

@@ -21,11 +21,17 @@ Formats (the last dim K is the matmul's input dim; leading dims [..., N] are row
 - both: `col_scales` float32 [K] ([E, K] for stacked experts): the stored weight is w / col_scales
   (column-wise), so `w = dequant(...) * col_scales`. All ones except for weights with a few
   dominant input columns (`column_scales`); applied to the activations, not the weight, at run time.
+- both, optionally: `rotation` b (0: none): the stored weight is (w / col_scales) @ H, with H the
+  block-diagonal orthonormal Hadamard matrix of b x b blocks along K (H @ H = I), so
+  `w = (dequant(...) @ H) * col_scales` and x W^T = (H (x * col_scales)) W'^T. Rotating spreads each
+  group's outliers over its block, which GPTQ (gptq.py) turns into much lower int4 error; at run
+  time it costs one [.., K/b, b] @ [b, b] matmul on the activations. Recorded per tensor.
 Quantizing computes codes against the bf16-rounded scales and zeros that are stored.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,6 +42,7 @@ from torch.utils._pytree import tree_map
 from . import kernels
 
 INT4_GROUP_SIZES = (16, 32, 64, 128, 256)
+ROTATION_BLOCKS = (0, 16, 32, 64, 128, 256)  # Hadamard block sizes along K (0: no rotation)
 _CHUNK = 1 << 22  # elements per dequantized chunk: bounds temporaries (16 MiB in fp32)
 
 
@@ -51,8 +58,27 @@ def _row_chunks(rows: int, k: int):
 # Quantize / dequantize (functions of plain tensors)
 
 
-def _chunks_of(w: torch.Tensor, col_scales: torch.Tensor | None):
-    """Yield (r0, r1, fp32 rows r0..r1 of w viewed as [R, K], divided by their column scales)."""
+@functools.lru_cache(maxsize=None)
+def hadamard(b: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """The b x b Sylvester Hadamard matrix scaled to be orthonormal; it is symmetric, so H @ H = I."""
+    if b < 1 or b & (b - 1):
+        raise ValueError(f"a Hadamard block must be a power of two, got {b}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < b:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(b)).to(dtype=dtype, device=device)
+
+
+def rotate(x: torch.Tensor, b: int) -> torch.Tensor:
+    """x [..., K] times the block-diagonal Hadamard matrix of b x b blocks (its own inverse)."""
+    if not b:
+        return x
+    K = x.shape[-1]
+    return (x.reshape(*x.shape[:-1], K // b, b) @ hadamard(b, x.dtype, x.device)).reshape(x.shape)
+
+
+def _chunks_of(w: torch.Tensor, col_scales: torch.Tensor | None, rotation: int = 0):
+    """Yield (r0, r1, fp32 rows r0..r1 of w viewed as [R, K], divided by their column scales, rotated)."""
     K, N = w.shape[-1], (w.shape[-2] if w.dim() > 1 else 1)
     flat = w.reshape(-1, K)
     cols = None if col_scales is None else col_scales.float().reshape(-1, K)  # [R / N, K]
@@ -60,23 +86,24 @@ def _chunks_of(w: torch.Tensor, col_scales: torch.Tensor | None):
         x = flat[r0:r1].float()
         if cols is not None:
             x = x / (cols[0] if cols.shape[0] == 1 else cols[torch.arange(r0, r1, device=w.device) // N])
-        yield r0, r1, x
+        yield r0, r1, rotate(x, rotation)
 
 
-def quantize_int8(w: torch.Tensor, col_scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [..., N, K] (/ col_scales [..., K]) -> (qweight int8 [..., N, K], scales fp32 [..., N])."""
+def quantize_int8(w: torch.Tensor, col_scales: torch.Tensor | None = None,
+                  rotation: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] (/ col_scales [..., K], rotated) -> (qweight int8 [..., N, K], scales fp32 [..., N])."""
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device).view(-1, w.shape[-1])
     s = torch.empty(q.shape[0], dtype=torch.float32, device=w.device)
-    for r0, r1, x in _chunks_of(w, col_scales):
+    for r0, r1, x in _chunks_of(w, col_scales, rotation):
         scale = x.abs().amax(-1) / 127
         s[r0:r1] = scale
         q[r0:r1] = torch.round(x / torch.where(scale > 0, scale, 1.0)[:, None]).clamp_(-127, 127).to(torch.int8)
     return q.view(w.shape), s.view(w.shape[:-1])
 
 
-def quantize_int4(w: torch.Tensor, group_size: int, col_scales: torch.Tensor | None = None,
+def quantize_int4(w: torch.Tensor, group_size: int, col_scales: torch.Tensor | None = None, rotation: int = 0,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w [..., N, K] (/ col_scales) -> (qweight uint8 [..., N, K/2], scales, zeros bf16 [..., N, K/group])."""
+    """w [..., N, K] (/ col_scales, rotated) -> (qweight uint8 [..., N, K/2], scales, zeros bf16 [..., N, K/group])."""
     K = w.shape[-1]
     if K % group_size:
         raise ValueError(f"int4 group size {group_size} does not divide the row length {K}")
@@ -84,17 +111,26 @@ def quantize_int4(w: torch.Tensor, group_size: int, col_scales: torch.Tensor | N
     q = torch.empty(R, K // 2, dtype=torch.uint8, device=w.device)
     scales = torch.empty(R, G, dtype=torch.bfloat16, device=w.device)
     zeros = torch.empty(R, G, dtype=torch.bfloat16, device=w.device)
-    for r0, r1, x in _chunks_of(w, col_scales):
+    for r0, r1, x in _chunks_of(w, col_scales, rotation):
         x = x.view(r1 - r0, G, group_size)
-        lo, hi = x.amin(-1), x.amax(-1)
-        s = ((hi - lo) / 15).to(torch.bfloat16)
-        z = (lo + 8 * s.float()).to(torch.bfloat16)  # the value of code 8
+        s, z = int4_grid(x)
         scales[r0:r1], zeros[r0:r1] = s, z
-        sf = torch.where(s > 0, s, 1.0).float()
-        codes = torch.round((x - z.float()[..., None]) / sf[..., None] + 8).clamp_(0, 15).to(torch.uint8)
-        q[r0:r1] = pack_nibbles(codes.view(r1 - r0, K))
+        q[r0:r1] = pack_nibbles(int4_codes(x, s[..., None], z[..., None]).view(r1 - r0, K))
     lead = w.shape[:-1]
     return q.view(*lead, K // 2), scales.view(*lead, G), zeros.view(*lead, G)
+
+
+def int4_grid(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 (scale, zero) of each group x [..., g] (its last dim): 16 levels from its min to its max."""
+    lo, hi = x.amin(-1), x.amax(-1)
+    s = ((hi - lo) / 15).to(torch.bfloat16)
+    return s, (lo + 8 * s.float()).to(torch.bfloat16)  # zero: the value of code 8
+
+
+def int4_codes(x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """uint8 codes 0..15 of x on the grid (scales, zeros broadcast against x); zero scales give code 8."""
+    sf = torch.where(scales > 0, scales, 1.0).float()
+    return torch.round((x - zeros.float()) / sf + 8).clamp_(0, 15).to(torch.uint8)
 
 
 SKEWED_COLUMNS = 2.0
@@ -171,10 +207,12 @@ class QuantizedTensor(_TensorLike, nn.Module):
     """A weight of float shape [..., N, K], stored int8 (per row) or int4 (per group of K)."""
 
     def __init__(self, shape, bits: int, group_size: int | None = None, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, rotation: int = 0):
         super().__init__()
         shape = torch.Size(shape)
         lead, K = shape[:-1], shape[-1]
+        if rotation not in ROTATION_BLOCKS or (rotation and K % rotation):
+            raise ValueError(f"rotation must be one of {ROTATION_BLOCKS} and divide {K}, got {rotation}")
         if bits == 8:
             self.register_buffer("qweight", torch.empty(shape, dtype=torch.int8, device=device))
             self.register_buffer("scales", torch.empty(lead, dtype=torch.float32, device=device))
@@ -190,22 +228,22 @@ class QuantizedTensor(_TensorLike, nn.Module):
             raise ValueError(f"bits must be 8 or 4, got {bits}")
         # Per input column (per expert for stacked weights); all ones unless the columns are skewed.
         self.register_buffer("col_scales", torch.ones(*shape[:-2], K, dtype=torch.float32, device=device))
-        self.shape, self.bits, self.group_size, self.dtype = shape, bits, group_size, dtype
+        self.shape, self.bits, self.group_size, self.dtype, self.rotation = shape, bits, group_size, dtype, rotation
         self.use_kernels = True  # let `linear` pick a fast kernel when one applies (see kernels.py)
         self._layout = None  # None: row-major nibbles; an int: int4 CPU kernel layout with that row block
         self._cache: dict[str, torch.Tensor] = {}  # kernel-side scale tensors, derived, never saved
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bits: int, group_size: int | None = None,
-                   col_scales: torch.Tensor | None = None) -> QuantizedTensor:
-        """Quantize `w`; `col_scales` [..., K] defaults to `column_scales(w)`."""
-        qt = cls(w.shape, bits, group_size, w.dtype, w.device)
+                   col_scales: torch.Tensor | None = None, rotation: int = 0) -> QuantizedTensor:
+        """Quantize `w` (round to nearest); `col_scales` [..., K] defaults to `column_scales(w)`."""
+        qt = cls(w.shape, bits, group_size, w.dtype, w.device, rotation)
         c = column_scales(w) if col_scales is None else col_scales.float()
         if bool((c == 1).all()):
             c = None
         else:
             qt.col_scales = c.contiguous()
-        parts = quantize_int8(w, c) if bits == 8 else quantize_int4(w, group_size, c)
+        parts = quantize_int8(w, c, rotation) if bits == 8 else quantize_int4(w, group_size, c, rotation)
         for name, t in zip(("qweight", "scales", "zeros"), parts):
             setattr(qt, name, t)
         return qt
@@ -216,7 +254,8 @@ class QuantizedTensor(_TensorLike, nn.Module):
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""
-        return f"shape={tuple(self.shape)}, int{self.bits}{g}, dtype={self.dtype}"
+        r = f", rotation={self.rotation}" if self.rotation else ""
+        return f"shape={tuple(self.shape)}, int{self.bits}{g}{r}, dtype={self.dtype}"
 
     def __getitem__(self, index: int) -> _Slice:
         if len(self.shape) < 3:
@@ -247,7 +286,8 @@ class QuantizedTensor(_TensorLike, nn.Module):
     def dequantize(self, index: int | None = None) -> torch.Tensor:
         """The float weight (or expert `index` of it) in the compute dtype."""
         rows = self._parts(index)[0].shape[0]
-        w = self._raw(index, 0, rows, torch.float32).view(self.shape[1:] if index is not None else self.shape)
+        w = rotate(self._raw(index, 0, rows, torch.float32), self.rotation)
+        w = w.view(self.shape[1:] if index is not None else self.shape)
         c = self._cols(index)
         return (w if isinstance(c, float) else w * c.unsqueeze(-2)).to(self.dtype)
 
@@ -279,7 +319,7 @@ class QuantizedTensor(_TensorLike, nn.Module):
             codes = (kernels.rows_int4_cpu(self.qweight, flat, self._layout) if self._layout
                      else unpack_nibbles(self.qweight[flat]))
             w = dequantize_int4(codes, self.scales[flat], self.zeros[flat], self.dtype)
-        return (w * self._cols(None)).to(self.dtype).view(*ids.shape, self.shape[-1])
+        return (rotate(w, self.rotation) * self._cols(None)).to(self.dtype).view(*ids.shape, self.shape[-1])
 
     def linear(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         """x [..., K] @ W^T -> [..., N] in x's dtype; W is this weight or expert `index` of it."""
@@ -288,6 +328,7 @@ class QuantizedTensor(_TensorLike, nn.Module):
         c = self._cols(index)
         if not isinstance(c, float):  # x W^T = (x * c) W'^T, with W' the stored, column-scaled weight
             x2 = (x2 * c).to(x.dtype)
+        x2 = rotate(x2, self.rotation)  # ... = (H (x * c)) W'^T when W' is also rotated
         out = self._kernel_linear(x2, index) if self._kernel_ok(x2) else None
         if out is None:
             N = self._parts(index)[0].shape[0]

@@ -324,7 +324,11 @@ def test_quantize_cli_calibration(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", "-m", str(path), "-o", str(out), "--group-size", "32", "--calibration", str(text)]) == 0
     assert "calibrating on" in capsys.readouterr().err
-    cols = load_model(out).model.layers[0].self_attn.q_proj.weight.col_scales
-    assert not torch.equal(cols, torch.ones_like(cols))
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["tensors"]["model.layers.0.self_attn.q_proj.weight"]["rotation"] == 64  # GPTQ's
+    assert load_model(out).model.layers[0].self_attn.q_proj.weight.rotation == 64
+    assert main(["quantize", "-m", str(path), "-o", str(tmp_path / "q3"), "--scheme", "int8",
+                 "--calibration", str(text)]) == 1
+    assert "int4 only" in capsys.readouterr().err
     assert main(["quantize", "-m", str(path), "-o", str(tmp_path / "q2"), "--calibration", str(tmp_path / "no")]) == 1
     assert "--calibration" in capsys.readouterr().err
