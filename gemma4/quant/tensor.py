@@ -77,8 +77,8 @@ def rotate(x: torch.Tensor, b: int) -> torch.Tensor:
     return (x.reshape(*x.shape[:-1], K // b, b) @ hadamard(b, x.dtype, x.device)).reshape(x.shape)
 
 
-def _chunks_of(w: torch.Tensor, col_scales: torch.Tensor | None, rotation: int = 0):
-    """Yield (r0, r1, fp32 rows r0..r1 of w viewed as [R, K], divided by their column scales, rotated)."""
+def _chunks_of(w: torch.Tensor, col_scales: torch.Tensor | None):
+    """Yield (r0, r1, fp32 rows r0..r1 of w viewed as [R, K], divided by their column scales)."""
     K, N = w.shape[-1], (w.shape[-2] if w.dim() > 1 else 1)
     flat = w.reshape(-1, K)
     cols = None if col_scales is None else col_scales.float().reshape(-1, K)  # [R / N, K]
@@ -86,24 +86,23 @@ def _chunks_of(w: torch.Tensor, col_scales: torch.Tensor | None, rotation: int =
         x = flat[r0:r1].float()
         if cols is not None:
             x = x / (cols[0] if cols.shape[0] == 1 else cols[torch.arange(r0, r1, device=w.device) // N])
-        yield r0, r1, rotate(x, rotation)
+        yield r0, r1, x
 
 
-def quantize_int8(w: torch.Tensor, col_scales: torch.Tensor | None = None,
-                  rotation: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [..., N, K] (/ col_scales [..., K], rotated) -> (qweight int8 [..., N, K], scales fp32 [..., N])."""
+def quantize_int8(w: torch.Tensor, col_scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] (/ col_scales [..., K]) -> (qweight int8 [..., N, K], scales fp32 [..., N])."""
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device).view(-1, w.shape[-1])
     s = torch.empty(q.shape[0], dtype=torch.float32, device=w.device)
-    for r0, r1, x in _chunks_of(w, col_scales, rotation):
+    for r0, r1, x in _chunks_of(w, col_scales):
         scale = x.abs().amax(-1) / 127
         s[r0:r1] = scale
         q[r0:r1] = torch.round(x / torch.where(scale > 0, scale, 1.0)[:, None]).clamp_(-127, 127).to(torch.int8)
     return q.view(w.shape), s.view(w.shape[:-1])
 
 
-def quantize_int4(w: torch.Tensor, group_size: int, col_scales: torch.Tensor | None = None, rotation: int = 0,
+def quantize_int4(w: torch.Tensor, group_size: int, col_scales: torch.Tensor | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w [..., N, K] (/ col_scales, rotated) -> (qweight uint8 [..., N, K/2], scales, zeros bf16 [..., N, K/group])."""
+    """w [..., N, K] (/ col_scales) -> (qweight uint8 [..., N, K/2], scales, zeros bf16 [..., N, K/group])."""
     K = w.shape[-1]
     if K % group_size:
         raise ValueError(f"int4 group size {group_size} does not divide the row length {K}")
@@ -111,7 +110,7 @@ def quantize_int4(w: torch.Tensor, group_size: int, col_scales: torch.Tensor | N
     q = torch.empty(R, K // 2, dtype=torch.uint8, device=w.device)
     scales = torch.empty(R, G, dtype=torch.bfloat16, device=w.device)
     zeros = torch.empty(R, G, dtype=torch.bfloat16, device=w.device)
-    for r0, r1, x in _chunks_of(w, col_scales, rotation):
+    for r0, r1, x in _chunks_of(w, col_scales):
         x = x.view(r1 - r0, G, group_size)
         s, z = int4_grid(x)
         scales[r0:r1], zeros[r0:r1] = s, z
@@ -235,15 +234,16 @@ class QuantizedTensor(_TensorLike, nn.Module):
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bits: int, group_size: int | None = None,
-                   col_scales: torch.Tensor | None = None, rotation: int = 0) -> QuantizedTensor:
-        """Quantize `w` (round to nearest); `col_scales` [..., K] defaults to `column_scales(w)`."""
-        qt = cls(w.shape, bits, group_size, w.dtype, w.device, rotation)
+                   col_scales: torch.Tensor | None = None) -> QuantizedTensor:
+        """Quantize `w` (round to nearest); `col_scales` [..., K] defaults to `column_scales(w)`.
+        Rotated tensors come from GPTQ only (gptq.py): rounded to nearest, rotation measured erratic."""
+        qt = cls(w.shape, bits, group_size, w.dtype, w.device)
         c = column_scales(w) if col_scales is None else col_scales.float()
         if bool((c == 1).all()):
             c = None
         else:
             qt.col_scales = c.contiguous()
-        parts = quantize_int8(w, c, rotation) if bits == 8 else quantize_int4(w, group_size, c, rotation)
+        parts = quantize_int8(w, c) if bits == 8 else quantize_int4(w, group_size, c)
         for name, t in zip(("qweight", "scales", "zeros"), parts):
             setattr(qt, name, t)
         return qt

@@ -7,7 +7,7 @@ import torch
 
 from gemma4.quant import QuantizedTensor, gptq_quantize, quantization_config, quantize, save_quantized, set_kernels
 from gemma4.quant.gptq import _hessians, gptq_tensor
-from gemma4.quant.tensor import hadamard, rotate
+from gemma4.quant.tensor import hadamard, quantize_int4, quantize_int8, rotate
 from gemma4.weights import load_model
 
 IDS = torch.randint(0, 128, (2, 19), generator=torch.Generator().manual_seed(1))
@@ -37,7 +37,10 @@ def test_rotation_is_orthonormal_and_its_own_inverse():
 def test_rotated_tensor_is_consistent_in_every_op(bits):
     """linear, row lookups and dequantize all see the same float weight, close to the original."""
     w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0))
-    qt = QuantizedTensor.from_float(w, bits, 32 if bits == 4 else None, rotation=64)
+    qt = QuantizedTensor(w.shape, bits, 32 if bits == 4 else None, rotation=64)  # stored: w @ H
+    parts = quantize_int8(rotate(w, 64)) if bits == 8 else quantize_int4(rotate(w, 64), 32)
+    for name, t in zip(("qweight", "scales", "zeros"), parts):
+        setattr(qt, name, t)
     dense = qt.dequantize()
     assert err(dense, w) < (0.02 if bits == 8 else 0.2)
     x = torch.randn(5, 256)
