@@ -24,7 +24,7 @@ Formats (the last dim K is the matmul's input dim; leading dims [..., N] are row
 - both, optionally: `rotation` b (0: none): the stored weight is (w / col_scales) @ H, with H the
   block-diagonal orthonormal Hadamard matrix of b x b blocks along K (H @ H = I), so
   `w = (dequant(...) @ H) * col_scales` and x W^T = (H (x * col_scales)) W'^T. Rotating spreads each
-  group's outliers over its block, which GPTQ (gptq.py) turns into much lower int4 error; at run
+  group's outliers over its block, which GPTQ (gptq.py) turns into lower int4 error; at run
   time it costs one [.., K/b, b] @ [b, b] matmul on the activations. Recorded per tensor.
 Quantizing computes codes against the bf16-rounded scales and zeros that are stored.
 """
