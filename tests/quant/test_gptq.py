@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gemma4.quant import QuantizedTensor, gptq_quantize, quantization_config, quantize, save_quantized, set_kernels
-from gemma4.quant.gptq import _hessians, gptq_tensor
+from gemma4.quant.gptq import _hessians, _record_inputs, gptq_tensor
 from gemma4.quant.tensor import hadamard, quantize_int4, quantize_int8, rotate
 from gemma4.weights import load_model
 
@@ -75,26 +75,34 @@ def test_singular_hessian_is_named():
         gptq_tensor(torch.randn(8, 32), torch.full((32, 32), float("nan")), 16)
 
 
-def test_hessians_stop_after_the_layer_and_share_inputs(tiny_checkpoint):
-    _, path = tiny_checkpoint("tiny-gemma-3-270m")
+@pytest.mark.parametrize("name", ["tiny-gemma-3-270m", "tiny-e2b"])
+def test_cached_stream_reproduces_the_forward(tiny_checkpoint, name):
+    """The recorded inputs, run layer by layer (KV sharing and PLE included in tiny-e2b), give the
+    model's own hidden states; the Hessian pass equals x^T x of the layer's inputs and shares one
+    product between q, k and v."""
+    _, path = tiny_checkpoint(name)
     model = load_model(path)
-    attn = model.model.layers[0].self_attn
-    linears = [(f"model.layers.0.self_attn.{n}_proj", getattr(attn, f"{n}_proj")) for n in "qkv"]
-    later = []
-    hook = model.model.layers[1].register_forward_hook(lambda *a: later.append(1))
+    layers = list(model.model.layers)
     ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(2))
-    h = _hessians(model, "model.layers.0", linears, ids, chunk=16)
-    hook.remove()
-    assert not later  # the forward stopped after layer 0
-    assert torch.equal(h["model.layers.0.self_attn.q_proj"], h["model.layers.0.self_attn.k_proj"])
-    seen = []
-    hook = attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, i[0].shape[-1])))
     with torch.no_grad():
-        for s in range(0, 40, 16):
-            model(ids[None, s:s + 16])
-    hook.remove()
-    x = torch.cat(seen)
-    assert torch.allclose(h["model.layers.0.self_attn.q_proj"], x.T @ x, rtol=1e-4, atol=1e-4)
+        stream = _record_inputs(model, layers, ids, chunk=16)
+        assert len(stream) == 3
+        attn = layers[0].self_attn
+        linears = [(f"self_attn.{n}_proj", getattr(attn, f"{n}_proj")) for n in "qkv"]
+        seen = []
+        hook = attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, i[0].shape[-1])))
+        h = _hessians(layers[0], linears, stream)
+        hook.remove()
+        x = torch.cat(seen)
+        assert torch.allclose(h["self_attn.q_proj"], x.T @ x, rtol=1e-4, atol=1e-4)
+        assert h["self_attn.q_proj"] is not h["self_attn.k_proj"]
+        assert torch.equal(h["self_attn.q_proj"], h["self_attn.k_proj"])
+        for layer in layers:
+            for c in stream:
+                c.run(layer)
+        for s, c in zip(range(0, 40, 16), stream):
+            want = model.decode(ids[None, s:s + 16]).hidden
+            assert torch.allclose(model.model.norm(c.h), want, atol=1e-5), name
 
 
 @pytest.mark.parametrize("name", ["tiny-gemma-3-270m", "tiny-e2b", "tiny-26b-a4b"])
