@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gemma4.quant import QuantizedTensor, gptq_quantize, quantization_config, quantize, save_quantized, set_kernels
-from gemma4.quant.gptq import _hessians, _record_inputs, gptq_tensor
+from gemma4.quant.gptq import _hessians, _record_inputs, gptq_best, gptq_tensor
 from gemma4.quant.tensor import hadamard, quantize_int4, quantize_int8, rotate
 from gemma4.weights import load_model
 
@@ -70,6 +70,22 @@ def test_gptq_cuts_the_output_error_of_round_to_nearest():
         assert torch.equal(w, w0) and torch.equal(h, h0)
 
 
+def test_best_draw_has_the_least_output_error():
+    """Of several sign patterns, gptq_best keeps the one whose error costs least on the inputs."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1024, 16, generator=g) @ torch.randn(16, 128, generator=g) + 0.3 * torch.randn(1024, 128, generator=g)
+    w, h = torch.randn(32, 128, generator=g), x.T @ x
+
+    def cost(qt):
+        return (x @ (qt.dequantize() - w).T).pow(2).sum().item()
+
+    costs = [cost(gptq_tensor(w, h, 32, 64, draw=d)) for d in range(4)]
+    assert len(set(costs)) == 4  # the draws differ
+    best = gptq_best(w, h, 32, 64, 0.1, range(4))
+    assert cost(best) == pytest.approx(min(costs), rel=1e-4)
+    assert torch.equal(gptq_best(w, h, 32, 64, 0.1, range(2, 3)).col_scales, gptq_tensor(w, h, 32, 64, draw=2).col_scales)
+
+
 def test_singular_hessian_is_named():
     with pytest.raises(ValueError, match="calibrate on more text"):
         gptq_tensor(torch.randn(8, 32), torch.full((32, 32), float("nan")), 16)
@@ -127,3 +143,5 @@ def test_gptq_model_round_trips_and_stays_close(tiny_checkpoint, tmp_path, name)
     assert torch.equal(logits(set_kernels(load_model(out), False)), got)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         gptq_quantize(load_model(path), ids[:1])
+    with pytest.raises(ValueError, match="draws must be at least 1"):
+        gptq_quantize(load_model(path), ids, draws=0)

@@ -2,7 +2,7 @@
 
 Scored on the first N tokens of tests/data/eval/essays.txt in one window; benchmarks/quant.py
 measures longer stretches and docs/benchmarks.md records them (the whole text: int8 under 1%, int4
-g64 far above the issue's 8% unless calibrated, and +12% with GPTQ: see there).
+g64 far above the issue's 8% unless calibrated, and +4% to +10% with GPTQ: see there).
 """
 
 import copy
