@@ -16,8 +16,8 @@ Embeddings, MoE experts, linears outside the decoder layers and whatever the pre
 are rounded to nearest as usual.
 
 On gemma-3-270m, int4 group 64, calibrated on 9,934 tokens of this repository's docs, perplexity
-on the shipped eval text rises +3.6% / +10.2% (two sets of 4 sign draws per linear; one draw:
-+11% to +18%) against +98% rounded to nearest and +16.6% with activation-aware scales
+on the shipped eval text rises +3.6% with the default draws (+10.2% and +17.4% with others;
+one draw per linear: +11% to +18%) against +98% rounded to nearest and +16.6% with activation-aware scales
 (docs/benchmarks.md).
 
     model, tokenizer = gemma4.load(path, dtype="float32")
@@ -40,8 +40,8 @@ from .tensor import ROTATION_BLOCKS, QuantizedTensor, int4_codes, int4_grid, pac
 DEFAULT_ROTATION = 128
 DEFAULT_DAMP = 0.1  # added to H's diagonal, as a fraction of its mean: keeps H invertible
 # Sign patterns tried per linear. The draw moves the 270M's int4 g64 perplexity rise by 6+ points
-# (+11% to +18% with one draw); the best of 4 by output error measured +3.6% and +10.2% (two sets
-# of draws; docs/benchmarks.md), at 4x the solving time.
+# (+11% to +18% with one draw); the best of 4 by output error measured +3.6%, +10.2% and +17.4%
+# (three sets of draws; docs/benchmarks.md): a little better on average, at 4x the solving time.
 DEFAULT_DRAWS = 4
 
 
