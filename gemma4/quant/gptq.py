@@ -78,7 +78,8 @@ def gptq_quantize(model: nn.Module, ids: Sequence[int] | torch.Tensor, group_siz
         for name, linear in linears:
             group = todo[f"{prefix}.{name}.weight"]["group_size"]
             block = _block(linear.in_features, rotation)
-            qt = gptq_best(linear.weight, hessians.pop(name), group, block, damp, range(seed, seed + draws if block else seed + 1))
+            tries = range(seed, seed + (draws if block else 1))  # unrotated: no signs, one solve
+            qt = gptq_best(linear.weight, hessians.pop(name), group, block, damp, tries)
             _swap(model, f"{prefix}.{name}.weight", qt)
         for c in stream:  # on to the next layer, through this one's quantized weights
             c.run(layer)
@@ -93,15 +94,14 @@ class _Chunk:
     def __init__(self, h: torch.Tensor, args: list):
         self.h, self.args, self.kv, self.index = h, args, {}, 0
 
-    def copy(self) -> _Chunk:
-        c = _Chunk(self.h, self.args)
-        c.kv, c.index = dict(self.kv), self.index
-        return c
+    def forward(self, layer: DecoderLayer):
+        """The layer's (hidden state, K/V) on this window, without moving the window on."""
+        spec, (args, kwargs) = layer.spec, self.args[self.index]
+        return layer(self.h, *args, **kwargs, kv=self.kv.get(spec.type) if spec.shares_kv else None)
 
     def run(self, layer: DecoderLayer) -> None:
-        spec, (args, kwargs) = layer.spec, self.args[self.index]
-        self.h, kv = layer(self.h, *args, **kwargs, kv=self.kv.get(spec.type) if spec.shares_kv else None)
-        self.kv[spec.type] = kv
+        """Move the window on through `layer`."""
+        self.h, self.kv[layer.spec.type] = self.forward(layer)
         self.index += 1
 
 
@@ -152,7 +152,7 @@ def _hessians(layer: DecoderLayer, linears: list[tuple[str, nn.Linear]], stream:
     try:
         for c in stream:
             shared.clear()
-            c.copy().run(layer)
+            c.forward(layer)
     finally:
         for h in hooks:
             h.remove()
