@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/quant.py                       # whole eval text, all configs
     .venv/bin/python benchmarks/quant.py --tokens 1024 --configs float32 int8
     .venv/bin/python benchmarks/quant.py --configs float32 int4 int4-calibrated --calibration notes.txt
+    .venv/bin/python benchmarks/quant.py --text tests/data/eval/sketches.txt   # a second, held-out text
 
 The float32 model is the embedded Q4_K_M GGUF dequantized (the reference the quantized models are
 compared with); int8 / int4 are quantized from that file tensor by tensor (`gemma4 quantize`) into
@@ -12,7 +13,7 @@ own process, so its peak RSS is its own. Reported per configuration:
   bytes a float32 safetensors file would take);
 - load peak: how far loading and then reading every tensor once raised the peak RSS above the
   process's RSS before loading (compare with the file); RSS after load, and peak RSS over the whole run (load, perplexity, decode);
-- perplexity of tests/data/eval/essays.txt (sliding windows), and agreement of each position's
+- perplexity of `--text` (default tests/data/eval/essays.txt; sliding windows), and agreement of each position's
   greedy (argmax) prediction with float32's;
 - decode tok/s: greedy, batch 1, after a 16-token prompt, mean over `--decode-tokens` steps.
 """
@@ -86,6 +87,9 @@ def run_one(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "int4-calibrated"], choices=list(CONFIGS))
+    p.add_argument("--text", type=Path, default=TEXT,
+                   help="text to score (default: tests/data/eval/essays.txt); a second one, "
+                        "tests/data/eval/sketches.txt, shows how much a figure depends on the text")
     p.add_argument("--tokens", type=int, default=None, help="score only the first N tokens (default: all)")
     p.add_argument("--calibration", type=Path, help="text file for the int4-calibrated config (not the eval text)")
     p.add_argument("--window", type=int, default=512)
@@ -109,7 +113,9 @@ def main() -> None:
     from gemma4.weights.gguf import GGUFFile
 
     gguf = default_model_path()
-    text = TEXT.read_text(encoding="utf-8")
+    if not args.text.is_file():
+        p.error(f"--text {args.text}: no such file")
+    text = args.text.read_text(encoding="utf-8")
     ids = Tokenizer.from_gguf(gguf).encode(text)[: args.tokens]
     f = GGUFFile(gguf)
     params = TextConfig.from_hf_dict(f.config).num_parameters()
@@ -142,7 +148,7 @@ def main() -> None:
     mib = 2**20
     print(f"\ngemma-3-270m ({params / 1e6:.0f}M parameters), {platform.processor() or platform.machine()}, "
           f"{args.threads} threads, torch {torch.__version__}")
-    print(f"text: tests/data/eval/essays.txt (sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]}), "
+    print(f"text: {args.text} (sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]}), "
           f"{len(ids)} tokens, window {args.window}, stride {args.stride}\n")
     print("| config | weights MiB | file MiB | % of bf16 | load peak MiB | RSS loaded / peak MiB | perplexity | "
           "vs float32 | greedy agreement | decode tok/s | same greedy tokens |")
