@@ -34,9 +34,10 @@ MoE router and tiny tensors stay in float. Under int4 the embedding, which is al
 layer, is stored int8 and the per-layer-embedding table int4 in groups of 128.
 A GGUF source is dequantized tensor by tensor and quantized again; no float copy of the whole
 model is ever held. Its blocks hold 32 weights, so --group-size 32 re-rounds each block on its own
-grid: on the embedded gemma-3-270m, int4 perplexity rises 4% at group 32 and 98% at 64 rounded to
-nearest. --calibration runs GPTQ on Hadamard-rotated weights instead (the float model is loaded
-whole; ~8 min on 2 cores for this model): at group 64 it rises 4-17% (docs/benchmarks.md). The output is
+grid: on the embedded gemma-3-270m, int4 perplexity rises 4-14% at group 32 (by text) and 98% at 64
+rounded to nearest. --calibration runs GPTQ on Hadamard-rotated weights instead (the float model is
+loaded whole; ~8 min on 2 cores for this model): at group 64 it rises 4-11% by text (other sign
+draws: up to 17%; docs/benchmarks.md). The output is
 config.json (+ quantization_config), model.safetensors and the tokenizer files."""
 
 CALIBRATION_TOKENS = 16384

@@ -17,8 +17,10 @@ are rounded to nearest as usual.
 
 On gemma-3-270m, int4 group 64, calibrated on 9,934 tokens of this repository's docs, perplexity
 on the shipped eval text rises +3.6% with the default draws (+10.2% and +17.4% with others;
-one draw per linear: +11% to +18%) against +98% rounded to nearest and +16.6% with activation-aware scales
-(docs/benchmarks.md).
+one draw per linear: +11% to +18%) against +98% rounded to nearest and +16.6% with activation-aware scales.
+On a second prose text (tests/data/eval/sketches.txt) they rise +5.0%, on three texts of other
+kinds +9% to +11%; other draws rise +10% to +17% on the prose texts (docs/benchmarks.md, "One
+text is not enough").
 
     model, tokenizer = gemma4.load(path, dtype="float32")
     gptq_quantize(model, tokenizer.encode(text))
