@@ -45,11 +45,30 @@ _LIB = torch.library.Library("gemma4", "FRAGMENT")
 _LIB.define("fbgemm_linear(Tensor x, int handle, int out_features, bool int8) -> Tensor")
 
 
+def _fbgemm_caller():
+    """The fbgemm op call, compiled by TorchScript where this torch has it: from Python, binding the
+    packed weight argument costs ~33 us a call (more than a 640 x 1024 fp16 matmul), which the
+    TorchScript interpreter does not pay: gemma-3-270m's compiled decode step saves ~4 ms a token."""
+
+    def call(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase, int8: bool) -> torch.Tensor:
+        if int8:  # reduce_range: 7-bit activations, so fbgemm's int16 pair sums cannot saturate on AVX2
+            return torch.ops.quantized.linear_dynamic(x, packed, True)
+        return torch.ops.quantized.linear_dynamic_fp16(x, packed)
+
+    try:
+        with warnings.catch_warnings():  # deprecated, but nothing else calls a torchbind op from C++
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(call)
+    except Exception:  # noqa: BLE001 - a torch without TorchScript: the plain call, slower
+        return call
+
+
+_fbgemm_call = _fbgemm_caller()
+
+
 def _fbgemm_linear(x: torch.Tensor, handle: int, out_features: int, int8: bool) -> torch.Tensor:
     """x [..., K] fp32 @ the packed weight `handle` [N, K]^T -> [..., N] fp32."""
-    if int8:  # reduce_range: 7-bit activations, so fbgemm's int16 pair sums cannot saturate on AVX2
-        return torch.ops.quantized.linear_dynamic(x, _PACKED[handle], True)
-    return torch.ops.quantized.linear_dynamic_fp16(x, _PACKED[handle])
+    return _fbgemm_call(x, _PACKED[handle], int8)
 
 
 _LIB.impl("fbgemm_linear", _fbgemm_linear, "CPU")
@@ -132,16 +151,35 @@ class RescoredHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.approx(x)
-        index = scores.topk(self.k, -1, sorted=False).indices
+        index = top_indices(scores, self.k)
         exact = (self.weight[index] @ x.to(self.weight.dtype).unsqueeze(-1)).squeeze(-1)
         return scores.scatter(-1, index, exact.to(scores.dtype))
+
+
+def top_indices(scores: torch.Tensor, k: int, block: int = 64) -> torch.Tensor:
+    """The indices of the `k` largest of `scores` [..., V] along the last dim, unordered: `topk`'s
+    set, ~4x faster on a CPU vocabulary (262144: 0.25 ms instead of 0.95 ms). Every one of the k
+    largest lies in a block of `block` whose maximum is among the k largest block maxima, so topk
+    runs over the block maxima, then over the k * block values of the blocks it picked."""
+    V = scores.shape[-1]
+    if V % block or V < 4 * k * block:
+        return scores.topk(k, -1, sorted=False).indices
+    blocks = scores.unflatten(-1, (-1, block))
+    chosen = blocks.amax(-1).topk(k, -1, sorted=False).indices  # [..., k] block numbers
+    values = blocks.gather(-2, chosen.unsqueeze(-1).expand(*chosen.shape, block)).flatten(-2)
+    inner = values.topk(k, -1, sorted=False).indices  # [..., k] into the k * block values
+    return chosen.gather(-1, inner // block) * block + inner % block
 
 
 HEADS = ("rescored", *FORMATS)
 
 
-def pack_linears(model: nn.Module, fmt: str = "fp16", head: str | None = "rescored", k: int = 64) -> nn.Module:
+def pack_linears(model: nn.Module, fmt: str = "fp16", head: str | None = "rescored", k: int = 64,
+                 fuse: bool = True) -> nn.Module:
     """Swap every nn.Linear of a CPU float model for a PackedLinear (in place) and return the model.
+
+    `fuse` first fuses each layer's q/k/v and gate/up linears (`Gemma.fuse_projections`): an fbgemm
+    call costs ~40 us on top of reading its weight, and fusing saves 54 of gemma-3-270m's 126 per token.
 
     `head` packs a tied LM head too (as `model.lm_head`; the embedding keeps its float table):
     "rescored" (`RescoredHead`, greedy output unchanged), a packed format, or None (float).
@@ -154,6 +192,8 @@ def pack_linears(model: nn.Module, fmt: str = "fp16", head: str | None = "rescor
     for f in {fmt, "int8-dynamic" if head == "rescored" else head} - {None}:
         if not fbgemm_works(f):
             raise RuntimeError(f"fbgemm {f} kernels are not available in this torch build/CPU; use the float model")
+    if fuse:
+        model.fuse_projections()
     jobs = {}  # (parent, attribute) -> a function that builds its replacement; the longest first
     if head and getattr(model, "lm_head", 1) is None:  # tied: the head multiplies by the embedding table
         table = model.model.embed_tokens.weight

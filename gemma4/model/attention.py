@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerSpec, TextConfig
-from .layers import RMSNorm, apply_rope
+from .layers import RMSNorm, apply_rope, fuse_linears
 
 KV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys, values [B, Hkv, S, d]; key positions [B, S]
 
@@ -59,16 +59,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     kernel, which accepts the mask and head_dim 512 (flash takes neither). On CPU, SDPA's flash
     kernel does GQA itself; folded, it reads each K/V block once for all g heads. Folding costs a
     copy of q and of the mask (g*T*S elements): small for decode; long prefill chunks use SDPA's GQA.
+
+    A CPU decode step (T = 1) skips SDPA: for a few query rows over a few hundred keys, its flash
+    kernel's set-up costs ~200 us a call, two matmuls and a softmax ~80 us (gemma-3-270m: 2.5 ms a token).
     """
     B, H, T, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     g = H // Hkv
-    if g == 1:
+    decode_on_cpu = T == 1 and q.device.type == "cpu"
+    if g == 1 and not decode_on_cpu:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if g * T * S > FOLD_MAX_MASK:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     qf = q.reshape(B, Hkv, g * T, d)  # head j*g+i -> row i*T+t of KV head j (repeat_interleave order)
     mf = mask.expand(B, g, T, S).reshape(B, 1, g * T, S)  # a view (stride 0) when T == 1
+    if decode_on_cpu:
+        scores = torch.matmul(qf, k.transpose(-1, -2)) * scale + mf
+        return torch.matmul(scores.softmax(-1), v).view(B, H, T, d)
     return F.scaled_dot_product_attention(qf, k, v, attn_mask=mf, scale=scale).view(B, H, T, d)
 
 
@@ -87,12 +94,27 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, config.rms_norm_eps, config.norm_offset)
             self.v_norm = RMSNorm(d, config.rms_norm_eps, with_weight=False) if config.v_norm else None
         self.o_proj = nn.Linear(heads * d, dim, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse_projections
 
-    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """New keys (normed, rotated) and values (normed) as [B, Hkv, T, d]."""
+    def fuse_projections(self) -> None:
+        """q_proj, k_proj and v_proj (those this layer has) as one linear, qkv_proj, for inference."""
+        names = ["q_proj"] if self.spec.shares_kv else ["q_proj", "k_proj"] + ["v_proj"] * (self.v_proj is not None)
+        sizes = [getattr(self, n).out_features for n in names]
+        fused = fuse_linears(self, *names) if len(names) > 1 else None
+        if fused is not None:
+            self.qkv_proj, self.qkv_sizes = fused, sizes
+
+    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   raw: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """New keys (normed, rotated) and values (normed) as [B, Hkv, T, d]. `raw`: the k (and v)
+        projections of x, when the caller has them already (from a fused qkv_proj)."""
         shape = (*x.shape[:-1], self.spec.num_kv_heads, self.spec.head_dim)
-        k_raw = self.k_proj(x).view(shape)
-        v = k_raw if self.v_proj is None else self.v_proj(x).view(shape)
+        if raw is None and self.qkv_proj is not None:
+            raw = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)[1:]
+        elif raw is None:
+            raw = [self.k_proj(x)] + ([] if self.v_proj is None else [self.v_proj(x)])
+        k_raw = raw[0].view(shape)
+        v = k_raw if len(raw) == 1 else raw[1].view(shape)  # k_eq_v: V is the raw K projection
         k = apply_rope(self.k_norm(k_raw), cos, sin)
         if self.v_norm is not None:
             v = self.v_norm(v)
@@ -115,10 +137,13 @@ class Attention(nn.Module):
         key positions, so the first one builds it and the rest reuse it.
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.spec.head_dim)
-        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, *raw = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, raw = self.q_proj(x), None
+        q = apply_rope(self.q_norm(q.view(B, T, -1, self.spec.head_dim)), cos, sin).transpose(1, 2)
         if kv is None:
-            k, v = self.project_kv(x, cos, sin)
+            k, v = self.project_kv(x, cos, sin, raw)
             kv = (k, v, q_pos) if cache is None else cache.update(k, v, q_pos)
         mask = masks.get(self.spec.type)
         if mask is None:

@@ -20,7 +20,7 @@ from test_cache import ALL
 from testing_utils import random_model
 
 from gemma4.engine.cache import ContextLengthError, KVCache
-from gemma4.engine.cpu import PackedLinear, RescoredHead, fbgemm_works, pack_linears, speed_up
+from gemma4.engine.cpu import PackedLinear, RescoredHead, fbgemm_works, pack_linears, speed_up, top_indices
 from gemma4.engine.generate import TokenGenerator
 from gemma4.engine.sampling import SamplingParams
 from gemma4.engine.static import StaticDecoder, StaticKVCache
@@ -262,6 +262,20 @@ def test_rescored_head_is_exact_at_its_top_k_and_close_elsewhere():
         pack_linears(random_model("tiny-gemma-3-270m"), head="int2")
 
 
+@pytest.mark.parametrize("shape", [(1, 262144), (3, 2, 65536), (2, 1000)])
+def test_top_indices_is_topk_set(shape):
+    """Blocked top-k picks the same set as torch.topk, batched over leading dims, with several
+    winners in one block; a vocabulary of no whole number of blocks falls back to topk."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(shape, generator=gen)
+    scores[..., 7] = 50.0  # a cluster of winners in one block and one far away
+    scores[..., 9] = 49.0
+    got = top_indices(scores, 64)
+    want = scores.topk(64, -1).indices
+    assert got.shape == want.shape
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
 @needs_fbgemm
 def test_speed_up_packs_float32_cpu_models_only_and_leaves_adapters_float():
     from gemma4.quant import quantize
@@ -279,7 +293,9 @@ def test_speed_up_packs_float32_cpu_models_only_and_leaves_adapters_float():
         assert speed_up(model)
         got = model(ids)
     assert isinstance(model.lm_head, RescoredHead)
-    assert isinstance(model.model.layers[0].mlp.up_proj, PackedLinear)  # not adapted: packed
+    layer = model.model.layers[0]
+    assert isinstance(layer.mlp.gate_up_proj, PackedLinear)  # not adapted: fused, packed
+    assert layer.self_attn.qkv_proj is None and isinstance(layer.self_attn.k_proj, PackedLinear)  # q is adapted
     adapted = list(lora_modules(model))
     assert adapted and all(type(m.lora_A) is torch.nn.Linear and type(m.lora_B) is torch.nn.Linear
                            and isinstance(m.weight, torch.nn.Parameter) for _, m in adapted)

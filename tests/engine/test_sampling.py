@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gemma4.engine.sampling import Sampler, SamplingParams
+from gemma4.engine.sampling import Sampler, SamplingParams, argmax
 from gemma4.engine.stops import StopMatcher
 
 LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, -1.0])
@@ -72,3 +72,14 @@ def test_stop_matcher_holds_back_prefixes():
 def test_stop_matcher_earliest_stop_wins():
     m = StopMatcher(["bb", "a"])
     assert m.feed("xxbba") == ("xx", True)
+
+
+@pytest.mark.parametrize("n", [262144, 1000, 64 * 40 + 1])
+def test_argmax_is_torch_argmax_first_maximum(n):
+    """The blocked argmax returns torch's index: the first of tied maxima, a NaN if there is one."""
+    gen = torch.Generator().manual_seed(n)
+    for _ in range(20):
+        x = torch.randint(-50, 50, (n,), generator=gen).float()  # integers: many ties at the top
+        assert argmax(x) == int(x.argmax())
+    x[n // 3] = float("nan")
+    assert argmax(x) == int(x.argmax()) == n // 3

@@ -83,3 +83,19 @@ def test_shared_kv_exposes_producers(tiny_checkpoint):
         assert k.shape == (1, producer.num_kv_heads, 9, producer.head_dim)
         assert v.shape == k.shape and pos.shape == (1, 9)
     assert out.hidden.shape == (1, 9, cfg.hidden_size)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_fused_projections_match_reference(tiny_checkpoint, name):
+    """q/k/v and gate/up fused into one matmul each (the CPU fast path's layout) change nothing."""
+    ref, path = tiny_checkpoint(name)
+    ours = load_model(path, dtype=torch.float32).fuse_projections()
+    attn = [m.self_attn for m in ours.model.layers]
+    assert all(m.qkv_proj is not None for m in attn if not m.spec.shares_kv)
+    assert all(m.q_proj is not None and m.qkv_proj is None for m in attn if m.spec.shares_kv)
+    assert all(m.mlp.gate_up_proj is not None and m.mlp.gate_proj is None for m in ours.model.layers)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = ours(ids)
+    assert (got - expected).abs().max().item() <= 1e-4
