@@ -180,15 +180,7 @@ class StaticDecoder:
             # Fixed addresses: the cache is written in place and the inputs are never copied.
             for t in [*self.cache.tensors(), self.ids, self.pos, self.slot] + ([self.ple] if self.ple_outside else []):
                 torch._dynamo.mark_static_address(t)
-            options = {"fullgraph": True} | (compile_options or {})
-            if mode == "reduce-overhead":
-                options.setdefault("mode", mode)
-            elif "mode" not in options:  # torch.compile takes a mode or options, not both
-                # No guards on the model's modules: checking them costs ~0.7 ms a step (gemma-3-270m
-                # on CPU, 3% of it). So the step is for the model as it is now: in-place changes to
-                # weights are seen, a module or parameter swapped afterwards is not (build a new decoder).
-                options["options"] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-                                      **options.get("options", {})}
+            options = {"mode": None if mode == "compile" else mode, "fullgraph": True} | (compile_options or {})
             self._fn = torch.compile(self._step, **options)
         elif mode == "cuda-graph":
             self._capture()

@@ -304,14 +304,19 @@ def test_speed_up_packs_float32_cpu_models_only_and_leaves_adapters_float():
 
 @needs_fbgemm
 def test_packed_linears_trace_into_a_compiled_step():
-    """The fbgemm matmul is an operator, so a packed model's step still traces as one graph."""
-    model = pack_linears(random_model("tiny-gemma-3-270m"))  # fp16 linears, rescored int8 head
+    """The fbgemm matmul is an operator, so a packed model's step still traces as one graph; and
+    a step compiled before packing (which swaps and fuses modules) is not reused after it."""
+    model = random_model("tiny-gemma-3-270m")
     ids = _ids(model, 1, 9)
     pos = torch.arange(9)[None]
-    eager = StaticDecoder(model, max_len=12)
-    traced = StaticDecoder(model, max_len=12, mode="compile", compile_options={"backend": "aot_eager"})
     torch._dynamo.reset()
     try:
+        before = StaticDecoder(model, max_len=12, mode="compile", compile_options={"backend": "aot_eager"})
+        before.prefill(ids[:, :5], pos[:, :5])
+        before.step(ids[:, 5:6], pos[:, 5:6])
+        pack_linears(model)  # fp16 linears, q/k/v and gate/up fused, rescored int8 head
+        eager = StaticDecoder(model, max_len=12)
+        traced = StaticDecoder(model, max_len=12, mode="compile", compile_options={"backend": "aot_eager"})
         for dec in (eager, traced):
             dec.prefill(ids[:, :5], pos[:, :5])
         for t in range(5, 9):
