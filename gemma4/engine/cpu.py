@@ -178,8 +178,8 @@ def pack_linears(model: nn.Module, fmt: str = "fp16", head: str | None = "rescor
                  fuse: bool = True) -> nn.Module:
     """Swap every nn.Linear of a CPU float model for a PackedLinear (in place) and return the model.
 
-    `fuse` first fuses each layer's q/k/v and gate/up linears (`Gemma.fuse_projections`): an fbgemm
-    call costs ~40 us on top of reading its weight, and fusing saves 54 of gemma-3-270m's 126 per token.
+    `fuse` first fuses each layer's q/k/v and gate/up linears (`Gemma.fuse_projections`): each fbgemm
+    call has a fixed cost of tens of us, and fusing saves 54 of gemma-3-270m's 126 calls a token.
 
     `head` packs a tied LM head too (as `model.lm_head`; the embedding keeps its float table):
     "rescored" (`RescoredHead`, greedy output unchanged), a packed format, or None (float).

@@ -83,7 +83,7 @@ def fuse_linears(parent: nn.Module, *names: str) -> nn.Linear | None:
     """One bias-free nn.Linear whose rows are those of `parent`'s linears `names`, in order, which it
     deletes (sets to None); None, changing nothing, unless all are plain float nn.Linear (not LoRA or
     quantized) on one device and dtype. One matmul reads the input once and costs one call: that
-    matters where each call has a fixed cost (~40 us for a CPU fbgemm matmul, a GPU launch).
+    matters where each call has a fixed cost (tens of us for a CPU fbgemm matmul, a GPU launch).
     Checkpoints name the separate linears, so fuse after loading; the fused model is for inference.
     """
     parts = [getattr(parent, n) for n in names]
