@@ -94,7 +94,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, config.rms_norm_eps, config.norm_offset)
             self.v_norm = RMSNorm(d, config.rms_norm_eps, with_weight=False) if config.v_norm else None
         self.o_proj = nn.Linear(heads * d, dim, bias=False)
-        self.qkv_proj: nn.Linear | None = None  # set by fuse_projections
+        self.qkv_proj: nn.Linear | None = None  # set by fuse_projections, with the widths of its parts
+        self.qkv_sizes: list[int] = []
 
     def fuse_projections(self) -> None:
         """q_proj, k_proj and v_proj (those this layer has) as one linear, qkv_proj, for inference."""
