@@ -60,8 +60,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     kernel does GQA itself; folded, it reads each K/V block once for all g heads. Folding costs a
     copy of q and of the mask (g*T*S elements): small for decode; long prefill chunks use SDPA's GQA.
 
-    A CPU decode step (T = 1) skips SDPA: for a few query rows over a few hundred keys, its flash
-    kernel costs ~200 us a call, two matmuls and a softmax ~150 us (gemma-3-270m: ~1-1.5 ms a token).
+    A CPU decode step (T = 1) skips SDPA: for a few query rows over a few hundred keys, in
+    gemma-3-270m's compiled step its flash kernel took ~220 us a call, two matmuls and a softmax
+    ~150 us; the step was 0.3-2.7 ms faster in 5 of 5 A/B pairs (eager: no difference measured).
     """
     B, H, T, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]

@@ -92,11 +92,8 @@ def fuse_linears(parent: nn.Module, *names: str) -> nn.Linear | None:
     weights = [m.weight for m in parts]
     if len({(w.device, w.dtype) for w in weights}) != 1 or not weights[0].is_floating_point():
         return None
-    fused = nn.Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=False,
-                      device=weights[0].device, dtype=weights[0].dtype)
-    with torch.no_grad():
-        fused.weight.copy_(torch.cat(weights))
-    fused.weight.requires_grad_(weights[0].requires_grad)
+    fused = nn.Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=False, device="meta")
+    fused.weight = nn.Parameter(torch.cat(weights).detach(), requires_grad=weights[0].requires_grad)
     for n in names:
         setattr(parent, n, None)
     return fused
