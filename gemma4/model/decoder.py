@@ -34,6 +34,11 @@ class ModelCache(Protocol):
         ...
 
 
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(logits / cap): logits squashed into (-cap, cap); unchanged when cap is None."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 @dataclass
 class DecoderOutput:
     """Final-normed hidden states [B, T', D] and the K/V of the KV-producing layers.
@@ -214,10 +219,7 @@ class Gemma(nn.Module):
             logits = torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
         else:
             logits = self.lm_head(hidden)
-        cap = self.config.final_logit_softcapping
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return soft_cap(logits, self.config.final_logit_softcapping)
 
     def decode(
         self,

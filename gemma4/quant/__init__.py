@@ -5,6 +5,9 @@
     save_quantized(model, "out/")              # config.json (+ quantization_config) + model.safetensors
     model = load_model("out/")                 # rebuilt on meta, tensors assigned as stored
     model = quantize_checkpoint("x.gguf", "int8")   # files -> quantized, one tensor at a time
+    # int4 by GPTQ, then the float norms fitted to the float model (what `gemma4 quantize --calibration` does):
+    windows = sample_windows(model, tokenizer); targets = record_targets(model, windows)
+    gptq_quantize(model, calibration_ids); tune_norms(model, windows, targets)
 
 Saved names: a float weight `X` (e.g. `model.layers.0.self_attn.q_proj.weight`,
 `model.layers.0.experts.gate_up_proj`) becomes `X.qweight`, `X.scales` and, for int4, `X.zeros`;
@@ -25,6 +28,7 @@ from .quantize import (
     set_kernels,
 )
 from .tensor import QuantizedTensor
+from .tune import record_targets, sample_windows, tune_norms
 
 __all__ = [
     "QuantizedTensor",
@@ -37,6 +41,9 @@ __all__ = [
     "quantization_config",
     "quantize",
     "quantize_checkpoint",
+    "record_targets",
+    "sample_windows",
     "save_quantized",
     "set_kernels",
+    "tune_norms",
 ]

@@ -41,6 +41,7 @@ draws: up to 17%; docs/benchmarks.md). The output is
 config.json (+ quantization_config), model.safetensors and the tokenizer files."""
 
 CALIBRATION_TOKENS = 16384
+TUNE_SAMPLES = 16
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -59,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "Hadamard-rotated weights: much better quality. Loads the float model whole first")
     p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS, metavar="N",
                    help=f"tokens of --calibration to use (default {CALIBRATION_TOKENS}; ~10k measured well)")
+    p.add_argument("--tune-samples", type=int, default=TUNE_SAMPLES, metavar="N",
+                   help=f"with --calibration: after GPTQ, fit the float norms to the float model on N texts of "
+                        f"512 tokens it samples itself (default {TUNE_SAMPLES}; 0: skip)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     quantize_cli(args.model, args.out, args.scheme, args.group_size, calibration=args.calibration,
-                 calibration_tokens=args.calibration_tokens)
+                 calibration_tokens=args.calibration_tokens, tune_samples=args.tune_samples)
     return 0
 
 
 def quantize_cli(model: str | Path | None, out: str | Path, scheme: str = "int4", group_size: int = 64,
                  revision: str | None = None, calibration: str | Path | None = None,
-                 calibration_tokens: int = CALIBRATION_TOKENS) -> Path:
+                 calibration_tokens: int = CALIBRATION_TOKENS, tune_samples: int = TUNE_SAMPLES) -> Path:
     """Quantize `model` (None: the embedded gemma-3-270m) into the directory `out`; returns `out`.
 
     With `calibration` (a text file; int4 only) the float model is loaded whole and its linear
@@ -102,13 +106,15 @@ def quantize_cli(model: str | Path | None, out: str | Path, scheme: str = "int4"
         raise ValueError("--calibration applies to int4 only (int8 rounded to nearest already keeps quality)")
     if calibration_tokens < 2:
         raise ValueError(f"--calibration-tokens must be at least 2, got {calibration_tokens}")
+    if tune_samples < 0:
+        raise ValueError(f"--tune-samples must be 0 (no tuning) or more, got {tune_samples}")
     start = time.perf_counter()
     print(f"quantizing {source} to {scheme}" + (f" (group {group_size})" if scheme == "int4" else ""),
           file=sys.stderr, flush=True)
     if calibration is None:
         qmodel = quantize_checkpoint(source, scheme, group_size)
     else:
-        qmodel = _calibrated(source, group_size, Path(calibration), calibration_tokens)
+        qmodel = _calibrated(source, group_size, Path(calibration), calibration_tokens, tune_samples)
     save_quantized(qmodel, out, scheme, group_size)
     _write_tokenizer(Path(source), out)
     size = (out / "model.safetensors").stat().st_size
@@ -141,11 +147,22 @@ def _write_tokenizer(source: Path, out: Path) -> None:
                                                encoding="utf-8")
 
 
-def _calibrated(source: Path, group_size: int, text_file: Path, tokens: int):
+def _calibrated(source: Path, group_size: int, text_file: Path, tokens: int, tune_samples: int):
     from ..api import load
     from .gptq import gptq_quantize
+    from .tune import DEFAULT_WINDOW, record_targets, sample_windows, tune_norms
 
     model, tokenizer = load(source, dtype="float32", device="cpu")
     ids = tokenizer.encode(text_file.read_text(encoding="utf-8"))[:tokens]
+    if tune_samples:
+        print(f"sampling {tune_samples} texts of up to {DEFAULT_WINDOW} tokens from the float model "
+              "(to tune the norms on after GPTQ)", file=sys.stderr, flush=True)
+        windows = sample_windows(model, tokenizer, tune_samples)
+        targets = record_targets(model, windows)
     print(f"calibrating on {len(ids)} tokens of {text_file} (GPTQ)", file=sys.stderr, flush=True)
-    return gptq_quantize(model, ids, group_size)
+    gptq_quantize(model, ids, group_size)
+    if tune_samples:
+        curve = tune_norms(model, windows, targets)
+        print(f"tuned the norms: mean KL to the float model {curve[0]:.4f} (first epoch) -> {curve[-1]:.4f} (last)",
+              file=sys.stderr, flush=True)
+    return model

@@ -322,8 +322,10 @@ def test_quantize_cli_calibration(tiny_checkpoint, tmp_path, capsys):
     text = tmp_path / "calib.txt"
     text.write_text("a b c d e f g " * 20, encoding="utf-8")
     out = tmp_path / "q"
-    assert main(["quantize", "-m", str(path), "-o", str(out), "--group-size", "32", "--calibration", str(text)]) == 0
-    assert "calibrating on" in capsys.readouterr().err
+    assert main(["quantize", "-m", str(path), "-o", str(out), "--group-size", "32", "--calibration", str(text),
+                 "--tune-samples", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "calibrating on" in err and "tuned the norms" in err
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["tensors"]["model.layers.0.self_attn.q_proj.weight"]["rotation"] == 64  # GPTQ's
     assert load_model(out).model.layers[0].self_attn.q_proj.weight.rotation == 64
@@ -332,3 +334,6 @@ def test_quantize_cli_calibration(tiny_checkpoint, tmp_path, capsys):
     assert "int4 only" in capsys.readouterr().err
     assert main(["quantize", "-m", str(path), "-o", str(tmp_path / "q2"), "--calibration", str(tmp_path / "no")]) == 1
     assert "--calibration" in capsys.readouterr().err
+    assert main(["quantize", "-m", str(path), "-o", str(tmp_path / "q4"), "--calibration", str(text),
+                 "--tune-samples", "-1"]) == 1
+    assert "--tune-samples must be 0" in capsys.readouterr().err
