@@ -36,8 +36,10 @@ A GGUF source is dequantized tensor by tensor and quantized again; no float copy
 model is ever held. Its blocks hold 32 weights, so --group-size 32 re-rounds each block on its own
 grid: on the embedded gemma-3-270m, int4 perplexity rises 4-14% at group 32 (by text) and 98% at 64
 rounded to nearest. --calibration runs GPTQ on Hadamard-rotated weights instead (the float model is
-loaded whole; ~8 min on 2 cores for this model): at group 64 it rises 4-11% by text (other sign
-draws: up to 17%; docs/benchmarks.md). The output is
+loaded whole), then fits the float norms to the float model on text it samples itself
+(--tune-samples): at group 64 GPTQ alone rises 4-17% by text and sign draw, tuned 2-9%
+(docs/benchmarks.md). On 2 cores this model takes ~8 min for GPTQ, ~8 min to tune and 10+ min
+to sample the tuning text (--tune-samples 0 skips both). The output is
 config.json (+ quantization_config), model.safetensors and the tokenizer files."""
 
 CALIBRATION_TOKENS = 16384
