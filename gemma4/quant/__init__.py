@@ -5,7 +5,7 @@
     save_quantized(model, "out/")              # config.json (+ quantization_config) + model.safetensors
     model = load_model("out/")                 # rebuilt on meta, tensors assigned as stored
     model = quantize_checkpoint("x.gguf", "int8")   # files -> quantized, one tensor at a time
-    # int4 by GPTQ, then the float norms fitted to the float model (what `gemma4 quantize --calibration` does):
+    # int4 by GPTQ, then the norms fitted to the float model (`quantize --calibration F --tune-samples 16`):
     windows = sample_windows(model, tokenizer); targets = record_targets(model, windows)
     gptq_quantize(model, calibration_ids); tune_norms(model, windows, targets)
 

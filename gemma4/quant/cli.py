@@ -36,14 +36,15 @@ A GGUF source is dequantized tensor by tensor and quantized again; no float copy
 model is ever held. Its blocks hold 32 weights, so --group-size 32 re-rounds each block on its own
 grid: on the embedded gemma-3-270m, int4 perplexity rises 4-14% at group 32 (by text) and 98% at 64
 rounded to nearest. --calibration runs GPTQ on Hadamard-rotated weights instead (the float model is
-loaded whole), then fits the float norms to the float model on text it samples itself
-(--tune-samples): at group 64 GPTQ alone rises 4-17% by text and sign draw, tuned 2-9%
-(docs/benchmarks.md). On 2 cores this model takes ~8 min for GPTQ, ~8 min to tune and 10+ min
-to sample the tuning text (--tune-samples 0 skips both). The output is
+loaded whole; ~8 min on 2 cores for this model): at group 64 it rises 4-11% by text (other sign
+draws: up to 17%). --tune-samples 16 then fits the float norms to the float model on text it
+samples itself: +13-17% draws came down to +2-9% when tuned on prompted samples, but the default
+draws barely moved (+3.5-10.2% after, +3.6-11.0% before) with samples from <bos> alone, and it adds
+~25 min on 2 cores (docs/benchmarks.md). The output is
 config.json (+ quantization_config), model.safetensors and the tokenizer files."""
 
 CALIBRATION_TOKENS = 16384
-TUNE_SAMPLES = 16
+TUNE_SAMPLES = 0  # off: on the default GPTQ draws the shipped sampling measured about no gain (docs/benchmarks.md)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -63,8 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS, metavar="N",
                    help=f"tokens of --calibration to use (default {CALIBRATION_TOKENS}; ~10k measured well)")
     p.add_argument("--tune-samples", type=int, default=TUNE_SAMPLES, metavar="N",
-                   help=f"with --calibration: after GPTQ, fit the float norms to the float model on N texts of "
-                        f"512 tokens it samples itself (default {TUNE_SAMPLES}; 0: skip)")
+                   help="with --calibration: after GPTQ, fit the float norms to the float model on N texts of "
+                        "512 tokens it samples itself (default 0: off; 16 is what was measured)")
 
 
 def main(argv: list[str] | None = None) -> int:

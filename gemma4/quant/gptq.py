@@ -20,8 +20,9 @@ on the shipped eval text rises +3.6% with the default draws (+10.2% and +17.4% w
 one draw per linear: +11% to +18%) against +98% rounded to nearest and +16.6% with activation-aware scales.
 On a second prose text (tests/data/eval/sketches.txt) they rise +5.0%, on three texts of other
 kinds +9% to +11%; other draws rise +10% to +17% on the prose texts (docs/benchmarks.md, "One
-text is not enough"). Tuning the norms afterwards (tune.py; `gemma4 quantize --calibration` does)
-brought the worst set of draws measured from +7% to +17% down to +2% to +9% on four texts.
+text is not enough"). Tuning the norms afterwards on the model's own text (tune.py) brought the
+worst set of draws measured from +7-17% down to +2-9% on four texts, but the default draws only
+from +3.6-11.0% to +3.5-10.2% (its samples drawn differently; docs/benchmarks.md).
 
     model, tokenizer = gemma4.load(path, dtype="float32")
     gptq_quantize(model, tokenizer.encode(text))
