@@ -130,8 +130,9 @@ def tune_norms(model: nn.Module, windows: list[torch.Tensor], targets: Targets, 
 @contextmanager
 def dense_weights(model: nn.Module) -> Iterator[None]:
     """Within the block, every quantized weight is a frozen float parameter holding its dequantized
-    value: the same function, but plain matmuls whose backward is ~2x faster than dequantizing on
-    every call. Costs the float model's memory while it lasts."""
+    value: the same function in plain matmuls, not dequantized on every call (gemma-3-270m, 2 cores,
+    one 512-token window with full-vocabulary KL: ~20 s a step against ~35 s, measured in separate
+    sessions). Costs the float model's memory while it lasts."""
     swapped = quantized_tensors(model)
     for name, qt in swapped.items():
         _swap(model, name, nn.Parameter(qt.dequantize(), requires_grad=False))
