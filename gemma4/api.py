@@ -16,6 +16,7 @@ import torch
 
 from .chat import ChatFormat, ChatTemplate, ContentDelta, ThoughtDelta, ToolCall, ToolCallComplete, ToolCallError
 from .engine.generate import stream_generate
+from .engine.static import GrowingDecoder
 from .engine.sampling import SamplingParams
 from .model import Gemma
 from .tokenizer import Tokenizer
@@ -94,14 +95,16 @@ def stream_chat(
     enable_thinking: bool = False,
     max_tokens: int = 512,
     sampling: SamplingParams | None = None,
+    decoder: GrowingDecoder | None = None,
 ) -> Iterator[ThoughtDelta | ContentDelta | ToolCallComplete | ChatResponse]:
-    """Stream a chat turn: thought and content deltas, completed tool calls, then the ChatResponse."""
+    """Stream a chat turn: thought and content deltas, completed tool calls, then the ChatResponse.
+    `decoder`: as for `stream_generate` (keep one across turns to reuse its compiled step)."""
     fmt: ChatFormat = tokenizer.chat_format
     prompt = fmt.render(messages, tools=tools, enable_thinking=enable_thinking, add_generation_prompt=True)
     parser = fmt.stream_parser(prompt=prompt)
     text, last = [], None
     for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampling=sampling,
-                             stop_token_ids=set(fmt.stop_token_ids), add_bos=False):
+                             stop_token_ids=set(fmt.stop_token_ids), add_bos=False, decoder=decoder):
         text.append(r.text)
         yield from parser.feed(r.text)
         last = r

@@ -47,6 +47,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="on CPU, keep every weight in float32. By default a float32 CPU model decodes "
                         "about 2x faster with fp16 linear weights (fp32 math) and an int8 LM head whose "
                         "64 best candidates are recomputed exactly: greedy output is unchanged")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with a compiled step (torch.compile over a static KV cache; on CUDA with CUDA "
+                        "graphs). On a 2-core CPU gemma-3-270m decodes ~1.3-1.6x faster, after a compile of "
+                        "~35 s the first time (~5 s from the on-disk cache): for chat sessions and long "
+                        "outputs, not a short one-off prompt")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

@@ -4,6 +4,7 @@ import copy
 import io
 
 import pytest
+import torch
 
 import gemma4.api
 from gemma4.cli import main
@@ -40,6 +41,40 @@ def test_chat_session_commands(real, capsys, monkeypatch):
     assert main(["chat", "--max-tokens", "4"]) == 0
     err = capsys.readouterr().err
     assert "system prompt set" in err and "conversation cleared" in err and "unknown command" in err
+
+
+@pytest.mark.slow
+def test_generate_and_chat_with_a_compiled_step(real, capsys, monkeypatch):
+    """--compile gives the same greedy text, and a chat keeps one decoder (one compiled step) across
+    turns. Traced by aot_eager: inductor's C++ build of it is measured by hand (docs/benchmarks.md)."""
+    import gemma4.engine.static as static
+
+    sessions = []
+
+    class Traced(static.GrowingDecoder):
+        def __init__(self, model, mode):
+            super().__init__(model, mode, compile_options={"backend": "aot_eager"})
+            self.used = []
+            sessions.append(self)
+
+        def fit(self, need):
+            self.used.append(super().fit(need))
+            return self.used[-1]
+
+    monkeypatch.setattr(static, "GrowingDecoder", Traced)
+    torch._dynamo.reset()
+    try:
+        assert main(["generate", "The capital of France is", "--max-tokens", "12", "--compile"]) == 0
+        out, err = capsys.readouterr()
+        assert out.startswith("The capital of France is the capital of the country of France.")
+        assert "compiled in" in err and sessions[0].mode == "compile"
+        monkeypatch.setattr("sys.stdin", io.StringIO("Hello!\nAnd again?\n"))
+        assert main(["chat", "--max-tokens", "4", "--compile"]) == 0
+        used = sessions[1].used
+        assert len(used) == 3 and len(set(map(id, used))) == 1  # warm-up and two turns, one decoder
+        assert used[-1].cache.length > 10  # it ran the turns
+    finally:
+        torch._dynamo.reset()
 
 
 def test_info_variant(capsys):

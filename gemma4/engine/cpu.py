@@ -220,6 +220,8 @@ def speed_up(model: nn.Module) -> bool:
     """Apply the CPU decode fast path (`pack_linears` defaults) to a float32 CPU model, in place,
     where fbgemm is available; True if applied. Greedy output is unchanged (see pack_linears);
     sampled logits differ from float32 by fp16 weight rounding and, off the top 64, int8 error."""
+    if any(isinstance(m, PackedLinear) for m in model.modules()):
+        return True  # packed already (e.g. a model loaded once and used by several commands)
     weight = model.model.embed_tokens.weight
     if not isinstance(weight, torch.Tensor) or weight.device.type != "cpu" or weight.dtype != torch.float32:
         return False  # a GPU, half-precision or quantized model

@@ -18,7 +18,7 @@ import torch
 
 from .cache import ContextLengthError, KVCache
 from .sampling import Sampler, SamplingParams
-from .static import StaticDecoder, prefill
+from .static import GrowingDecoder, StaticDecoder, prefill
 from .stops import StopMatcher
 
 
@@ -162,16 +162,20 @@ def stream_generate(
     stop_token_ids: set[int] | None = None,
     logprobs: int = 0,
     add_bos: bool | None = None,
+    decoder: GrowingDecoder | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from one prompt, yielding a response per token; the last one has finish_reason set.
 
     Stop tokens are not part of the text. Stop strings end generation and are cut from the text.
     add_bos=None follows the tokenizer (base checkpoints add <bos>; chat prompts carry their own).
+    `decoder` runs the steps on a static cache, e.g. compiled (`GrowingDecoder(model, "compile")`),
+    kept from one call to the next.
     """
     ids = tokenizer.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
     stops = set(model.config.eos_token_id) if stop_token_ids is None else set(stop_token_ids)
     start = time.perf_counter()
-    gen = TokenGenerator(model, [ids], [sampling or SamplingParams()], [max_tokens], stops, logprobs)
+    static = decoder.fit(len(ids) + max(max_tokens, 1)) if decoder is not None else None
+    gen = TokenGenerator(model, [ids], [sampling or SamplingParams()], [max_tokens], stops, logprobs, decoder=static)
     detok, matcher = tokenizer.detokenizer(), StopMatcher(stop)
     prompt_tps = 0.0
     n = 0

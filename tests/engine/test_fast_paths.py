@@ -293,6 +293,8 @@ def test_speed_up_packs_float32_cpu_models_only_and_leaves_adapters_float():
         assert speed_up(model)
         got = model(ids)
     assert isinstance(model.lm_head, RescoredHead)
+    head = model.lm_head
+    assert speed_up(model) and model.lm_head is head  # a second call keeps the packed model as it is
     layer = model.model.layers[0]
     assert isinstance(layer.mlp.gate_up_proj, PackedLinear)  # not adapted: fused, packed
     assert layer.self_attn.qkv_proj is None and isinstance(layer.self_attn.k_proj, PackedLinear)  # q is adapted
