@@ -108,8 +108,20 @@ def _layout_matches(convert, n: int, block: int, gen: torch.Generator) -> bool:
     return theirs.shape == (n, 32) and torch.equal(theirs, pack_int4_cpu(codes.to(torch.uint8), block))
 
 
+# `_weight_int8pack_mm` needs its weight to start on a 64-byte boundary on some CPUs: on a Xeon
+# with AVX-512 and AMX (torch 2.13) it crashed the process (SIGSEGV) for 4 or more rows when the
+# weight was a view of a memory-mapped checkpoint at an offset of 8 mod 64. torch's CPU allocator
+# aligns to 64, so a copy is aligned.
+ALIGN = 64
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or an aligned copy of it if its data does not start on an ALIGN-byte boundary."""
+    return t if t.data_ptr() % ALIGN == 0 else t.clone()
+
+
 def int8_mm(x2d: torch.Tensor, qweight: torch.Tensor, scales_bf16: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16).contiguous(), qweight, scales_bf16)
+    return torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16).contiguous(), aligned(qweight), scales_bf16)
 
 
 def int4_mm(x2d: torch.Tensor, packed: torch.Tensor, group: int, scale_zero: torch.Tensor) -> torch.Tensor:

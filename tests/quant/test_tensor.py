@@ -139,6 +139,24 @@ def test_kernel_matches_plain_path(bits, group):
     assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), plain.state_dict().values()))
 
 
+def test_int8_kernel_on_a_weight_off_a_64_byte_boundary():
+    """A view of a memory-mapped checkpoint may start anywhere: on an AVX-512/AMX Xeon the int8 kernel
+    crashed the process on such a weight for >= 4 rows, so it is aligned (once) before the call."""
+    fast = QuantizedTensor.from_float(weight(256, 256), 8)
+    plain = QuantizedTensor.from_float(weight(256, 256), 8)
+    plain.use_kernels = False
+    base = torch.empty(8 + fast.qweight.numel(), dtype=torch.int8)
+    base[8:] = fast.qweight.reshape(-1)
+    fast.qweight = base[8:].view(fast.qweight.shape)  # as the loader's views of the file can be
+    assert fast.qweight.data_ptr() % kernels.ALIGN
+    x = torch.randn(kernels.KERNEL_MAX_ROWS, 256)
+    with torch.no_grad():
+        close_at_bf16(fast.linear(x), plain.linear(x))
+    assert fast.qweight.data_ptr() % kernels.ALIGN == 0 and torch.equal(fast.qweight, plain.qweight)
+    odd = base[8:].view(plain.qweight.shape)
+    assert kernels.aligned(odd) is not odd and torch.equal(kernels.aligned(odd), odd)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_stacked_experts_kernel_matches_plain(bits):
     w = weight(3, 64, 128)
