@@ -108,10 +108,12 @@ def _layout_matches(convert, n: int, block: int, gen: torch.Generator) -> bool:
     return theirs.shape == (n, 32) and torch.equal(theirs, pack_int4_cpu(codes.to(torch.uint8), block))
 
 
-# `_weight_int8pack_mm` needs its weight to start on a 64-byte boundary on some CPUs: on a Xeon
-# with AVX-512 and AMX (torch 2.13) it crashed the process (SIGSEGV) for 4 or more rows when the
-# weight was a view of a memory-mapped checkpoint at an offset of 8 mod 64. torch's CPU allocator
-# aligns to 64, so a copy is aligned.
+# `_weight_int8pack_mm` on a Xeon with AVX-512 and AMX (torch 2.13) needs 16-byte aligned weight
+# rows: for K % 16 != 0 it returned wrong values (1 row) or crashed the process (SIGSEGV, 2 or more
+# rows), and so it did for 4 or more rows on a weight that was a view of a memory-mapped checkpoint
+# at an offset of 8 mod 64. So such K take the plain path, and a weight is aligned before the call
+# (torch's CPU allocator aligns to 64, so a copy is).
+INT8_K_MULTIPLE = 16
 ALIGN = 64
 
 

@@ -348,7 +348,7 @@ class QuantizedTensor(_TensorLike, nn.Module):
 
     def _kernel_linear(self, x2: torch.Tensor, index: int | None) -> torch.Tensor | None:
         if self.bits == 8:
-            if not kernels.int8_cpu():
+            if not kernels.int8_cpu() or self.shape[-1] % kernels.INT8_K_MULTIPLE:
                 return None
             s = self._cache.get("scales_bf16")
             if s is None:

@@ -157,6 +157,18 @@ def test_int8_kernel_on_a_weight_off_a_64_byte_boundary():
     assert kernels.aligned(odd) is not odd and torch.equal(kernels.aligned(odd), odd)
 
 
+@pytest.mark.parametrize("K", [24, 40])
+def test_int8_rows_of_other_than_16k_bytes_take_the_plain_path(K):
+    """There the int8 kernel returned wrong values or crashed (AVX-512 Xeon): the plain path runs."""
+    fast = QuantizedTensor.from_float(weight(64, K), 8)
+    plain = QuantizedTensor.from_float(weight(64, K), 8)
+    plain.use_kernels = False
+    with torch.no_grad():
+        for rows in (1, 2, 7):
+            x = torch.randn(rows, K)
+            assert torch.equal(fast.linear(x), plain.linear(x))
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_stacked_experts_kernel_matches_plain(bits):
     w = weight(3, 64, 128)
