@@ -11,6 +11,7 @@
   real 270M vs the reference.
 """
 
+import copy
 import json
 from pathlib import Path
 
@@ -39,19 +40,22 @@ def _ids(model, B, T, seed=3):
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("trim", [True, False])
 def test_static_cache_equals_dynamic_cache_and_full_forward(name, trim):
-    model = random_model(name)
+    """In float64, as test_cache's: the three agree to ~1e-14, so any slip in the slots shows."""
+    model = random_model(name).double()
     T = 3 * model.config.sliding_window + 2
     ids = _ids(model, 2, T)
+    f64 = torch.float64
     with torch.no_grad():
         full = model(ids)
-        dynamic, static = KVCache(model.config, 2, T + 3), StaticKVCache(model.config, 2, T + 3, trim=trim)
+        dynamic = KVCache(model.config, 2, T + 3, dtype=f64)
+        static = StaticKVCache(model.config, 2, T + 3, dtype=f64, trim=trim)
         got = {}
         for key, cache in (("dynamic", dynamic), ("static", static)):
             pieces = [model(ids[:, :5], cache=cache), model(ids[:, 5:7], cache=cache)]  # chunked prefill
             pieces += [model(ids[:, t : t + 1], cache=cache) for t in range(7, T)]  # one token at a time
             got[key] = torch.cat(pieces, 1)
-    torch.testing.assert_close(got["static"], full, rtol=0, atol=1e-4)
-    torch.testing.assert_close(got["static"], got["dynamic"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(got["static"], full, rtol=0, atol=1e-10)
+    torch.testing.assert_close(got["static"], got["dynamic"], rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", ["tiny-e2b", "tiny-26b-a4b", "tiny-gemma-3-270m"])
@@ -189,17 +193,24 @@ def test_fused_moe_equals_the_loop(impl, N):
 
 
 def test_moe_model_same_logits_with_every_expert_impl():
+    """Every expert implementation gives the loop's logits: in float64 (they agree to ~1e-15, so a
+    wiring slip shows) where it runs, and grouped_mm, which has no float64, in fp32. In fp32 the
+    gather path's summation order alone moved a logit by 1.05e-5 on an AVX-512 Xeon."""
     model = random_model("tiny-26b-a4b")
     ids = _ids(model, 2, 11)
-    experts = [m for m in model.modules() if isinstance(m, Experts)]
-    out = {}
-    for impl in ("loop", "gather", "grouped", "auto"):
-        for m in experts:
-            m.impl = impl
+
+    def logits(m, impl):
+        for e in m.modules():
+            if isinstance(e, Experts):
+                e.impl = impl
         with torch.no_grad():
-            out[impl] = model(ids)
-    for impl in ("gather", "grouped", "auto"):
-        torch.testing.assert_close(out[impl], out["loop"], rtol=0, atol=1e-5)
+            return m(ids)
+
+    wide = copy.deepcopy(model).double()
+    for impl in ("gather", "auto"):
+        torch.testing.assert_close(logits(wide, impl), logits(wide, "loop"), rtol=0, atol=1e-10)
+    for impl in ("grouped", "auto"):
+        torch.testing.assert_close(logits(model, impl), logits(model, "loop"), rtol=0, atol=1e-5)
 
 
 def test_unknown_expert_impl_is_refused():
