@@ -98,27 +98,36 @@ class DecoderLayer(nn.Module):
         return h, kv
 
 
+def _embedding(rows: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, built without its normal_ init on the meta device (a checkpoint load fills it):
+    there, that init runs a Python meta kernel whose first call cost 0.8 s of each load."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+    return nn.Embedding(rows, dim)
+
+
 class TextModel(nn.Module):
     """The decoder stack (`model.*` in checkpoints)."""
 
     def __init__(self, config: TextConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = _embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, spec) for spec in config.layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)
         p = config.hidden_size_per_layer_input
         if p:
-            self.embed_tokens_per_layer = nn.Embedding(config.vocab_size_per_layer_input, config.num_hidden_layers * p)
+            self.embed_tokens_per_layer = _embedding(config.vocab_size_per_layer_input, config.num_hidden_layers * p)
             self.per_layer_model_projection = nn.Linear(config.hidden_size, config.num_hidden_layers * p, bias=False)
             self.per_layer_projection_norm = RMSNorm(p, config.rms_norm_eps)
         for t in set(config.layer_types):
-            self.register_buffer(f"inv_freq_{t}", rope_inv_freq(config.rope(t)), persistent=False)
+            inv_freq = rope_inv_freq(config.rope(t), torch.get_default_device())
+            self.register_buffer(f"inv_freq_{t}", inv_freq, persistent=False)
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """Recompute non-persistent buffers (RoPE tables), e.g. after building on the meta device."""
         for t in set(self.config.layer_types):
-            setattr(self, f"inv_freq_{t}", rope_inv_freq(self.config.rope(t)).to(device))
+            setattr(self, f"inv_freq_{t}", rope_inv_freq(self.config.rope(t), device))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings times sqrt(D), the factor rounded to the weight dtype as the reference does."""

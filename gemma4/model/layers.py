@@ -37,11 +37,14 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def rope_inv_freq(rope: Rope) -> torch.Tensor:
-    """Inverse frequencies [head_dim/2]; non-rotated (proportional) channels get frequency 0."""
-    j = torch.arange(0, 2 * rope.rotated, 2, dtype=torch.int64).float()
+def rope_inv_freq(rope: Rope, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2]; non-rotated (proportional) channels get frequency 0.
+
+    Computed on the CPU whatever the default device, then moved: under a meta-device context the
+    arithmetic would run torch's Python meta kernels, whose first use cost 0.8 s of a model load."""
+    j = torch.arange(0, 2 * rope.rotated, 2, dtype=torch.int64, device="cpu").float()
     inv = 1.0 / (rope.theta ** (j / rope.head_dim)) / rope.scale
-    return torch.cat([inv, torch.zeros(rope.head_dim // 2 - rope.rotated)])
+    return torch.cat([inv, torch.zeros(rope.head_dim // 2 - rope.rotated, device="cpu")]).to(device)
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
