@@ -16,8 +16,8 @@ import torch
 
 from .chat import ChatFormat, ChatTemplate, ContentDelta, ThoughtDelta, ToolCall, ToolCallComplete, ToolCallError
 from .engine.generate import stream_generate
-from .engine.static import GrowingDecoder
 from .engine.sampling import SamplingParams
+from .engine.static import GrowingDecoder
 from .model import Gemma
 from .tokenizer import Tokenizer
 from .weights import CheckpointError, load_model

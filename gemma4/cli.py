@@ -49,7 +49,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "64 best candidates are recomputed exactly: greedy output is unchanged")
     p.add_argument("--compile", action="store_true",
                    help="decode with a compiled step (torch.compile over a static KV cache; on CUDA with CUDA "
-                        "graphs). On a 2-core CPU gemma-3-270m decodes ~1.3-1.6x faster, after a compile of "
+                        "graphs). On a 2-core CPU gemma-3-270m decoded 1.2-1.6x faster, after a compile of "
                         "~35 s the first time (~5 s from the on-disk cache): for chat sessions and long "
                         "outputs, not a short one-off prompt")
 
