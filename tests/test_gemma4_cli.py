@@ -77,6 +77,20 @@ def test_generate_and_chat_with_a_compiled_step(real, capsys, monkeypatch):
         torch._dynamo.reset()
 
 
+def test_compile_with_quantized_weights_decodes_without_it(capsys):
+    from argparse import Namespace
+
+    from testing_utils import random_model
+
+    from gemma4.commands.common import decoder_from_args
+    from gemma4.quant import quantize
+
+    model = quantize(random_model("tiny-gemma-3-270m"), "int8", progress=False)
+    assert decoder_from_args(Namespace(compile=True), model) is None
+    assert "quantized weights cannot be compiled yet" in capsys.readouterr().err
+    assert decoder_from_args(Namespace(compile=False), model) is None
+
+
 def test_info_variant(capsys):
     assert main(["info", "--variant", "gemma-4-26b-a4b"]) == 0
     out = capsys.readouterr().out

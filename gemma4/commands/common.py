@@ -35,8 +35,11 @@ def decoder_from_args(args, model):
     """A GrowingDecoder with a compiled step when --compile is given (kept for the whole session), else None."""
     if not getattr(args, "compile", False):
         return None
-    from ..engine.static import GrowingDecoder
+    from ..engine.static import GrowingDecoder, compilable
 
+    if not compilable(model):
+        print("--compile: quantized weights cannot be compiled yet; decoding without it", file=sys.stderr)
+        return None
     device = next(model.parameters()).device
     decoder = GrowingDecoder(model, "reduce-overhead" if device.type == "cuda" else "compile")
     start = time.perf_counter()

@@ -137,6 +137,14 @@ class StaticKVCache:
         return self.layers[index]
 
 
+def compilable(model) -> bool:
+    """Whether torch.compile can trace the model's step: not with quantized weights, which dynamo
+    sees as opaque objects created inside the graph."""
+    from ..quant.tensor import QuantizedTensor
+
+    return not any(isinstance(m, QuantizedTensor) for m in model.modules())
+
+
 class StaticDecoder:
     """Prefill and one-token decode steps over a `StaticKVCache`, the step optionally captured.
 
@@ -177,6 +185,8 @@ class StaticDecoder:
         if cfg.enable_moe_block:
             grouped_mm_works(self.device, self.dtype)  # probe eagerly: the traced step only reads the answer
         if mode in ("compile", "reduce-overhead"):
+            if not compilable(model):
+                raise ValueError(f"mode {mode!r} cannot trace quantized weights (gemma4.quant) yet; use mode='eager'")
             # Fixed addresses: the cache is written in place and the inputs are never copied.
             for t in [*self.cache.tensors(), self.ids, self.pos, self.slot] + ([self.ple] if self.ple_outside else []):
                 torch._dynamo.mark_static_address(t)

@@ -166,6 +166,17 @@ def test_compiled_step_is_one_graph_and_equals_eager(name, dtype, backend):
         torch._dynamo.reset()
 
 
+def test_compiled_step_refuses_quantized_weights():
+    """Dynamo cannot trace QuantizedTensor weights: a clear error up front, not its trace; eager runs."""
+    from gemma4.quant import quantize
+
+    model = quantize(random_model("tiny-gemma-3-270m"), "int8", progress=False)
+    with pytest.raises(ValueError, match="cannot trace quantized weights"):
+        StaticDecoder(model, max_len=8, mode="compile")
+    eager = StaticDecoder(model, max_len=8)
+    eager.prefill(_ids(model, 1, 3), torch.arange(3)[None])
+
+
 # ---- MoE ---------------------------------------------------------------------------------------
 
 def _experts(E=8, D=32, I=24, seed=0):
