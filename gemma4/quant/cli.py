@@ -36,11 +36,11 @@ A GGUF source is dequantized tensor by tensor and quantized again; no float copy
 model is ever held. Its blocks hold 32 weights, so --group-size 32 re-rounds each block on its own
 grid: on the embedded gemma-3-270m, int4 perplexity rises 4-14% at group 32 (by text) and 98% at 64
 rounded to nearest. --calibration runs GPTQ on Hadamard-rotated weights instead (the float model is
-loaded whole; ~8 min on 2 cores for this model): at group 64 it rises 4-11% by text (other sign
-draws: up to 17%). --tune-samples 16 then fits the float norms to the float model on text it
-samples itself: +7-17% draws came down to +0.5-9.6% when tuned on prompted samples, but the default
-draws barely moved (+3.5-10.2% after, +3.6-11.0% before) with samples from <bos> alone, and it adds
-~25 min on 2 cores (docs/benchmarks.md). The output is
+loaded whole; ~8 min on 2 cores for this model): at group 64 it rises 4-12% by text and
+calibration file (other sign draws: up to 17%). --tune-samples 16 then fits the float norms to the
+float model on text it samples itself: +7-17% draws came down to +0.5-9.6% in a probe, but on the
+default draws it moved 1 point or less either way (docs/benchmarks.md), and it adds ~25 min on 2
+cores. The output is
 config.json (+ quantization_config), model.safetensors and the tokenizer files."""
 
 CALIBRATION_TOKENS = 16384

@@ -16,7 +16,8 @@ Embeddings, MoE experts, linears outside the decoder layers and whatever the pre
 are rounded to nearest as usual.
 
 On gemma-3-270m, int4 group 64, calibrated on 9,934 tokens of this repository's docs, perplexity
-on the shipped eval text rises +3.6% with the default draws (+10.2% and +17.4% with others;
+on the shipped eval text rises +3.6% with the default draws (+11.7% calibrated on the docs of a
+day later: the text moves it as much as the draw; +10.2% and +17.4% with other draws;
 one draw per linear: +11% to +18%) against +98% rounded to nearest and +16.6% with activation-aware scales.
 On a second prose text (tests/data/eval/sketches.txt) they rise +5.0%, on three texts of other
 kinds +9% to +11%; other draws rise +10% to +17% on the prose texts (docs/benchmarks.md, "One

@@ -6,9 +6,10 @@ quantized checkpoint, so they can take up part of that error at no cost in bytes
 fits them, with everything else frozen, to minimise KL(float || quantized) between the two
 models' next-token distributions, on text the float model wrote itself (`sample_windows`).
 Measured on gemma-3-270m int4 g64 (docs/benchmarks.md): three poor GPTQ draws (+7% to +17%) came
-down to +0.5% to +9.6% on four held-out texts, tuned on prompted samples; the default draws
-(+3.6% to +11.0%) barely moved with samples from <bos> alone. Fitted to this repository's docs
-instead, it helped one draw and hurt another at a higher learning rate.
+down to +0.5% to +9.6% on four held-out texts, tuned on prompted samples in one stream; the
+default draws moved 1 point or less either way (samples from <bos> alone: +1 point worse; after
+one-word prompts, one window each: 1 point better). Fitted to this repository's docs instead, it
+helped one draw and hurt another at a higher learning rate.
 
     windows = sample_windows(model, tokenizer)          # float model: its own text, as token ids
     targets = record_targets(model, windows)            # float model: final hidden states + head
