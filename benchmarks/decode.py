@@ -329,35 +329,67 @@ def bench_transformers(raw: dict, args, prompt: list[int], dtype, device, ours: 
     return row
 
 
+AMX_OFF = ("CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
+           "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF\" pip install --force-reinstall "
+           "--no-deps llama-cpp-python")
+
+
 def bench_llama_cpp(gguf: Path, args, prompt: list[int]) -> Row:
+    """llama.cpp's figures, measured in a child process: a llama.cpp build can crash (on a Xeon VM
+    its AMX matmul segfaulted on every prompt), and that must not take our rows down with it."""
+    import multiprocessing
+
     row = Row("llama.cpp (llama-cpp-python)")
+    threads = torch.get_num_threads()
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    child = ctx.Process(target=_llama_cpp_child,
+                        args=(str(gguf), prompt, args.new_tokens, args.repeat, threads, results))
+    child.start()
+    child.join()
+    if results.empty():
+        row.note = (f"not run: llama.cpp's process died (exit code {child.exitcode}). If its build uses AMX (this CPU has AVX-512), "
+                    f"rebuild it without: {AMX_OFF}")
+        return row
+    out = results.get()
+    if "error" in out:
+        row.note = f"not run: {out['error']}"
+        return row
+    row.prefill_tps, row.ttft_s, row.decode_tps = out["prefill_tps"], out["ttft_s"], out["decode_tps"]
+    row.weight_bytes = gguf.stat().st_size
+    row.note = f"{gguf.name}, {threads} threads (includes llama-cpp-python's per-token Python)"
+    return row
+
+
+def _llama_cpp_child(gguf: str, prompt: list[int], new_tokens: int, repeat: int, threads: int, results) -> None:
     try:
         from llama_cpp import Llama
     except ImportError:
-        row.note = "not run: llama_cpp is not importable"
-        return row
-    threads = torch.get_num_threads()
-    llm = Llama(model_path=str(gguf), n_ctx=len(prompt) + args.new_tokens + 8, n_batch=512, n_threads=threads,
-                n_threads_batch=threads, verbose=False)
+        results.put({"error": "llama_cpp is not importable"})
+        return
+    try:
+        llm = Llama(model_path=gguf, n_ctx=len(prompt) + new_tokens + 8, n_batch=512, n_threads=threads,
+                    n_threads_batch=threads, verbose=False)
+    except Exception as e:  # noqa: BLE001 - reported in the row
+        results.put({"error": f"llama.cpp could not load {gguf}: {e}"})
+        return
     pre, ttft, tps = [], [], []
-    for _ in range(args.repeat + 1):
+    for _ in range(repeat + 1):
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
         t1 = time.perf_counter()
         tok = llm.sample(top_k=1, temp=0)
         t2 = time.perf_counter()
-        for _ in range(args.new_tokens - 1):
+        for _ in range(new_tokens - 1):
             llm.eval([tok])
             tok = llm.sample(top_k=1, temp=0)
         t3 = time.perf_counter()
         pre.append(len(prompt) / (t1 - t0))
         ttft.append(t2 - t0)
-        tps.append((args.new_tokens - 1) / (t3 - t2))
-    row.prefill_tps, row.ttft_s, row.decode_tps = (statistics.median(x[1:]) for x in (pre, ttft, tps))
-    row.weight_bytes = gguf.stat().st_size
-    row.note = f"{gguf.name}, {threads} threads (includes llama-cpp-python's per-token Python)"
-    return row
+        tps.append((new_tokens - 1) / (t3 - t2))
+    results.put({"prefill_tps": statistics.median(pre[1:]), "ttft_s": statistics.median(ttft[1:]),
+                 "decode_tps": statistics.median(tps[1:])})
 
 
 # ------------------------------------------------------------------------------------------------
