@@ -348,8 +348,8 @@ def bench_llama_cpp(gguf: Path, args, prompt: list[int]) -> Row:
     child.start()
     child.join()
     if results.empty():
-        row.note = (f"not run: llama.cpp's process died (exit code {child.exitcode}). If its build uses AMX (this CPU has AVX-512), "
-                    f"rebuild it without: {AMX_OFF}")
+        row.note = (f"not run: llama.cpp's process died (exit code {child.exitcode}). A build with AMX crashed "
+                    f"so on a Xeon VM; on an AVX-512 CPU this rebuilds it without: {AMX_OFF}")
         return row
     out = results.get()
     if "error" in out:
