@@ -124,6 +124,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:
             return self.forward(x.float()).to(x.dtype)
+        if x.dim() == 1:  # fbgemm takes rows; nn.Linear also takes one vector (e.g. the server's last hidden)
+            return self.forward(x[None])[0]
         if torch.compiler.is_compiling():
             return torch.ops.gemma4.fbgemm_linear(x, self.handle, self.out_features, self.int8)
         return _fbgemm_linear(x, self.handle, self.out_features, self.int8)

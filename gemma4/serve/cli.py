@@ -41,6 +41,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p("--quantize", choices=["int8", "int4"], default=env("GEMMA4_QUANTIZE"),
       help="quantize a float or GGUF --model while loading it (int4: groups of 64): less memory, some quality lost")
     p("--dtype", default=env("GEMMA4_DTYPE", "auto"), help="auto, float32, bfloat16 or float16")
+    p("--exact", action="store_true", default=env("GEMMA4_EXACT", "") not in ("", "0"),
+      help="on CPU, keep every weight in float32 (env GEMMA4_EXACT=1). By default a float32 CPU model serves "
+           "~2x faster with fp16 linear weights (fp32 math) and an int8 LM head whose 64 best candidates are "
+           "recomputed exactly (as `gemma4 generate`): greedy output is unchanged")
     p("--device", default=env("GEMMA4_DEVICE"), help="torch device (default cpu)")
     p("--threads", type=int, default=int(env("GEMMA4_THREADS", "0")) or None,
       help="torch intra-op threads (default: torch's choice; 1 can be faster on a shared, busy CPU)")
@@ -51,13 +55,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def load_checkpoint(path: str | None, dtype=None, device=None, adapter: str | None = None,
-                    quantize: str | None = None):
+                    quantize: str | None = None, exact: bool = False):
     """(model, tokenizer, chat format) from a checkpoint directory, .gguf file or Hub id (`gemma4.load`),
     with an unmerged LoRA adapter when `adapter` names one, quantized while loading when `quantize`
-    says "int8" or "int4"."""
+    says "int8" or "int4", and with the CPU fast path (`gemma4.engine.cpu.speed_up`) unless `exact`."""
     from ..api import load
+    from ..engine.cpu import speed_up
 
     model, tokenizer = load(path, dtype=dtype, device=device, adapter=adapter, quantize=quantize)
+    if not exact:
+        speed_up(model)  # CPU float32 only; a no-op elsewhere
     return model, tokenizer, tokenizer.chat_format
 
 
@@ -91,7 +98,8 @@ def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     app = build_app(config=config, loader=lambda: load_checkpoint(args.model, dtype=args.dtype, device=args.device,
-                                                                    adapter=args.adapter, quantize=args.quantize))
+                                                                    adapter=args.adapter, quantize=args.quantize,
+                                                                    exact=args.exact))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_keep_alive=15,
                 timeout_graceful_shutdown=args.shutdown_timeout, h11_max_incomplete_event_size=64 * 1024)
     return 0

@@ -241,6 +241,7 @@ def test_packed_fp16_linear_is_the_fp16_rounded_weight_in_fp32_math():
     got = PackedLinear(w, "fp16")(x)
     torch.testing.assert_close(got, x @ w.half().float().T, rtol=0, atol=1e-5)  # activations not rounded
     assert (got - x @ w.T).abs().max() > 0  # and the weights are
+    assert torch.equal(PackedLinear(w, "fp16")(x[1]), got[1])  # one vector, as nn.Linear takes it
 
 
 @needs_fbgemm
@@ -280,6 +281,9 @@ def test_rescored_head_is_exact_at_its_top_k_and_close_elsewhere():
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     err = (got - want).abs().max()
     assert 0 < err < 0.05 * want.abs().max()  # the rest is approximate, and not wildly so
+    one = head(x[1, 2])  # one vector (the server's last hidden state); int8 scales are per call
+    assert one.shape == (3000,) and one.argmax() == want[1, 2].argmax()
+    torch.testing.assert_close(one.max(), want[1, 2].max(), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="unknown head format"):
         pack_linears(random_model("tiny-gemma-3-270m"), head="int2")
 

@@ -57,3 +57,24 @@ def test_quantize_flag_and_env(tiny_dir, monkeypatch):
     model, _, _ = load_checkpoint(str(tiny_dir), quantize=args.quantize)
     assert isinstance(model.model.layers[0].self_attn.q_proj.weight, QuantizedTensor)
     assert quantization_config(model)["scheme"] == "int8"
+
+
+def test_exact_flag_and_env_and_the_cpu_fast_path(tiny_dir, monkeypatch):
+    """A float32 CPU model is served through the CPU fast path by default (as `gemma4 generate` runs
+    it); --exact (or GEMMA4_EXACT=1) keeps every weight float32."""
+    import argparse
+
+    from gemma4.engine.cpu import PackedLinear
+    from gemma4.serve import load_checkpoint
+    from gemma4.serve.cli import add_serve_arguments
+
+    def parse(argv):
+        return add_serve_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+    assert not parse([]).exact and parse(["--exact"]).exact
+    monkeypatch.setenv("GEMMA4_EXACT", "1")
+    assert parse([]).exact
+    fast, _, _ = load_checkpoint(str(tiny_dir))
+    exact, _, _ = load_checkpoint(str(tiny_dir), exact=True)
+    assert any(isinstance(m, PackedLinear) for m in fast.modules())
+    assert not any(isinstance(m, PackedLinear) for m in exact.modules())
