@@ -43,7 +43,7 @@ def decoder_from_args(args, model):
     device = next(model.parameters()).device
     decoder = GrowingDecoder(model, "reduce-overhead" if device.type == "cuda" else "compile")
     start = time.perf_counter()
-    print("compiling the decode step (the first time ~35 s on a 2-core CPU; then from the on-disk cache) ...",
+    print("compiling the decode step (slow the first time; later runs read inductor's on-disk cache) ...",
           file=sys.stderr, flush=True)
     decoder.fit(decoder.min_len)
     print(f"compiled in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)

@@ -123,7 +123,8 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def int8_mm(x2d: torch.Tensor, qweight: torch.Tensor, scales_bf16: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16).contiguous(), aligned(qweight), scales_bf16)
+    """x2d @ (qweight * scales)^T in bf16 activations; `qweight` must be `aligned` (see ALIGN)."""
+    return torch.ops.aten._weight_int8pack_mm(x2d.to(torch.bfloat16).contiguous(), qweight, scales_bf16)
 
 
 def int4_mm(x2d: torch.Tensor, packed: torch.Tensor, group: int, scale_zero: torch.Tensor) -> torch.Tensor:

@@ -354,8 +354,9 @@ class QuantizedTensor(_TensorLike, nn.Module):
             if s is None:
                 s = self._cache["scales_bf16"] = self.scales.to(torch.bfloat16)
             if index is None:  # align once (a view of a mapped file may not be), not in every call
-                self.qweight = kernels.aligned(self.qweight)
-            q = self.qweight if index is None else self.qweight[index]
+                self.qweight = q = kernels.aligned(self.qweight)
+            else:
+                q = kernels.aligned(self.qweight[index])
             return kernels.int8_mm(x2, q, s if index is None else s[index])
         block = kernels.int4_cpu_block()
         N = self.shape[-2]
