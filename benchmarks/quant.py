@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/quant.py                       # whole eval text, all configs
     .venv/bin/python benchmarks/quant.py --tokens 1024 --configs float32 int8
-    .venv/bin/python benchmarks/quant.py --configs float32 int4 int4-calibrated --calibration notes.txt
+    .venv/bin/python benchmarks/quant.py --configs float32 int4 int4-calibrated   # GPTQ on the shipped text
+    .venv/bin/python benchmarks/quant.py --configs float32 int4-calibrated --calibration notes.txt
     .venv/bin/python benchmarks/quant.py --text tests/data/eval/sketches.txt   # a second, held-out text
 
 The float32 model is the embedded Q4_K_M GGUF dequantized (the reference the quantized models are
@@ -91,7 +92,9 @@ def main() -> None:
                    help="text to score (default: tests/data/eval/essays.txt); a second one, "
                         "tests/data/eval/sketches.txt, shows how much a figure depends on the text")
     p.add_argument("--tokens", type=int, default=None, help="score only the first N tokens (default: all)")
-    p.add_argument("--calibration", type=Path, help="text file for the int4-calibrated config (not the eval text)")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="text file for the int4-calibrated config (not the eval text; default: the shipped "
+                        "gemma4/quant/data/calibration.txt, as `gemma4 quantize --calibration`)")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--decode-tokens", type=int, default=64)
@@ -99,8 +102,6 @@ def main() -> None:
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--ids", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if "int4-calibrated" in args.configs and not args.one and args.calibration is None:
-        p.error("the int4-calibrated config needs --calibration FILE")
     if args.one:
         return run_one(args)
 
@@ -109,6 +110,7 @@ def main() -> None:
     from gemma4.api import default_model_path
     from gemma4.config import TextConfig
     from gemma4.quant.cli import quantize_cli
+    from gemma4.quant.gptq import CALIBRATION_TEXT
     from gemma4.tokenizer import Tokenizer
     from gemma4.weights.gguf import GGUFFile
 
@@ -128,7 +130,7 @@ def main() -> None:
         if CONFIGS[name]:
             scheme, group = CONFIGS[name]
             start = time.perf_counter()
-            calibration = args.calibration if name.endswith("-calibrated") else None
+            calibration = (args.calibration or CALIBRATION_TEXT) if name.endswith("-calibrated") else None
             out = quantize_cli(gguf, tmp / name, scheme, group, calibration=calibration)
             quant_s = time.perf_counter() - start
             source, file_bytes = str(out), (out / "model.safetensors").stat().st_size

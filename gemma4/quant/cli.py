@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from .gptq import CALIBRATION_TEXT
 from .quantize import SCHEMES, model_nbytes
 from .tensor import INT4_GROUP_SIZES
 
@@ -26,7 +27,8 @@ EXAMPLES = """examples:
   gemma4 quantize -m google/gemma-4-E4B-it -o ./e4b-int4 --scheme int4 --group-size 64
   gemma4 generate -m ./e4b-int4 "Hello"                    # every command loads the result
   gemma4 quantize -o ./270m-int4 --group-size 32          # GGUF source: groups on its blocks
-  gemma4 quantize -o ./270m-gptq --calibration notes.txt   # GPTQ int4: best quality at group 64
+  gemma4 quantize -o ./270m-gptq --calibration             # GPTQ int4 on the shipped text: best quality
+  gemma4 quantize -o ./270m-gptq --calibration notes.txt   # ... calibrated on your own kind of text
 
 int8 keeps ~50% of the bf16 bytes and costs little quality; int4 keeps ~30% (group 64) and costs
 more (smaller groups: better quality, more bytes; --calibration: much better quality). Norms, the
@@ -36,11 +38,12 @@ A GGUF source is dequantized tensor by tensor and quantized again; no float copy
 model is ever held. Its blocks hold 32 weights, so --group-size 32 re-rounds each block on its own
 grid: on the embedded gemma-3-270m, int4 perplexity rises 4-14% at group 32 (by text) and 98% at 64
 rounded to nearest. --calibration runs GPTQ on Hadamard-rotated weights instead (the float model is
-loaded whole; ~8 min on 2 cores for this model): at group 64 it rises 4-12% by text and
-calibration file (other sign draws: up to 17%). --tune-samples 16 then fits the float norms to the
-float model on text it samples itself: +7-17% draws came down to +0.5-9.6% in a probe, but on the
-default draws it moved 1 point or less either way (docs/benchmarks.md), and it adds ~25 min on 2
-cores. The output is
+loaded whole; ~2-4 min on 2 cores for this model), calibrated on the shipped mix of ordinary English
+(gemma4/quant/data) or on FILE: at group 64 it rises 5-6% on prose (4-9% over other sign draws).
+Calibrate on the kind of text the model will read: calibrated on markdown docs it rose 8-27% on
+prose. --tune-samples 16 then fits the float norms to the float model on text it samples itself
+(~25 min on 2 cores; measured only with docs calibration, where it moved the default draw by a
+point or less; docs/benchmarks.md). The output is
 config.json (+ quantization_config), model.safetensors and the tokenizer files."""
 
 CALIBRATION_TOKENS = 16384
@@ -58,9 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="int8: per-channel, ~50%% of bf16; int4: groups along K, ~30%% of bf16 (default)")
     p.add_argument("--group-size", type=int, default=64, choices=INT4_GROUP_SIZES, metavar="N",
                    help="int4: weights per scale/zero along the input dim: 16, 32, 64 (default), 128 or 256")
-    p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="int4: a UTF-8 file of ordinary text (not your eval text) to run GPTQ on, with "
-                        "Hadamard-rotated weights: much better quality. Loads the float model whole first")
+    p.add_argument("--calibration", nargs="?", const=CALIBRATION_TEXT, default=None, metavar="FILE",
+                   help="int4: run GPTQ on Hadamard-rotated weights, calibrated on FILE (UTF-8 text of the "
+                        "kind you will use the model on, not your eval text) or, with no FILE, on the shipped "
+                        "mix of ordinary English: much better quality. Loads the float model whole first")
     p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS, metavar="N",
                    help=f"tokens of --calibration to use (default {CALIBRATION_TOKENS}; ~10k measured well)")
     p.add_argument("--tune-samples", type=int, default=TUNE_SAMPLES, metavar="N",

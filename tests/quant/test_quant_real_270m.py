@@ -2,7 +2,7 @@
 
 Scored on the first N tokens of tests/data/eval/essays.txt in one window; benchmarks/quant.py
 measures longer stretches and docs/benchmarks.md records them (the whole text: int8 under 1%, int4
-g64 far above the issue's 8% unless calibrated, and +4% to +10% with GPTQ: see there).
+g64 far above the issue's 8% rounded to nearest, +5% with GPTQ on the shipped calibration text: see there).
 """
 
 import copy
@@ -13,6 +13,7 @@ import torch
 
 from gemma4.api import default_model_path
 from gemma4.eval import gemma_logits_fn, perplexity
+from gemma4.quant.gptq import CALIBRATION_TEXT
 from gemma4.quant import (
     QuantizedTensor,
     activation_scales,
@@ -110,17 +111,19 @@ def test_calibrated_int4_loses_much_less(gemma3_270m, scored):
 
 
 def test_gptq_int4_group_64(gemma3_270m, scored):
-    """GPTQ on Hadamard-rotated weights (`gemma4 quantize --calibration`), calibrated on 2,048 tokens
-    of the text that the scored ones do not overlap: the closest to float of any int4 g64 here
-    (measured +11.0%, agreement 80.0% with the best of 4 sign draws; one draw gave +7.55% and 80.4%
-    on these 256 tokens though worse on the whole text; round to nearest +37.5% and 65%)."""
+    """GPTQ on Hadamard-rotated weights (`gemma4 quantize --calibration`), calibrated on the first
+    2,048 tokens of the shipped calibration text (all of it, ~9,800 tokens, gives +5.0% on the whole
+    eval text: docs/benchmarks.md): the closest to float of any int4 g64 here (measured +2.9%,
+    agreement 81.2%; calibrated on the repository's docs instead it was +11.0% and 80.0%; round to
+    nearest +37.5% and 65%). The bounds leave room for other CPUs' rounding, which acts like another
+    sign draw (over eight draws, the whole text's rise spanned 4 points)."""
     model, tokenizer = gemma3_270m
-    calibration = tokenizer.encode(TEXT.read_text(encoding="utf-8"))[1024:3072]
+    calibration = tokenizer.encode(CALIBRATION_TEXT.read_text(encoding="utf-8"))[:2048]
     model = gptq_quantize(copy.deepcopy(model), calibration, 64)
     assert model.model.layers[0].mlp.down_proj.weight.rotation == 128
     up, agree = score("int4 g64 GPTQ", model, scored)
-    assert up <= 0.15, up
-    assert agree >= 0.75, agree
+    assert up <= 0.10, up
+    assert agree >= 0.77, agree
 
 
 def test_int4_group_32_on_the_gguf_blocks(scored):

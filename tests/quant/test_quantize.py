@@ -316,6 +316,7 @@ def test_load_can_quantize_while_loading(tiny_checkpoint, capsys):
 
 def test_quantize_cli_calibration(tiny_checkpoint, tmp_path, capsys):
     from gemma4.cli import main
+    from gemma4.quant.gptq import CALIBRATION_TEXT
 
     _, path = tiny_checkpoint("tiny-gemma-3-270m")
     with_word_tokenizer(path)
@@ -329,6 +330,10 @@ def test_quantize_cli_calibration(tiny_checkpoint, tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["tensors"]["model.layers.0.self_attn.q_proj.weight"]["rotation"] == 64  # GPTQ's
     assert load_model(out).model.layers[0].self_attn.q_proj.weight.rotation == 64
+    # --calibration with no file: the shipped text (gemma4/quant/data/calibration.txt)
+    assert main(["quantize", "-m", str(path), "-o", str(tmp_path / "q5"), "--group-size", "32", "--calibration"]) == 0
+    assert f"of {CALIBRATION_TEXT} (GPTQ)" in capsys.readouterr().err
+    assert CALIBRATION_TEXT.read_text(encoding="ascii").count("\n\n") > 100  # ships with the package, plain ASCII
     assert main(["quantize", "-m", str(path), "-o", str(tmp_path / "q3"), "--scheme", "int8",
                  "--calibration", str(text)]) == 1
     assert "int4 only" in capsys.readouterr().err
