@@ -47,7 +47,7 @@ CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 DEFAULT_ROTATION = 128
 DEFAULT_DAMP = 0.1  # added to H's diagonal, as a fraction of its mean: keeps H invertible
 # Sign patterns tried per linear (`gptq_best`). Calibrated on the shipped text, single draws put the
-# 270M's int4 g64 rise on the essays at +4.3% to +8.0% (eight draws, mean +6.0%), and the best of 4
+# 270M's int4 g64 rise on the essays at +4.3% to +8.0% (eight draws, mean +6.2%), and the best of 4
 # by output error at +7.3% and +5.3%: no better than their draws' mean, at 1.5x the time.
 DEFAULT_DRAWS = 1
 
