@@ -129,6 +129,10 @@ def quantize_cli(model: str | Path | None, out: str | Path, scheme: str = "int4"
     print(f"wrote {out} in {time.perf_counter() - start:.1f}s: {size / 2**20:.1f} MiB of weights "
           f"({100 * size / bf16:.1f}% of bf16; {model_nbytes(qmodel) / 2**20:.1f} MiB in memory)",
           file=sys.stderr, flush=True)
+    if scheme == "int4" and calibration is None:
+        print("note: int4 was rounded to nearest; add --calibration (GPTQ on a shipped text; loads the float model "
+              "whole) for far better quality: gemma-3-270m at group 64 rose +5% in perplexity with it, +98% without",
+              file=sys.stderr, flush=True)
     return out
 
 

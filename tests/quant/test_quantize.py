@@ -210,6 +210,7 @@ def test_quantize_cli_writes_a_loadable_checkpoint(tiny_checkpoint, tmp_path, ca
     assert (out / "tokenizer_config.json").read_text() == '{"add_bos_token": true}'  # tokenizer files travel along
     assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 32
     assert torch.equal(logits(load_model(out)), logits(quantize(load_model(path), "int4", 32)))
+    assert "--calibration" in capsys.readouterr().err  # int4 rounded to nearest points to GPTQ
 
     # Bad input: a clear one-line error (exit 1) or argparse's usage error (exit 2), no traceback.
     capsys.readouterr()
