@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "tests" / "data" / "eval" / "essays.txt"
 CONFIGS = {"float32": None, "int8": ("int8", 64), "int4": ("int4", 64), "int4-g32": ("int4", 32),
-           "int4-calibrated": ("int4", 64)}  # gemma4 quantize --calibration FILE (needs --calibration)
+           "int4-calibrated": ("int4", 64)}  # gemma4 quantize --calibration [FILE]
 
 
 def status(key: str) -> int:
@@ -87,7 +87,7 @@ def run_one(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "int4-calibrated"], choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--text", type=Path, default=TEXT,
                    help="text to score (default: tests/data/eval/essays.txt); a second one, "
                         "tests/data/eval/sketches.txt, shows how much a figure depends on the text")
