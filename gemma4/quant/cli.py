@@ -38,7 +38,7 @@ A GGUF source is dequantized tensor by tensor and quantized again; no float copy
 model is ever held. Its blocks hold 32 weights, so --group-size 32 re-rounds each block on its own
 grid: on the embedded gemma-3-270m, int4 perplexity rises 4-14% at group 32 (by text) and 98% at 64
 rounded to nearest. --calibration runs GPTQ on Hadamard-rotated weights instead (the float model is
-loaded whole; ~2-4 min on 2 cores for this model), calibrated on the shipped mix of ordinary English
+loaded whole; ~1 min for this model on a 2-core Xeon), calibrated on the shipped mix of ordinary English
 (gemma4/quant/data) or on FILE: at group 64 it rises 5-6% on prose (4-9% over other sign draws).
 Calibrate on the kind of text the model will read: calibrated on markdown docs it rose 8-27% on
 prose. --tune-samples 16 then fits the float norms to the float model on text it samples itself

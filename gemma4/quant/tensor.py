@@ -353,10 +353,10 @@ class QuantizedTensor(_TensorLike, nn.Module):
             s = self._cache.get("scales_bf16")
             if s is None:
                 s = self._cache["scales_bf16"] = self.scales.to(torch.bfloat16)
-            if index is None:  # align once (a view of a mapped file may not be), not in every call
-                self.qweight = q = kernels.aligned(self.qweight)
-            else:
-                q = kernels.aligned(self.qweight[index])
+            if self.qweight.data_ptr() % kernels.ALIGN:  # a view of a mapped file may not be: align once
+                self.qweight = kernels.aligned(self.qweight)
+            # An expert's slice of the aligned stack is aligned unless its N*K bytes are not a multiple.
+            q = self.qweight if index is None else kernels.aligned(self.qweight[index])
             return kernels.int8_mm(x2, q, s if index is None else s[index])
         block = kernels.int4_cpu_block()
         N = self.shape[-2]
