@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gemma4.config import TextConfig  # noqa: E402
 from gemma4.engine.generate import TokenGenerator  # noqa: E402
 from gemma4.engine.sampling import SamplingParams  # noqa: E402
-from gemma4.engine.static import MODES, StaticDecoder  # noqa: E402
+from gemma4.engine.sequence import GenerationRequest  # noqa: E402
+from gemma4.engine.core import MODES, PREFILL_CHUNK, Engine  # noqa: E402
 from gemma4.model import Gemma  # noqa: E402
 from gemma4.model.layers import Experts  # noqa: E402
 from gemma4.variants import variant_hf_config  # noqa: E402
@@ -218,17 +219,28 @@ def kv_bytes_per_token(cfg: TextConfig, context: int, batch: int, elem: int) -> 
 # Ours
 
 
-def time_generation(model, prompts, n: int, decoder) -> tuple[float, float]:
+def time_generation(model, prompts, n: int, engine: Engine) -> tuple[float, float]:
     """(time to first token, decode tokens/s per row) of one greedy generation."""
-    sync(decoder.device)
+    sync(engine.device)
     start = time.perf_counter()
     first = last = None
-    for steps in TokenGenerator(model, prompts, [GREEDY] * len(prompts), [n] * len(prompts), set(), decoder=decoder):
-        sync(decoder.device)
+    for steps in TokenGenerator(model, prompts, [GREEDY] * len(prompts), [n] * len(prompts), set(), engine=engine):
+        sync(engine.device)
         last = time.perf_counter()
         if first is None:
             first = last
     return first - start, (n - 1) / (last - first)
+
+
+def time_prefill(engine: Engine, prompt: list[int]) -> float:
+    """Prompt tokens/s of the engine's (chunked) prefill, first token sampled included."""
+    seq = engine.new_sequence(GenerationRequest(prompt, 1, GREEDY))
+    engine.add(seq)
+    sync(engine.device)
+    t = time.perf_counter()
+    engine.prefill()
+    sync(engine.device)
+    return len(prompt) / (time.perf_counter() - t)
 
 
 def bench_ours(model: Gemma, args, prompt: list[int], label: str, mode: str) -> Row:
@@ -236,34 +248,27 @@ def bench_ours(model: Gemma, args, prompt: list[int], label: str, mode: str) -> 
     row = Row(label)
     need = len(prompt) + args.new_tokens + 1
     reset_peak(device)
-    dec = StaticDecoder(model, batch_size=1, max_len=need, mode=mode, prefill_chunk=args.prefill_chunk)
+    engine = Engine(model, max_len=need, mode=mode, prefill_chunk=args.prefill_chunk)
     t = time.perf_counter()
-    time_generation(model, [prompt], 3, dec)  # warm-up: compile / capture, allocator
+    time_generation(model, [prompt], 3, engine)  # warm-up: compile / capture, allocator
     row.extra["warmup_s"] = round(time.perf_counter() - t, 1)
-    ids = torch.tensor([prompt], device=device)
-    pos = torch.arange(len(prompt), device=device)[None]
     pre, ttft, tps = [], [], []
     for _ in range(args.repeat):
-        sync(device)
-        t = time.perf_counter()
-        dec.prefill(ids, pos)
-        sync(device)
-        pre.append(len(prompt) / (time.perf_counter() - t))
-        a, b = time_generation(model, [prompt], args.new_tokens, dec)
+        pre.append(time_prefill(engine, prompt))
+        a, b = time_generation(model, [prompt], args.new_tokens, engine)
         ttft.append(a)
         tps.append(b)
     row.prefill_tps, row.ttft_s, row.decode_tps = statistics.median(pre), statistics.median(ttft), statistics.median(tps)
     row.peak_gib = peak_gib(device)
-    del dec
+    del engine
     if args.batch > 1:
-        bdec = StaticDecoder(model, batch_size=args.batch, max_len=need, mode=mode,
-                             prefill_chunk=args.prefill_chunk)
+        engine = Engine(model, rows=args.batch, max_len=need, mode=mode, prefill_chunk=args.prefill_chunk)
         prompts = [prompt] * args.batch
-        time_generation(model, prompts, 3, bdec)
+        time_generation(model, prompts, 3, engine)
         row.batch_tps = args.batch * statistics.median(
-            time_generation(model, prompts, args.new_tokens, bdec)[1] for _ in range(args.repeat))
+            time_generation(model, prompts, args.new_tokens, engine)[1] for _ in range(args.repeat))
         row.peak_gib = max(row.peak_gib, peak_gib(device))
-        del bdec
+        del engine
     row.weight_bytes = weight_bytes_per_token(model, 1)
     return row
 
@@ -408,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4, help="rows of the batched-decode measurement (1: skip)")
-    ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch (and llama.cpp) CPU threads")
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N layers of --variant")

@@ -9,7 +9,7 @@ from .api import ChatResponse, chat_reply, default_model_path, load, stream_chat
 from .config import TextConfig
 from .engine.generate import GenerationResponse, batch_generate, generate, stream_generate
 from .engine.sampling import SamplingParams
-from .engine.static import GrowingDecoder
+from .engine.core import Engine
 from .model import Gemma
 from .tokenizer import Tokenizer
 from .weights import CheckpointError, load_model
@@ -17,5 +17,5 @@ from .weights import CheckpointError, load_model
 __all__ = [
     "load", "load_model", "generate", "stream_generate", "batch_generate", "chat_reply", "stream_chat",
     "ChatResponse", "GenerationResponse", "SamplingParams", "Gemma", "TextConfig", "Tokenizer",
-    "CheckpointError", "default_model_path", "GrowingDecoder",
+    "CheckpointError", "default_model_path", "Engine",
 ]

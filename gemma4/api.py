@@ -17,7 +17,7 @@ import torch
 from .chat import ChatFormat, ChatTemplate, ContentDelta, ThoughtDelta, ToolCall, ToolCallComplete, ToolCallError
 from .engine.generate import stream_generate
 from .engine.sampling import SamplingParams
-from .engine.static import GrowingDecoder
+from .engine.core import Engine
 from .model import Gemma
 from .tokenizer import Tokenizer
 from .weights import CheckpointError, load_model
@@ -84,6 +84,7 @@ class ChatResponse:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose K/V the engine's prefix cache supplied
 
 
 def stream_chat(
@@ -95,16 +96,17 @@ def stream_chat(
     enable_thinking: bool = False,
     max_tokens: int = 512,
     sampling: SamplingParams | None = None,
-    decoder: GrowingDecoder | None = None,
+    engine: Engine | None = None,
 ) -> Iterator[ThoughtDelta | ContentDelta | ToolCallComplete | ChatResponse]:
     """Stream a chat turn: thought and content deltas, completed tool calls, then the ChatResponse.
-    `decoder`: as for `stream_generate` (keep one across turns to reuse its compiled step)."""
+    `engine`: as for `stream_generate`; keep one across turns to reuse its compiled step and, with
+    a prefix cache, the K/V of the conversation so far."""
     fmt: ChatFormat = tokenizer.chat_format
     prompt = fmt.render(messages, tools=tools, enable_thinking=enable_thinking, add_generation_prompt=True)
     parser = fmt.stream_parser(prompt=prompt)
     text, last = [], None
     for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampling=sampling,
-                             stop_token_ids=set(fmt.stop_token_ids), add_bos=False, decoder=decoder):
+                             stop_token_ids=set(fmt.stop_token_ids), add_bos=False, engine=engine):
         text.append(r.text)
         yield from parser.feed(r.text)
         last = r
@@ -112,7 +114,8 @@ def stream_chat(
     turn = fmt.parse("".join(text), prompt=prompt)
     finish = "tool_calls" if turn.tool_calls else last.finish_reason if last else None
     yield ChatResponse(turn.content, turn.reasoning, turn.tool_calls, turn.tool_call_errors, finish,
-                       last.prompt_tokens if last else 0, last.generation_tokens if last else 0)
+                       last.prompt_tokens if last else 0, last.generation_tokens if last else 0,
+                       last.cached_tokens if last else 0)
 
 
 def chat_reply(model, tokenizer, messages: list[dict], **kwargs) -> ChatResponse:

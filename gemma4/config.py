@@ -22,6 +22,25 @@ class ConfigError(ValueError):
     """A config.json (or GGUF metadata) that does not describe a model we can build."""
 
 
+class ContextLengthError(ValueError):
+    """More tokens than the context holds: the model's, a server slot's or a cache's."""
+
+    def __init__(self, context: int, prompt: int, completion: int = 0):
+        self.context, self.prompt, self.completion = context, prompt, completion
+        # vLLM's wording, which LiteLLM and other clients recognise as a context overflow.
+        super().__init__(
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt + completion} tokens ({prompt} in the messages, {completion} in the completion). "
+            "Please reduce the length of the messages or completion."
+        )
+
+
+def check_context(context: int, prompt: int, completion: int = 0) -> None:
+    """The one context-length check: `prompt` tokens held plus `completion` more must fit in `context`."""
+    if prompt + completion > context:
+        raise ContextLengthError(context, prompt, completion)
+
+
 @dataclass(frozen=True)
 class Rope:
     """RoPE of one layer type. `rotated` angles out of head_dim/2 rotate; the rest pass through."""

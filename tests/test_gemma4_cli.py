@@ -45,34 +45,41 @@ def test_chat_session_commands(real, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_generate_and_chat_with_a_compiled_step(real, capsys, monkeypatch):
-    """--compile gives the same greedy text, and a chat keeps one decoder (one compiled step) across
-    turns. Traced by aot_eager: inductor's C++ build of it is measured by hand (docs/benchmarks.md)."""
-    import gemma4.engine.static as static
+    """--compile gives the same greedy text, and a chat keeps one engine (one compiled step, one
+    prefix cache) across turns. Traced by aot_eager: inductor's C++ build of it is measured by hand
+    (docs/benchmarks.md)."""
+    import gemma4.engine.core as core
 
     sessions = []
 
-    class Traced(static.GrowingDecoder):
-        def __init__(self, model, mode):
-            super().__init__(model, mode, compile_options={"backend": "aot_eager"})
+    class Traced(core.Engine):
+        def __init__(self, model, **kwargs):
+            super().__init__(model, **kwargs, compile_options={"backend": "aot_eager"})
             self.used = []
             sessions.append(self)
 
-        def fit(self, need):
-            self.used.append(super().fit(need))
-            return self.used[-1]
+        def warm_up(self, batch=1):
+            self.used.append(self)
+            return super().warm_up(batch)
 
-    monkeypatch.setattr(static, "GrowingDecoder", Traced)
+        def add(self, seq):
+            self.used.append(self)
+            return super().add(seq)
+
+    monkeypatch.setattr(core, "Engine", Traced)
     torch._dynamo.reset()
     try:
         assert main(["generate", "The capital of France is", "--max-tokens", "12", "--compile"]) == 0
         out, err = capsys.readouterr()
         assert out.startswith("The capital of France is the capital of the country of France.")
         assert "compiled in" in err and sessions[0].mode == "compile"
-        monkeypatch.setattr("sys.stdin", io.StringIO("Hello!\nAnd again?\n"))
+        first = "Tell me about the long history of the city of Paris, its river and its bridges."
+        monkeypatch.setattr("sys.stdin", io.StringIO(first + "\nAnd again?\n"))
         assert main(["chat", "--max-tokens", "4", "--compile"]) == 0
         used = sessions[1].used
-        assert len(used) == 3 and len(set(map(id, used))) == 1  # warm-up and two turns, one decoder
-        assert used[-1].cache.length > 10  # it ran the turns
+        assert len(used) == 3 and len(set(map(id, used))) == 1  # warm-up and two turns, one engine
+        assert sessions[1].steps > 4  # it ran the turns
+        assert sessions[1].prefix.hits > 0  # the second turn reused the first's K/V
     finally:
         torch._dynamo.reset()
 
@@ -82,13 +89,13 @@ def test_compile_with_quantized_weights_decodes_without_it(capsys):
 
     from testing_utils import random_model
 
-    from gemma4.commands.common import decoder_from_args
+    from gemma4.commands.common import engine_from_args
     from gemma4.quant import quantize
 
     model = quantize(random_model("tiny-gemma-3-270m"), "int8", progress=False)
-    assert decoder_from_args(Namespace(compile=True), model) is None
+    assert engine_from_args(Namespace(compile=True), model) is None
     assert "quantized weights cannot be compiled yet" in capsys.readouterr().err
-    assert decoder_from_args(Namespace(compile=False), model) is None
+    assert engine_from_args(Namespace(compile=False), model) is None
 
 
 def test_info_variant(capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import decoder_from_args, load_from_args, messages_with_system, print_events, sampling_from_args
+from .common import engine_from_args, load_from_args, messages_with_system, print_events, sampling_from_args
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
 
@@ -12,7 +12,7 @@ HELP = "commands: /reset (forget the conversation), /system TEXT (set the system
 def run(args) -> int:
     sampling = sampling_from_args(args)
     model, tokenizer = load_from_args(args)
-    decoder = decoder_from_args(args, model)
+    engine = engine_from_args(args, model, session=True)
     from ..api import stream_chat
 
     system, history = args.system, []
@@ -46,7 +46,7 @@ def run(args) -> int:
             continue
         history.append({"role": "user", "content": text})
         events = stream_chat(model, tokenizer, messages_with_system(system, history), enable_thinking=args.think,
-                             max_tokens=args.max_tokens, sampling=sampling, decoder=decoder)
+                             max_tokens=args.max_tokens, sampling=sampling, engine=engine)
         try:
             response = print_events(events, show_thoughts=args.think)
         except KeyboardInterrupt:

@@ -31,23 +31,34 @@ def load_from_args(args):
     return model, tokenizer
 
 
-def decoder_from_args(args, model):
-    """A GrowingDecoder with a compiled step when --compile is given (kept for the whole session), else None."""
-    if not getattr(args, "compile", False):
+def engine_from_args(args, model, *, session: bool = False):
+    """The decode engine kept for a whole command: with a compiled step when --compile is given,
+    and for a chat `session` a prefix cache, so each turn prefills only what is new. None when a
+    plain one-shot generation needs neither."""
+    compile_step = getattr(args, "compile", False)
+    if not (compile_step or session):
         return None
-    from ..engine.static import GrowingDecoder, compilable
+    from ..engine.core import Engine, compilable
 
-    if not compilable(model):
+    if compile_step and not compilable(model):
         print("--compile: quantized weights cannot be compiled yet; decoding without it", file=sys.stderr)
-        return None
+        compile_step = False
+        if not session:
+            return None
     device = next(model.parameters()).device
-    decoder = GrowingDecoder(model, "reduce-overhead" if device.type == "cuda" else "compile")
-    start = time.perf_counter()
-    print("compiling the decode step (slow the first time; later runs read inductor's on-disk cache) ...",
-          file=sys.stderr, flush=True)
-    decoder.fit(decoder.min_len)
-    print(f"compiled in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
-    return decoder
+    mode = ("reduce-overhead" if device.type == "cuda" else "compile") if compile_step else "eager"
+    engine = Engine(model, mode=mode, prefix_cache=SESSION_PREFIX_CACHE if session else 0)
+    if compile_step:
+        start = time.perf_counter()
+        print("compiling the decode step (slow the first time; later runs read inductor's on-disk cache) ...",
+              file=sys.stderr, flush=True)
+        engine.warm_up()
+        print(f"compiled in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+    return engine
+
+
+# Tokens of K/V a chat session keeps for its next turns (gemma-3-270m: 36 KB a token in float32).
+SESSION_PREFIX_CACHE = 4096
 
 
 def sampling_from_args(args) -> SamplingParams:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import decoder_from_args, load_from_args, messages_with_system, print_events, sampling_from_args
+from .common import engine_from_args, load_from_args, messages_with_system, print_events, sampling_from_args
 
 
 def run(args) -> int:
@@ -13,7 +13,7 @@ def run(args) -> int:
         raise ValueError("empty prompt: pass it as an argument or on stdin")
     sampling = sampling_from_args(args)
     model, tokenizer = load_from_args(args)
-    decoder = decoder_from_args(args, model)
+    engine = engine_from_args(args, model)
     fmt = tokenizer.chat_format
     chat = args.format == "chat" or (args.format == "auto" and (fmt.template is not None or args.system or args.think))
     if chat:
@@ -21,7 +21,7 @@ def run(args) -> int:
 
         messages = messages_with_system(args.system, [{"role": "user", "content": prompt}])
         events = stream_chat(model, tokenizer, messages, enable_thinking=args.think, max_tokens=args.max_tokens,
-                             sampling=sampling, decoder=decoder)
+                             sampling=sampling, engine=engine)
         response = print_events(events, show_thoughts=True)
         if args.verbose and response:
             print(f"[{response.prompt_tokens} prompt tokens, {response.completion_tokens} generated]", file=sys.stderr)
@@ -31,7 +31,7 @@ def run(args) -> int:
     last = None
     sys.stdout.write(prompt)
     for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampling=sampling,
-                                stop=args.stop, decoder=decoder):
+                                stop=args.stop, engine=engine):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")

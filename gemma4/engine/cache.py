@@ -1,109 +1,231 @@
-"""KV caches, one object per layer, chosen by layer type (spec 1.5, 1.11).
+"""The KV cache: one object for every caller (a batch of prompts, the server's slots, a compiled
+step, the verify step of speculative decoding, prefix reuse). Spec 1.5 and 1.11.
 
-- Sliding layers: a ring buffer of `window` slots. A chunk of new tokens attends over the old
-  ring plus itself; then its last `window` entries overwrite the oldest slots.
-- Full layers: a preallocated buffer of `max_len` slots.
-- KV-shared layers: nothing; they read their producer's K/V.
+Rows are independent sequences, each at its own length. Per layer, by type (`_layer_size`):
+- sliding layers: a ring of `window + headroom` entries; the token at position p lives at p % size;
+- full layers: a buffer of `capacity` entries (grown by doubling up to `max_len`); p lives at p;
+- KV-shared layers: nothing (they read their producer's K/V).
 
-Every slot carries the position of its token (-1 = empty or padding), so attention masks are
-built from positions and the ring's slot order never matters.
+Every entry carries its position (-1 = empty) and attention masks are built from positions, so
+entry order never matters. Each buffer has one more entry, the sink (index `size`): tokens at
+position -1 (padding, inert rows) are written there, so one write routine serves every forward and
+never branches on data (a compiled or CUDA-graph step can run it). The sink is never read.
+
+The headroom is what makes rolling back possible: `truncate(row, n)` forgets a row's last n
+positions on every layer type, and a ring still holds the whole window of the next query as long
+as n <= headroom, across a wrap too. It also lets a chunk of up to headroom + 1 tokens (a verify
+step) be written before it is attended to; longer chunks attend to the ring as it was plus themselves.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..config import TextConfig
+from ..config import ContextLengthError, TextConfig, check_context  # noqa: F401 - ContextLengthError re-exported
+
+# Ring entries beyond the window: the most a row can be rolled back (speculative decoding drafts
+# fewer), and enough that prefix blocks of 16 tokens near a row's end are still whole in the ring.
+DEFAULT_HEADROOM = 32
 
 
-class ContextLengthError(ValueError):
-    """More tokens than the cache (or the model's context) can hold."""
+class _Layer:
+    """K/V [rows, heads, size + 1, head_dim] and positions [rows, size + 1] of one layer (the last
+    entry is the sink). `ring`: positions wrap modulo `size` (sliding layers)."""
 
-
-class _Buffers:
-    def __init__(self, batch: int, heads: int, slots: int, head_dim: int, dtype, device):
-        self.k = torch.zeros(batch, heads, slots, head_dim, dtype=dtype, device=device)
+    def __init__(self, rows: int, heads: int, head_dim: int, size: int, ring: bool, dtype, device):
+        self.size, self.ring = size, ring
+        self.k = torch.zeros(rows, heads, size + 1, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.pos = torch.full((batch, slots), -1, dtype=torch.long, device=device)
+        self.pos = torch.full((rows, size + 1), -1, dtype=torch.long, device=device)
 
-    def write(self, idx, k, v, pos) -> None:
-        self.k[:, :, idx] = k
-        self.v[:, :, idx] = v
-        self.pos[:, idx] = pos
+    def grow(self, size: int) -> None:
+        """A full layer's capacity grows to `size` (contents kept, new entries empty)."""
+        old = self.size
+        k = self.k.new_zeros(self.k.shape[0], self.k.shape[1], size + 1, self.k.shape[3])
+        k[:, :, :old] = self.k[:, :, :old]
+        v = torch.zeros_like(k)
+        v[:, :, :old] = self.v[:, :, :old]
+        pos = self.pos.new_full((self.pos.shape[0], size + 1), -1)
+        pos[:, :old] = self.pos[:, :old]
+        self.k, self.v, self.pos, self.size = k, v, pos, size
 
-
-class FullCache(_Buffers):
-    """Preallocated K/V for a global-attention layer."""
-
-    def __init__(self, batch, heads, max_len, head_dim, dtype, device):
-        super().__init__(batch, heads, max_len, head_dim, dtype, device)
-        self.length = 0
-
-    def update(self, k, v, pos):
-        end = self.length + k.shape[2]
-        self.write(slice(self.length, end), k, v, pos)
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end], self.pos[:, :end]
-
-
-class RingCache(_Buffers):
-    """The last `window` K/V of a sliding-window layer."""
-
-    def __init__(self, batch, heads, window, head_dim, dtype, device):
-        super().__init__(batch, heads, window, head_dim, dtype, device)
-        self.window = window
-        self.written = 0
-
-    def update(self, k, v, pos):
-        T, W = k.shape[2], self.window
-        if T == 1:
-            # The slot overwritten holds position q - W, which the window excludes anyway.
-            self.write(self.written % W, k[:, :, 0], v[:, :, 0], pos[:, 0])
-            self.written += 1
-            return self.k, self.v, self.pos
-        # Early queries of a chunk still need the entries the chunk is about to overwrite.
-        seen = (torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2), torch.cat([self.pos, pos], dim=1))
-        n = min(T, W)
-        idx = (torch.arange(self.written + T - n, self.written + T, device=k.device)) % W
-        self.write(idx, k[:, :, T - n :], v[:, :, T - n :], pos[:, T - n :])
-        self.written += T
-        return seen
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.k, self.v, self.pos
 
 
 class KVCache:
-    """The caches of all layers for a batch of sequences that advance together.
+    """K/V of every layer for `rows` sequences of up to `max_len` tokens each.
 
-    `max_len` bounds the number of slots (prompt + generated, padding included); going past it
-    raises ContextLengthError instead of silently dropping context.
+    `static`: full layers are allocated at `max_len` at once and a forward attends over whole
+    buffers (fixed shapes: what a compiled or captured step needs); otherwise full layers start at
+    `initial_len` entries, double as rows grow, and a forward attends only up to its longest row.
+
+    Used directly as a model's cache (`model(ids, cache=cache)`), rows 0..B-1 take a batch of B,
+    and positions default to each row's next ones; the engine instead opens a `CacheView` on a
+    range of rows for each forward, with explicit positions.
     """
 
-    def __init__(self, config: TextConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
-        if max_len > config.max_position_embeddings:
-            raise ContextLengthError(
-                f"requested cache of {max_len} tokens exceeds the model's context of "
-                f"{config.max_position_embeddings} tokens"
-            )
-        self.max_len = max_len
-        self.length = 0
-        self.layers: list[FullCache | RingCache | None] = []
+    def __init__(self, config: TextConfig, rows: int, max_len: int, dtype=torch.float32, device=None, *,
+                 headroom: int = DEFAULT_HEADROOM, static: bool = False, initial_len: int = 256):
+        check_context(config.max_position_embeddings, max_len)
+        self.config, self.rows, self.max_len = config, rows, max_len
+        self.headroom, self.static, self.device = headroom, static, device
+        self._open: CacheView | None = None  # the forward opened by `prepare` (direct use)
+        self.lengths = [0] * rows  # tokens held by each row (positions 0..length-1), kept on the host
+        self.capacity = max_len if static else min(initial_len, max_len)
+        self.layers: list[_Layer | None] = []
         for spec in config.layers:
             if spec.shares_kv:
                 self.layers.append(None)
-            elif spec.window is not None:
-                self.layers.append(
-                    RingCache(batch_size, spec.num_kv_heads, min(spec.window, max_len), spec.head_dim, dtype, device)
-                )
             else:
-                self.layers.append(FullCache(batch_size, spec.num_kv_heads, max_len, spec.head_dim, dtype, device))
+                ring = spec.window is not None and spec.window + headroom < max_len
+                size = spec.window + headroom if ring else self.capacity
+                self.layers.append(_Layer(rows, spec.num_kv_heads, spec.head_dim, size, ring, dtype, device))
+        # The longest chunk a ring can take before attending (write first, then read the ring).
+        self.write_first = headroom + 1
 
-    def reserve(self, n: int) -> int:
-        if self.length + n > self.max_len:
-            raise ContextLengthError(
-                f"{self.length + n} tokens do not fit in a cache of {self.max_len} (already holding {self.length}); "
-                "start a new sequence or allocate a longer cache"
-            )
-        start, self.length = self.length, self.length + n
-        return start
+    # -- growth, rollback, bookkeeping ------------------------------------------------------------
+    def ensure(self, length: int) -> None:
+        """Make room for positions < length in every row (full layers grow by doubling)."""
+        check_context(self.max_len, length)
+        if length <= self.capacity:
+            return
+        size = self.capacity
+        while size < length:
+            size *= 2
+        self.capacity = min(size, self.max_len)
+        for layer in self.layers:
+            if layer is not None and not layer.ring:
+                layer.grow(self.capacity)
+
+    def truncate(self, row: int, n: int) -> None:
+        """Forget the last n tokens of `row` on every layer. A ring keeps the window of the next
+        query only if n <= headroom; more is refused unless it empties the row."""
+        length = self.lengths[row]
+        if not 0 <= n <= length:
+            raise ValueError(f"cannot roll back {n} tokens of a row holding {length}")
+        if n > self.headroom and n < length and any(layer is not None and layer.ring for layer in self.layers):
+            raise ValueError(f"a row can be rolled back by at most {self.headroom} tokens (the ring headroom), "
+                             f"not {n}; build the cache with a larger headroom")
+        keep = length - n
+        for layer in self.layers:
+            if layer is not None:
+                layer.pos[row].masked_fill_(layer.pos[row] >= keep, -1)
+        self.lengths[row] = keep
+
+    def reset(self, row: int) -> None:
+        """Empty a row (its K/V become invisible; the memory is reused by the next sequence)."""
+        for layer in self.layers:
+            if layer is not None:
+                layer.pos[row] = -1
+        self.lengths[row] = 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for layer in self.layers if layer is not None for t in layer.tensors()]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    # -- opening a forward ------------------------------------------------------------------------
+    def view(self, lo: int = 0, hi: int | None = None, end: int | None = None) -> CacheView:
+        """The rows [lo, hi) for one forward. `end`: one past the largest position any of them will
+        hold after it (the engine knows it; attention then reads only that far); None on a static
+        cache reads whole buffers."""
+        return CacheView(self, lo, self.rows if hi is None else hi, end)
+
+    def prepare(self, shape: tuple[int, int], positions: torch.Tensor | None,
+                attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The model-cache protocol, for direct use: a batch of B takes rows 0..B-1, and the rows'
+        lengths are learnt from the positions (a device sync, which the engine's views avoid)."""
+        self._open = CacheView(self, 0, shape[0], None, learn=True)
+        return self._open.prepare(shape, positions, attention_mask)
 
     def layer(self, index: int):
-        return self.layers[index]
+        return self._open.layer(index)
+
+
+class CacheView:
+    """What one forward sees of a `KVCache`: rows [lo, hi), the model-cache protocol (`prepare`,
+    `layer`). Write targets are computed once per forward per buffer geometry."""
+
+    def __init__(self, cache: KVCache, lo: int, hi: int, end: int | None, learn: bool = False):
+        self.cache, self.lo, self.hi, self.end, self.learn = cache, lo, hi, end, learn
+        self._targets: dict[tuple[int, bool], torch.Tensor] = {}
+        self._rows: torch.Tensor | None = None
+
+    def prepare(self, shape: tuple[int, int], positions: torch.Tensor | None,
+                attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Positions [B, T] of this forward's tokens: as given, or each row's next T (per
+        `attention_mask`, left padding at -1). A direct use (`learn`) records the rows' new lengths."""
+        c, lo, hi = self.cache, self.lo, self.hi
+        if positions is None:
+            start = torch.tensor(c.lengths[lo:hi], device=c.device)[:, None]
+            if attention_mask is not None:
+                mask = attention_mask.to(c.device).long()
+                positions = (mask.cumsum(-1) - 1 + start).masked_fill(mask == 0, -1)
+            else:
+                positions = start + torch.arange(shape[1], device=c.device)
+        if self.learn:
+            lengths = [max(old, p + 1) for old, p in zip(c.lengths[lo:hi], positions.amax(1).tolist())]
+            c.ensure(max(lengths))
+            c.lengths[lo:hi] = lengths
+            self.end = None if c.static else max(lengths)
+        return positions
+
+    def layer(self, index: int):
+        layer = self.cache.layers[index]
+        return None if layer is None else _LayerView(self, layer)
+
+    def targets(self, layer: _Layer, pos: torch.Tensor) -> torch.Tensor:
+        """Entry index of each token [B, T]: its slot, or the sink for position -1 (and, in a
+        chunk longer than a ring, for all but each row's last `size` tokens)."""
+        key = (layer.size, layer.ring)
+        idx = self._targets.get(key)
+        if idx is None:
+            valid = pos >= 0
+            if layer.ring and pos.shape[1] > layer.size:
+                valid = valid & (pos > pos.amax(1, keepdim=True) - layer.size)
+            idx = self._targets[key] = torch.where(valid, pos % layer.size if layer.ring else pos, layer.size)
+        return idx
+
+    def rows(self, pos: torch.Tensor) -> torch.Tensor:
+        if self._rows is None:
+            self._rows = torch.arange(self.lo, self.hi, device=pos.device)[:, None].expand(pos.shape)
+        return self._rows
+
+    def readable(self, layer: _Layer) -> int:
+        """How many entries attention reads: up to the longest row, or the whole buffer (never the sink)."""
+        if self.end is None or self.end > layer.size:
+            return layer.size
+        return self.end
+
+
+class _LayerView:
+    """The LayerCache protocol of one layer within a CacheView."""
+
+    __slots__ = ("view", "layer")
+
+    def __init__(self, view: CacheView, layer: _Layer):
+        self.view, self.layer = view, layer
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Store k/v [B, H, T, d] at their positions [B, T]: the one ring (and buffer) write."""
+        view, layer = self.view, self.layer
+        index = (view.rows(pos), view.targets(layer, pos))
+        layer.k.transpose(1, 2).index_put_(index, k.transpose(1, 2))
+        layer.v.transpose(1, 2).index_put_(index, v.transpose(1, 2))
+        layer.pos.index_put_(index, pos)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        view, layer = self.view, self.layer
+        lo, hi = view.lo, view.hi
+        if layer.ring and k.shape[2] > view.cache.write_first:
+            # A long chunk's early queries still need the ring entries it is about to overwrite.
+            n = view.readable(layer)
+            seen = (torch.cat([layer.k[lo:hi, :, :n], k], 2), torch.cat([layer.v[lo:hi, :, :n], v], 2),
+                    torch.cat([layer.pos[lo:hi, :n], pos], 1))
+            self.write(k, v, pos)
+            return seen
+        self.write(k, v, pos)
+        n = view.readable(layer)
+        return layer.k[lo:hi, :, :n], layer.v[lo:hi, :, :n], layer.pos[lo:hi, :n]

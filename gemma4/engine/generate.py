@@ -1,10 +1,9 @@
-"""The generation loop: prefill, then decode one token per step for a batch of sequences.
+"""Synchronous generation on the decode core: a batch of prompts, or one prompt as streamed text.
 
-`TokenGenerator` works on token ids and yields one `TokenStep` per live sequence per step; the
-text layer (`stream_generate`) turns those into `GenerationResponse` records with text pieces,
-stop strings and timing. The CLI, the Python API and the server all consume the same loop.
-
-Prompts of different lengths are left-padded; padding takes no position and no attention, so a
+`Generation` runs requests on an `Engine` (a fresh one, or one kept across calls: a compiled
+step, a chat session's prefix cache) and yields a list per step with one `TokenEvent` or None per
+request. `stream_generate` turns one request's events into `GenerationResponse` records with text
+and timing. Sequences of different lengths share every forward, each at its own positions, so a
 sequence gives the same tokens in a batch as alone.
 """
 
@@ -16,124 +15,78 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import ContextLengthError, KVCache
-from .sampling import Sampler, SamplingParams
-from .static import GrowingDecoder, StaticDecoder, prefill
-from .stops import StopMatcher
+from ..config import ContextLengthError
+from .core import Engine
+from .sampling import SamplingParams
+from .sequence import Constraint, GenerationRequest, TokenEvent
+
+TokenStep = TokenEvent  # what a step yields per sequence (token, logprob, top_logprobs, finish_reason)
 
 
 class PromptTooLongError(ContextLengthError):
     """The prompt leaves no room to generate within the model's context."""
 
 
-@dataclass
-class TokenStep:
-    token: int
-    logprob: float  # log-probability under the model's (unprocessed) distribution
-    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (stop token), "length", or None while running
+class Generation:
+    """Requests run together on an engine; iterate for a list per step (one event or None each).
 
-
-class TokenGenerator:
-    """Generates tokens for several prompts at once; iterate to get a list per step.
-
-    Each list holds a TokenStep for every sequence that produced a token at this step and None
-    for sequences already finished. `finish(i)` ends sequence i early (e.g. on a stop string).
+    `engine` must have a free row per request; without one, an engine just big enough is made.
+    `finish(i)` ends request i early.
     """
 
-    def __init__(
-        self,
-        model,
-        prompts: list[list[int]],
-        sampling: list[SamplingParams],
-        max_tokens: list[int],
-        stop_token_ids: set[int],
-        logprobs: int = 0,
-        prefill_chunk: int = 512,
-        decoder: StaticDecoder | None = None,
-    ):
-        """`decoder`: a `StaticDecoder` of `model` (reused across generations) to run prefill and
-        decode steps on its static cache, e.g. with a compiled or CUDA-graph-captured step."""
-        cfg = model.config
-        context = cfg.max_position_embeddings
-        for p in prompts:
-            if not p:
+    def __init__(self, model, requests: list[GenerationRequest], engine: Engine | None = None):
+        context = engine.context if engine is not None else model.config.max_position_embeddings
+        for r in requests:
+            if not r.prompt:
                 raise ValueError("empty prompt: give at least one token (e.g. <bos>)")
-            if len(p) >= context:
-                raise PromptTooLongError(
-                    f"the prompt has {len(p)} tokens, but the model's maximum context length is {context} tokens; "
-                    "shorten the prompt"
-                )
-        self.model = model
-        self.prompts = prompts
-        self.limits = [min(m, context - len(p)) for m, p in zip(max_tokens, prompts)]
-        self.decoder = decoder
-        if decoder is not None:
-            need = max(len(p) for p in prompts) + max(self.limits)
-            if len(prompts) > decoder.batch_size or need > decoder.max_len:
-                raise ContextLengthError(
-                    f"{len(prompts)} prompts needing {need} tokens do not fit the decoder's static cache of "
-                    f"{decoder.batch_size} x {decoder.max_len}; build a StaticDecoder with a larger batch_size/max_len"
-                )
-        self.stop_ids = stop_token_ids
-        self.logprobs = logprobs
-        self.prefill_chunk = prefill_chunk
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
-        self.samplers = [Sampler(s, p, cfg.vocab_size, self.device) for s, p in zip(sampling, prompts)]
-        self.done = [limit <= 0 for limit in self.limits]
-        self.produced = [0] * len(prompts)
+            if len(r.prompt) >= context:
+                raise PromptTooLongError(context, len(r.prompt), 1)
+        if engine is None:
+            need = max(len(r.prompt) + max(min(r.max_tokens, context - len(r.prompt)), 0) for r in requests)
+            engine = Engine(model, rows=len(requests), max_len=min(need, context))
+        elif engine.free_rows < len(requests):
+            raise ValueError(f"{len(requests)} requests need as many free rows; the engine has {engine.free_rows}")
+        self.engine = engine
+        self.sequences = [engine.new_sequence(r) for r in requests]
 
     def finish(self, i: int) -> None:
-        self.done[i] = True
+        seq = self.sequences[i]
+        if not seq.finished:
+            self.engine.cancel(seq, "stop")
 
     @torch.inference_mode()
-    def __iter__(self) -> Iterator[list[TokenStep | None]]:
-        B, L = len(self.prompts), max(len(p) for p in self.prompts)
-        ids = torch.zeros(B, L, dtype=torch.long)
-        mask = torch.zeros(B, L, dtype=torch.long)
-        for i, p in enumerate(self.prompts):
-            ids[i, L - len(p):] = torch.tensor(p)
-            mask[i, L - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, -1)
-        if self.decoder is not None:
-            logits = self.decoder.prefill(ids, pos)
-        else:
-            cache = KVCache(self.model.config, B, L + max(self.limits), self.dtype, self.device)
-            logits = prefill(self.model, ids, pos, cache, self.prefill_chunk)
-        last = [len(p) - 1 for p in self.prompts]  # the position of each row's newest token
-        while not all(self.done):
-            steps = [self._step(i, logits[i]) if not self.done[i] else None for i in range(B)]
-            yield steps
-            if all(self.done):
-                return
-            # Positions are kept on the host: building the step's inputs costs no device round trip.
-            last = [p + 1 if not d else p for p, d in zip(last, self.done)]
-            nxt = torch.tensor([[s.token if s else 0] for s in steps]).to(self.device, non_blocking=True)
-            step_pos = torch.tensor([[-1 if d else p] for p, d in zip(last, self.done)]).to(self.device,
-                                                                                          non_blocking=True)
-            if self.decoder is not None:
-                logits = self.decoder.step(nxt, step_pos)
-            else:
-                logits = self.model(nxt, positions=step_pos, cache=cache)[:, -1]
+    def __iter__(self) -> Iterator[list[TokenEvent | None]]:
+        engine, seqs = self.engine, self.sequences
+        try:
+            for seq in seqs:
+                engine.add(seq)
+            engine.reserve(max(s.prompt_len + max(s.limit, 0) for s in seqs), len(seqs))
+            events = engine.prefill()
+            index = {id(seq): i for i, seq in enumerate(seqs)}
+            while True:
+                step: list[TokenEvent | None] = [None] * len(seqs)
+                for seq, event in events:
+                    step[index[id(seq)]] = event
+                if any(e is not None for e in step):
+                    yield step
+                if all(s.finished for s in seqs):
+                    return
+                events = engine.decode()
+        finally:
+            for seq in seqs:  # abandoned early (the caller stopped iterating): free the rows
+                if not seq.finished:
+                    engine.cancel(seq)
 
-    def _step(self, i: int, logits: torch.Tensor) -> TokenStep:
-        token = self.samplers[i].sample(logits)
-        logits = logits.float()
-        top = []
-        if self.logprobs:
-            logp = torch.log_softmax(logits, -1)
-            values, index = torch.topk(logp, self.logprobs)
-            top = list(zip(index.tolist(), values.tolist()))
-            logprob = float(logp[token])
-        else:  # one pass over the vocabulary instead of a full log_softmax
-            logprob = float(logits[token] - torch.logsumexp(logits, -1))
-        self.produced[i] += 1
-        reason = "stop" if token in self.stop_ids else "length" if self.produced[i] >= self.limits[i] else None
-        if reason:
-            self.done[i] = True
-        return TokenStep(token, logprob, top, reason)
+
+class TokenGenerator(Generation):
+    """`Generation` of plain prompts: one sampling, token limit and stop-token set per prompt.
+    `logprobs` (k) adds each token's top-k; the sampled token's own logprob is always given."""
+
+    def __init__(self, model, prompts: list[list[int]], sampling: list[SamplingParams], max_tokens: list[int],
+                 stop_token_ids: set[int], logprobs: int = 0, engine: Engine | None = None):
+        stops = frozenset(stop_token_ids)
+        super().__init__(model, [GenerationRequest(list(p), m, s, stops, logprobs)
+                                 for p, s, m in zip(prompts, sampling, max_tokens)], engine)
 
 
 @dataclass
@@ -149,6 +102,7 @@ class GenerationResponse:
     prompt_tps: float
     generation_tps: float
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the engine's prefix cache
 
 
 def stream_generate(
@@ -161,43 +115,34 @@ def stream_generate(
     stop: list[str] | None = None,
     stop_token_ids: set[int] | None = None,
     logprobs: int = 0,
+    logit_bias: dict[int, float] | None = None,
+    constraints: list[Constraint] | None = None,
     add_bos: bool | None = None,
-    decoder: GrowingDecoder | None = None,
+    engine: Engine | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from one prompt, yielding a response per token; the last one has finish_reason set.
 
     Stop tokens are not part of the text. Stop strings end generation and are cut from the text.
     add_bos=None follows the tokenizer (base checkpoints add <bos>; chat prompts carry their own).
-    `decoder` runs the steps on a static cache, e.g. compiled (`GrowingDecoder(model, "compile")`),
-    kept from one call to the next.
+    `engine`: an `Engine` kept from one call to the next, e.g. with a compiled step
+    (`Engine(model, mode="compile")`) or a prefix cache (a chat re-prefills only its new turn).
     """
     ids = tokenizer.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
     stops = set(model.config.eos_token_id) if stop_token_ids is None else set(stop_token_ids)
+    request = GenerationRequest(ids, max_tokens, sampling or SamplingParams(), frozenset(stops), logprobs,
+                                list(constraints or []), logit_bias, stop, tokenizer)
     start = time.perf_counter()
-    static = decoder.fit(len(ids) + max(max_tokens, 1)) if decoder is not None else None
-    gen = TokenGenerator(model, [ids], [sampling or SamplingParams()], [max_tokens], stops, logprobs, decoder=static)
-    detok, matcher = tokenizer.detokenizer(), StopMatcher(stop)
+    gen = Generation(model, [request], engine)
     prompt_tps = 0.0
     n = 0
-    for (step,) in gen:
+    for (event,) in gen:
         now = time.perf_counter()
         if n == 0:
             prompt_tps, start = len(ids) / max(now - start, 1e-9), now
         n += 1
-        piece = "" if step.token in stops else detok.add(step.token)
-        reason = step.finish_reason
-        if reason:
-            piece += detok.flush()
-        text, hit = matcher.feed(piece)
-        if hit:
-            gen.finish(0)
-            reason = "stop"
-        elif reason:
-            text += matcher.flush()
-        yield GenerationResponse(text, step.token, step.logprob, reason, len(ids), n, prompt_tps,
-                                 n / max(time.perf_counter() - start, 1e-9), step.top_logprobs)
-        if reason:
-            return
+        yield GenerationResponse(event.text, event.token, event.logprob, event.finish_reason, len(ids), n,
+                                 prompt_tps, n / max(time.perf_counter() - start, 1e-9), event.top_logprobs,
+                                 gen.sequences[0].cached)
 
 
 def generate(model, tokenizer, prompt: str | list[int], **kwargs) -> str:
@@ -222,6 +167,6 @@ def batch_generate(
     out: list[list[int]] = [[] for _ in ids]
     for steps in TokenGenerator(model, ids, params, [max_tokens] * len(ids), stops):
         for i, s in enumerate(steps):
-            if s is not None and s.token not in stops:
+            if s is not None and s.token is not None and s.token not in stops:
                 out[i].append(s.token)
     return [tokenizer.decode(t) for t in out]

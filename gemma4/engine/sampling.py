@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+_FLOAT_MAX = torch.finfo(torch.float32).max
+
 
 def argmax(x: torch.Tensor, block: int = 64) -> int:
     """The index of the first maximum of a 1-d tensor, as `torch.argmax`, ~5x faster for a CPU
@@ -73,24 +75,31 @@ class Sampler:
         self.counts[token] += 1
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
-        """Penalties, temperature and truncation applied to fp32 logits [V]; -inf marks removed tokens."""
+        """Penalties, temperature and truncation applied to logits [V] (not in place): fp32, -inf
+        marks removed tokens, and the best token scores 0 unless greedy.
+
+        Numerically safe for every value `SamplingParams` accepts: penalised logits are clamped to
+        finite values, and temperature divides logits already shifted to a maximum of 0, so a
+        temperature of 1e-38 or a repetition penalty of 1e-40 gives a near-greedy pick, never NaN.
+        """
         p = self.params
         logits = logits.float()
         if p.repetition_penalty != 1.0:
             seen = logits[self.seen]
-            logits[self.seen] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+            penalised = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+            logits = logits.index_put((self.seen,), penalised.clamp(max=_FLOAT_MAX))
         if p.presence_penalty or p.frequency_penalty:
             logits = logits - p.presence_penalty * (self.counts > 0) - p.frequency_penalty * self.counts
         if p.greedy:
             return logits
-        logits = logits / p.temperature
+        logits = (logits - logits.max()) / p.temperature
         if p.top_k and p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if p.top_p < 1.0:
             sorted_logits, order = torch.sort(logits, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
+            probs = sorted_logits.softmax(-1)
+            drop = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest prefix reaching top_p
             logits = logits.scatter(0, order[drop], float("-inf"))
         if p.min_p > 0:
             probs = logits.softmax(-1)

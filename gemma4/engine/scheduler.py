@@ -1,51 +1,41 @@
-"""Continuous batching: a scheduler thread that runs many requests through one slotted KV cache.
+"""Continuous batching: a scheduler thread that runs many requests on one decode core.
 
 Each loop iteration (one "step"):
-  1. drop cancelled requests (their slots are freed at once) and admit waiting ones into free slots;
-  2. prefill: up to `prefill_chunk` prompt tokens in total, request by request, in chunks; a request
-     whose prompt is done samples its first token from the last prompt position;
-  3. decode: one forward over every decoding slot (each at its own position), one token each.
+  1. drop cancelled requests (their rows are freed at once) and admit waiting ones into free rows
+     (a prompt that starts like an earlier one takes its K/V from the engine's prefix cache);
+  2. `Engine.step`: up to `prefill_chunk` prompt tokens in total, in chunks; a request whose
+     prompt is done samples its first token; then one decode forward for every decoding row.
 So a new request joins the running batch between two decode steps, long prompts are cut into
 chunks that alternate with decode steps, and concurrent streams share each forward pass.
 
-The scheduler works on token ids only; text, stop strings and parsing belong to the caller. Each
+The scheduler adds threads, a bounded queue and cancellation to the engine; what a request
+generates and how (sampling, constraints, logprobs, stops) is the engine's `Sequence`. Each
 request gets its tokens through a callback, called on the scheduler thread with one `TokenEvent`
-per token; the last event has `finish_reason` set ("stop", "length", "abort" or "error"). Sampling
-is per request (its own `Sampler` and seeded generator), so a request gives the same tokens alone
-or in a batch. Optional per-request `constraints` (token masks: grammars, forced tokens, banned
-tokens) are applied to the logits before sampling; reported logprobs are the model's own.
+per token; the last event has `finish_reason` set ("stop", "length", "abort" or "error"). A request
+gives the same tokens alone or in a batch; a failure in one request's sampling ends that request
+only.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
 import torch
 
-from .cache import ContextLengthError
-from .sampling import Sampler, SamplingParams
-from .slots import SlotKVCache
+from ..config import check_context
+from .core import PREFILL_CHUNK, Engine
+from .sequence import Constraint, GenerationRequest, Sequence, TokenEvent
+
+__all__ = ["Constraint", "GenerationRequest", "TokenEvent", "Scheduler", "RequestHandle", "QueueFullError",
+           "SchedulerClosedError", "SchedulerStats"]
 
 log = logging.getLogger(__name__)
-
-
-class Constraint(Protocol):
-    """A per-request token mask, advanced with every sampled token."""
-
-    def allowed(self) -> torch.Tensor | None:
-        """Bool [V] of the tokens that may come next (True = allowed), or None for no restriction."""
-        ...
-
-    def advance(self, token: int) -> None:
-        ...
 
 
 class QueueFullError(RuntimeError):
@@ -56,42 +46,14 @@ class SchedulerClosedError(RuntimeError):
     """The scheduler is stopping or its thread died."""
 
 
-@dataclass
-class GenerationRequest:
-    prompt: list[int]
-    max_tokens: int
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop_token_ids: frozenset[int] = frozenset()
-    logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the top k
-    constraints: list[Constraint] = field(default_factory=list)
-    logit_bias: dict[int, float] | None = None
-
-
-@dataclass
-class TokenEvent:
-    token: int | None  # None on an "abort" / "error" event
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: str | None = None
-    time: float = 0.0  # time.monotonic() when the token was sampled
-
-
-_WAITING, _PREFILL, _DECODE, _DONE = "waiting", "prefill", "decode", "done"
-
-
 class RequestHandle:
     """A submitted request: `cancel()` it from any thread; timing fields are time.monotonic()."""
 
     def __init__(self, rid: int, request: GenerationRequest, callback: Callable[[TokenEvent], None]):
         self.id, self.request, self.callback = rid, request, callback
-        self.state = _WAITING
         self.cancelled = False
-        self.slot: int | None = None
-        self.length = 0  # tokens of this request in the cache
-        self.produced = 0
-        self.last_token = -1
-        self.sampler: Sampler | None = None
+        self.seq: Sequence | None = None  # the engine's state of this request, once admitted
+        self.done = False
         self.submitted = time.monotonic()
         self.admitted: float | None = None
         self.first_token: float | None = None
@@ -104,22 +66,34 @@ class RequestHandle:
 
     @property
     def finished(self) -> bool:
-        return self.state == _DONE
+        return self.done
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose K/V came from the prefix cache."""
+        return self.seq.cached if self.seq is not None else 0
 
 
 @dataclass(frozen=True)
 class SchedulerStats:
-    running: int  # requests holding a slot
+    running: int  # requests holding a row
     waiting: int
     slots_in_use: int
     num_slots: int
     kv_tokens: int  # tokens held in the cache by running requests
     kv_capacity: int  # num_slots * max_len
     alive: bool
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of those, tokens reused
 
 
 class Scheduler:
-    """Runs generation requests on `model` in a background thread (see the module docstring)."""
+    """Runs generation requests on `model` in a background thread (see the module docstring).
+
+    max_batch: rows decoded together; max_len: tokens per row (default the model's context);
+    mode: the engine's decode step ("eager", "compile", ...); prefix_cache: tokens of K/V kept for
+    reuse across requests (0 = off).
+    """
 
     def __init__(
         self,
@@ -128,28 +102,30 @@ class Scheduler:
         max_batch: int = 8,
         max_queue: int = 64,
         max_len: int | None = None,
-        prefill_chunk: int = 256,
+        prefill_chunk: int = PREFILL_CHUNK,
         vocab_limit: int | None = None,
+        mode: str = "eager",
+        prefix_cache: int = 0,
+        compile_options: dict | None = None,
     ):
-        cfg = model.config
-        param = next(model.parameters())
-        self.model = model
-        self.max_batch, self.max_queue = max_batch, max_queue
-        self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.prefill_chunk = prefill_chunk
-        self.vocab_size = cfg.vocab_size
-        self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < cfg.vocab_size else None
-        self.device = param.device
-        self.cache = SlotKVCache(cfg, max_batch, self.max_len, param.dtype, param.device)
-        self._free = list(range(max_batch))  # a heap: the lowest free slot first keeps live slots packed
+        self.engine = Engine(model, rows=max_batch, max_len=max_len, mode=mode, prefill_chunk=prefill_chunk,
+                             prefix_cache=prefix_cache, vocab_limit=vocab_limit, compile_options=compile_options)
+        self.model, self.cache = model, self.engine.cache
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.max_len = self.engine.context
+        self.vocab_size = model.config.vocab_size
         self._waiting: deque[RequestHandle] = deque()
-        self._running: list[RequestHandle] = []
+        self._running: dict[int, RequestHandle] = {}  # id(sequence) -> its handle
         self._cond = threading.Condition()
         self._ids = itertools.count()
         self._closing = False
         self._thread: threading.Thread | None = None
         self.dead: BaseException | None = None
-        self.steps = 0  # decode forwards run so far (tests watch it advance)
+
+    @property
+    def steps(self) -> int:
+        """Decode forwards run so far (tests watch it advance)."""
+        return self.engine.steps
 
     # -- public, any thread -----------------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -157,17 +133,22 @@ class Scheduler:
         self._thread.start()
         return self
 
+    def warm_up(self) -> None:
+        """Trace (or capture) the compiled step for every batch size before serving (no-op when eager)."""
+        b = 1
+        while True:
+            self.engine.warm_up(min(b, self.max_batch))
+            if b >= self.max_batch:
+                return
+            b *= 2
+
     def submit(self, request: GenerationRequest, callback: Callable[[TokenEvent], None]) -> RequestHandle:
         """Queue a request; raises ValueError / ContextLengthError / QueueFullError / SchedulerClosedError."""
         if not request.prompt:
             raise ValueError("empty prompt: give at least one token")
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
-        if len(request.prompt) + request.max_tokens > self.max_len:
-            raise ContextLengthError(
-                f"{len(request.prompt)} prompt tokens + {request.max_tokens} to generate exceed the "
-                f"maximum context length of {self.max_len} tokens"
-            )
+        check_context(self.max_len, len(request.prompt), request.max_tokens)
         if any(not 0 <= t < self.vocab_size for t in request.prompt):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         handle = RequestHandle(next(self._ids), request, callback)
@@ -183,16 +164,19 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         with self._cond:
-            running = list(self._running)
+            running = list(self._running.values())
             waiting = len(self._waiting)
+        prefix = self.engine.prefix
         return SchedulerStats(
             running=len(running),
             waiting=waiting,
-            slots_in_use=self.max_batch - len(self._free),
+            slots_in_use=self.max_batch - self.engine.free_rows,
             num_slots=self.max_batch,
-            kv_tokens=sum(h.length for h in running),
+            kv_tokens=sum(h.seq.fed for h in running if h.seq is not None),
             kv_capacity=self.max_batch * self.max_len,
             alive=self.dead is None and self._thread is not None and self._thread.is_alive(),
+            prefix_queries=prefix.queries if prefix is not None else 0,
+            prefix_hits=prefix.hits if prefix is not None else 0,
         )
 
     def stop(self, timeout: float | None = 10.0) -> None:
@@ -229,12 +213,11 @@ class Scheduler:
         self._reap()
         self._admit()
         try:
-            self._prefill()
-            self._decode()
-        except Exception as error:  # noqa: BLE001 - e.g. out of memory: fail the batch, keep serving
+            for seq, event in self.engine.step(self.prefill_chunk):
+                self._deliver(self._running[id(seq)], event)
+        except Exception:  # noqa: BLE001 - a bug in a step: fail the requests in flight, keep serving
             log.exception("generation step failed")
-            for h in list(self._running):
-                self._finish(h, TokenEvent(None, finish_reason="error", error=_describe(error), time=time.monotonic()))
+            self._abort_running("error", "the engine failed while generating")
         return True
 
     def _reap(self) -> None:
@@ -242,124 +225,44 @@ class Scheduler:
             gone = [h for h in self._waiting if h.cancelled]
             for h in gone:
                 self._waiting.remove(h)
-        for h in gone + [h for h in self._running if h.cancelled]:
-            self._finish(h, TokenEvent(None, finish_reason="abort", time=time.monotonic()))
+        for h in gone:
+            self._deliver(h, TokenEvent(None, finish_reason="abort", time=time.monotonic()))
+        for h in [h for h in self._running.values() if h.cancelled]:
+            self._deliver(h, self.engine.cancel(h.seq))
 
     def _admit(self) -> None:
-        while self._free:
+        while self.engine.free_rows:
             with self._cond:
                 if not self._waiting:
                     return
                 h = self._waiting.popleft()
-            h.slot = heapq.heappop(self._free)
-            h.state, h.admitted = _PREFILL, time.monotonic()
-            h.sampler = Sampler(h.request.sampling, h.request.prompt, self.vocab_size, self.device)
-            self._running.append(h)
+            h.seq = self.engine.new_sequence(h.request)
+            h.admitted = time.monotonic()
+            self._running[id(h.seq)] = h
+            self.engine.add(h.seq)
 
-    def _prefill(self) -> None:
-        budget = self.prefill_chunk
-        for h in [h for h in self._running if h.state == _PREFILL]:
-            if budget <= 0:
-                return
-            prompt = h.request.prompt
-            n = min(len(prompt) - h.length, budget)
-            budget -= n
-            start, end = h.length, h.length + n
-            self.cache.ensure(end)
-            ids = torch.tensor([prompt[start:end]], device=self.device)
-            pos = torch.arange(start, end, device=self.device)[None]
-            out = self.model.decode(ids, positions=pos, cache=self.cache.view(h.slot, h.slot + 1), logits_to_keep=1)
-            h.length = end
-            if end == len(prompt):
-                h.state = _DECODE
-                self._sample(h, self.model.logits(out.hidden[0, -1]))
-
-    def _decode(self) -> None:
-        rows = [h for h in self._running if h.state == _DECODE]
-        if not rows:
+    def _deliver(self, h: RequestHandle, event: TokenEvent) -> None:
+        if h.done:
             return
-        lo, hi = min(h.slot for h in rows), max(h.slot for h in rows) + 1
-        ids = torch.zeros(hi - lo, 1, dtype=torch.long)
-        pos = torch.full((hi - lo, 1), -1, dtype=torch.long)
-        for h in rows:
-            ids[h.slot - lo, 0], pos[h.slot - lo, 0] = h.last_token, h.length
-        self.cache.ensure(max(h.length for h in rows) + 1)
-        logits = self.model(ids.to(self.device), positions=pos.to(self.device), cache=self.cache.view(lo, hi))
-        self.steps += 1
-        for h in rows:
-            h.length += 1
-            self._sample(h, logits[h.slot - lo, -1])
-
-    def _sample(self, h: RequestHandle, raw: torch.Tensor) -> None:
-        req = h.request
-        raw = raw.float()
-        logits = raw
-        if self.vocab_limit is not None or req.logit_bias or req.constraints:
-            logits = raw.clone()
-            if self.vocab_limit is not None:
-                logits[self.vocab_limit :] = float("-inf")
-            if req.logit_bias:
-                index = torch.tensor(list(req.logit_bias), device=logits.device)
-                logits[index] += torch.tensor(list(req.logit_bias.values()), device=logits.device)
-            for c in req.constraints:
-                allowed = c.allowed()
-                if allowed is not None:
-                    logits.masked_fill_(~allowed.to(logits.device), float("-inf"))
-        if not bool(torch.isfinite(logits).any()):  # a constraint allows nothing: the output is complete
-            self._finish(h, TokenEvent(None, finish_reason="stop", time=time.monotonic()))
-            return
-        token = h.sampler.sample(logits)
-        for c in req.constraints:
-            c.advance(token)
-        event = TokenEvent(token, time=time.monotonic())
-        if req.logprobs is not None:
-            logp = torch.log_softmax(raw, -1)
-            event.logprob = float(logp[token])
-            if req.logprobs:
-                values, index = torch.topk(logp, req.logprobs)
-                event.top_logprobs = list(zip(index.tolist(), values.tolist()))
-        h.produced += 1
-        h.last_token = token
-        if h.first_token is None:
+        if event.token is not None and h.first_token is None:
             h.first_token = event.time
-        if token in req.stop_token_ids:
-            event.finish_reason = "stop"
-        elif h.produced >= req.max_tokens:
-            event.finish_reason = "length"
-        if event.finish_reason:
-            self._finish(h, event)
-        else:
-            _deliver(h, event)
-
-    def _finish(self, h: RequestHandle, event: TokenEvent) -> None:
-        if h.state == _DONE:
-            return
-        if h.slot is not None:
-            self.cache.free(h.slot)
-            heapq.heappush(self._free, h.slot)
-            h.slot = None
-        if h in self._running:
-            self._running.remove(h)
-        h.state, h.length = _DONE, 0
-        h.sampler = None
-        _deliver(h, event)
+        if event.finish_reason is not None:
+            h.done = True
+            if h.seq is not None:
+                self._running.pop(id(h.seq), None)
+        try:
+            h.callback(event)
+        except Exception:  # noqa: BLE001 - a consumer's bug must not stop the other requests
+            log.exception("request %d: the token callback failed; cancelling it", h.id)
+            h.cancelled = True
 
     def _abort_all(self, reason: str, error: str | None) -> None:
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
-        for h in waiting + list(self._running):
-            self._finish(h, TokenEvent(None, finish_reason=reason, error=error, time=time.monotonic()))
+        for h in waiting:
+            self._deliver(h, TokenEvent(None, finish_reason=reason, error=error, time=time.monotonic()))
+        self._abort_running(reason, error)
 
-
-def _deliver(h: RequestHandle, event: TokenEvent) -> None:
-    try:
-        h.callback(event)
-    except Exception:  # noqa: BLE001 - a consumer's bug must not stop the other requests
-        log.exception("request %d: the token callback failed; cancelling it", h.id)
-        h.cancelled = True
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, torch.OutOfMemoryError):
-        return "the engine ran out of memory"
-    return "the engine failed while generating"
+    def _abort_running(self, reason: str, error: str | None) -> None:
+        for h in list(self._running.values()):
+            self._deliver(h, self.engine.cancel(h.seq, reason, error))

@@ -18,20 +18,27 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..config import LayerSpec, TextConfig
+from ..config import LayerSpec, TextConfig, check_context
 from .attention import KV, Attention, LayerCache
 from .layers import MLP, Experts, RMSNorm, Router, gelu, rope_cos_sin, rope_inv_freq
 
 
 class ModelCache(Protocol):
-    """A whole-model KV cache (see gemma4.engine.cache.KVCache)."""
+    """A whole-model KV cache for one forward (see gemma4.engine.cache)."""
 
-    def reserve(self, n: int) -> int:
-        """Claim n new slots for every sequence; return how many were filled before (or raise)."""
+    def prepare(self, shape: tuple[int, int], positions: torch.Tensor | None,
+                attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Open a forward of `shape` [B, T] tokens: return their positions, `positions` if given,
+        else those after what each row holds (left padding per `attention_mask` at -1)."""
         ...
 
     def layer(self, index: int) -> LayerCache | None:
         ...
+
+
+def _capturing() -> bool:
+    """Inside torch.compile's trace or a CUDA-graph capture, where reading a value back is not allowed."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -239,34 +246,34 @@ class Gemma(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         cache: ModelCache | None = None,
         logits_to_keep: int | torch.Tensor | None = None,
+        ple_tokens: torch.Tensor | None = None,
     ) -> DecoderOutput:
         """Hidden states (final-normed) for the kept positions, plus the producers' K/V.
 
         positions: [B, T] token positions, -1 at padding. Defaults to consecutive positions after
         what the cache holds, or to `attention_mask.cumsum(-1) - 1` (left padding takes no
         position). logits_to_keep: an int n keeps the last n positions; a tensor keeps those
-        indices; None keeps all.
+        indices; None keeps all. ple_tokens: the PLE table rows of input_ids, if already looked up.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        start = cache.reserve(T) if cache is not None else 0
-        if positions is None:
+        if cache is not None:
+            positions = cache.prepare((B, T), positions, attention_mask)
+        elif positions is None:
             if attention_mask is not None:
-                positions = (attention_mask.long().cumsum(-1) - 1 + start).masked_fill(attention_mask == 0, -1)
+                positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, -1)
             else:
-                positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        if positions.max() >= self.config.max_position_embeddings:
-            raise ValueError(
-                f"position {int(positions.max())} is past the model's context of "
-                f"{self.config.max_position_embeddings} tokens; shorten the input"
-            )
+                positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        if not _capturing():  # a traced or captured step's positions were checked by its caller
+            check_context(self.config.max_position_embeddings, int(positions.max()) + 1)
         keep = None
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             keep = torch.arange(max(T - logits_to_keep, 0), T, device=input_ids.device)
         elif isinstance(logits_to_keep, torch.Tensor):
             keep = logits_to_keep.to(input_ids.device)
-        return self.model(input_ids, positions, inputs_embeds=inputs_embeds, cache=cache, keep=keep)
+        return self.model(input_ids, positions, inputs_embeds=inputs_embeds, cache=cache, keep=keep,
+                          ple_tokens=ple_tokens)
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits [B, T', V] (soft-capped); keyword arguments as in `decode`."""

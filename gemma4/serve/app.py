@@ -30,7 +30,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..chat import ChatFormat, ChatTemplateError, ToolDefinitionError
-from ..engine.cache import ContextLengthError
+from ..config import ContextLengthError
+from ..engine.core import PREFILL_CHUNK
 from ..engine.scheduler import GenerationRequest, QueueFullError, Scheduler, SchedulerClosedError, TokenEvent
 from . import checks
 from .errors import APIError, bad_request, sanitize
@@ -42,6 +43,9 @@ from .security import GateMiddleware, allowed_hosts_for, cors_options, read_json
 from .structured import Grammars
 
 log = logging.getLogger(__name__)
+
+
+PREFIX_CACHE_TOKENS = 8192
 
 
 @dataclass
@@ -56,7 +60,10 @@ class ServeConfig:
     max_tokens_default: int = 1024
     max_model_len: int | None = None  # tokens per slot (prompt + completion); default: the model's context
     max_body_bytes: int = 4 * 1024 * 1024
-    prefill_chunk: int = 256
+    prefill_chunk: int = PREFILL_CHUNK
+    mode: str = "eager"  # the decode step: "eager", "compile", "reduce-overhead" (CUDA graphs)
+    compile_options: dict | None = None  # for torch.compile (tests trace with {"backend": "aot_eager"})
+    prefix_cache_tokens: int = PREFIX_CACHE_TOKENS  # K/V kept for prompts that start alike; 0 = off
     grammar_timeout: float = 5.0
     poll_interval: float = 0.25  # how often a non-streaming request checks that its client is still there
 
@@ -78,7 +85,8 @@ class ServedModel:
         self.grammars = Grammars(tokenizer, self.vocab, self.stop_ids)
         self.scheduler = Scheduler(model, max_batch=config.max_batch, max_queue=config.max_queue,
                                    max_len=config.max_model_len, prefill_chunk=config.prefill_chunk,
-                                   vocab_limit=tokenizer.vocab_size)
+                                   vocab_limit=tokenizer.vocab_size, mode=config.mode,
+                                   prefix_cache=config.prefix_cache_tokens, compile_options=config.compile_options)
 
     @property
     def context(self) -> int:
@@ -121,6 +129,9 @@ def build_app(
 
     def install(m, t, fmt=None) -> None:
         served = ServedModel(m, t, config, fmt or chat_format)
+        if config.mode != "eager":
+            log.info("tracing the compiled decode step for batch sizes up to %d ...", config.max_batch)
+            served.scheduler.warm_up()
         served.scheduler.start()
         state.metrics.scheduler = served.scheduler
         state.served, state.status = served, "ready"
@@ -193,10 +204,10 @@ def build_app(
             constraints += constraint_hook(req, ids)
         gen = GenerationRequest(ids, max_tokens, checks.sampling(req), served.stop_ids,
                                 logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-                                constraints=constraints, logit_bias=checks.logit_bias(req, served))
+                                constraints=constraints, logit_bias=checks.logit_bias(req, served),
+                                stop=req.stop_list, tokenizer=served.tokenizer)
         starts_open = prompt_text.rfind("<|channel>") > prompt_text.rfind("<channel|>")
         assembler = OutputAssembler(served.tokenizer, served.format.stream_parser(prompt=prompt_text),
-                                    req.stop_list, served.stop_ids,
                                     (served.ids["channel_open"], served.ids["channel_close"]), starts_open)
         return await _run(request, state, req, gen, assembler, chat=True)
 
@@ -214,8 +225,9 @@ def build_app(
         max_tokens = checks.max_tokens(req.requested_max_tokens, len(ids), served, config)
         constraints = constraint_hook(req, ids) if constraint_hook is not None else []
         gen = GenerationRequest(ids, max_tokens, checks.sampling(req), served.stop_ids, logprobs=req.logprobs,
-                                constraints=constraints, logit_bias=checks.logit_bias(req, served))
-        assembler = OutputAssembler(served.tokenizer, None, req.stop_list, served.stop_ids)
+                                constraints=constraints, logit_bias=checks.logit_bias(req, served),
+                                stop=req.stop_list, tokenizer=served.tokenizer)
+        assembler = OutputAssembler(served.tokenizer, None)
         return await _run(request, state, req, gen, assembler, chat=False)
 
     return app
@@ -268,8 +280,6 @@ class _Context:
         deltas = self.out.feed(event)
         if self.out.finish_reason is not None:
             self.done = True
-            if self.out.hit_stop_string or event.finish_reason is None:
-                self.handle.cancel()
             self.state.metrics.finished(self.handle, self.out.finish_reason, self.times)
         return deltas
 
@@ -284,7 +294,7 @@ class _Context:
         prompt, completion = len(self.gen.prompt), len(self.out.tokens)
         usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         if self.chat:
-            usage["prompt_tokens_details"] = {"cached_tokens": 0}
+            usage["prompt_tokens_details"] = {"cached_tokens": self.handle.cached_tokens}
             usage["completion_tokens_details"] = {"reasoning_tokens": self.out.reasoning_tokens}
         return usage
 

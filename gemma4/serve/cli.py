@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 
-from .app import ServeConfig, build_app
+from .app import PREFIX_CACHE_TOKENS, ServeConfig, build_app
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p("--device", default=env("GEMMA4_DEVICE"), help="torch device (default cpu)")
     p("--threads", type=int, default=int(env("GEMMA4_THREADS", "0")) or None,
       help="torch intra-op threads (default: torch's choice; 1 can be faster on a shared, busy CPU)")
+    p("--compile", action="store_true", default=env("GEMMA4_COMPILE", "") not in ("", "0"),
+      help="decode with a torch.compile'd step (CUDA graphs on a GPU), traced for each batch size at "
+           "startup: faster steps after a slow start (env GEMMA4_COMPILE=1)")
+    p("--prefix-cache-tokens", type=int, default=int(env("GEMMA4_PREFIX_CACHE_TOKENS", str(PREFIX_CACHE_TOKENS))),
+      help="K/V of this many prompt tokens are kept for requests that start the same way (a system prompt, "
+           f"a chat's history); 0 turns prefix reuse off (default {PREFIX_CACHE_TOKENS})")
     p("--max-body-bytes", type=int, default=int(env("GEMMA4_MAX_BODY_BYTES", str(4 * 1024 * 1024))))
     p("--shutdown-timeout", type=float, default=float(env("GEMMA4_SHUTDOWN_TIMEOUT", "10")),
       help="seconds to let running requests finish on SIGTERM")
@@ -90,6 +96,8 @@ def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
         max_tokens_default=args.max_tokens_default,
         max_model_len=args.max_model_len,
         max_body_bytes=args.max_body_bytes,
+        mode=_compile_mode(args),
+        prefix_cache_tokens=args.prefix_cache_tokens,
     )
     shown = {k: v for k, v in vars(config).items() if k != "api_key"} | {"api_key": "***" if config.api_key else None}
     log.info("serving with %s", shown)
@@ -103,6 +111,13 @@ def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_keep_alive=15,
                 timeout_graceful_shutdown=args.shutdown_timeout, h11_max_incomplete_event_size=64 * 1024)
     return 0
+
+
+def _compile_mode(args) -> str:
+    if not args.compile:
+        return "eager"
+    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    return "reduce-overhead" if str(device).startswith("cuda") else "compile"
 
 
 def _split(value: str | None) -> list[str] | None:

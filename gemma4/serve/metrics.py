@@ -38,6 +38,13 @@ class Metrics:
                                registry=r)
         self.rejected = Counter(p + "num_rejected_requests", "Requests refused because the queue was full.", m,
                                 registry=r)
+        self.prefix_queries = Counter(p + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      m, registry=r)
+        self.prefix_hits = Counter(p + "prefix_cache_hits", "Prompt tokens whose K/V the prefix cache supplied.", m,
+                                   registry=r)
+        self._prefix_seen = (0, 0)  # the engine's totals at the last scrape (the counters follow them)
+        self.prefix_hit_rate = Gauge(p + "prefix_cache_hit_rate", "prefix_cache_hits / prefix_cache_queries.", m,
+                                     registry=r)
         self.errors = Counter(p + "num_failed_requests", "Requests that failed in the engine.", m, registry=r)
         self.ttft = Histogram(p + "time_to_first_token_seconds", "Time to first token.", m, buckets=_LATENCY,
                               registry=r)
@@ -59,6 +66,11 @@ class Metrics:
             self.label(self.waiting).set(s.waiting)
             self.label(self.slots).set(s.slots_in_use)
             self.label(self.kv_usage).set(s.kv_tokens / max(s.kv_capacity, 1))
+            queries, hits = self._prefix_seen
+            self.label(self.prefix_queries).inc(s.prefix_queries - queries)
+            self.label(self.prefix_hits).inc(s.prefix_hits - hits)
+            self._prefix_seen = (s.prefix_queries, s.prefix_hits)
+            self.label(self.prefix_hit_rate).set(s.prefix_hits / max(s.prefix_queries, 1))
         return generate_latest(self.registry)
 
     def finished(self, handle, reason: str, token_times: list[float]) -> None:

@@ -1,10 +1,10 @@
-"""Generated tokens -> OpenAI deltas: detokenize, cut stop strings, split thoughts / answer / tool calls.
+"""Generated tokens -> OpenAI deltas: split thoughts / answer / tool calls.
 
 One `OutputAssembler` per request turns each `TokenEvent` of the scheduler into a list of
 `Delta`s (reasoning text, content text, or one complete tool call), so the streaming and the
-non-streaming responses come from the same code and always agree. Stop tokens are not text;
-stop strings end the output and are cut (the caller then cancels the request); a malformed or
-truncated tool call is returned as content, never as a broken call.
+non-streaming responses come from the same code and always agree. The engine has already
+detokenized the event and cut stop strings (stop tokens are not text); a malformed or truncated
+tool call is returned as content, never as a broken call.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from ..chat import ContentDelta, StreamParser, ThoughtDelta, ToolCall, ToolCallComplete
-from ..engine.scheduler import TokenEvent
-from ..engine.stops import StopMatcher
+from ..engine.sequence import TokenEvent
 
 
 @dataclass
@@ -30,42 +29,27 @@ class Delta:
 class OutputAssembler:
     tokenizer: object
     parser: StreamParser | None  # None: raw text (completions)
-    stop: list[str]
-    stop_ids: frozenset[int]
     channel_ids: tuple[int | None, int | None] = (None, None)
     starts_in_thought: bool = False
     tokens: list[int] = field(default_factory=list)
     reasoning_tokens: int = 0
     finish_reason: str | None = None
-    hit_stop_string: bool = False
     tool_calls: int = 0
 
     def __post_init__(self):
-        self._detok = self.tokenizer.detokenizer()
-        self._stops = StopMatcher(self.stop)
         self._in_thought = self.starts_in_thought
 
     def feed(self, event: TokenEvent) -> list[Delta]:
         """Deltas for one scheduler event; sets `finish_reason` on the last one."""
         if self.finish_reason is not None:
             return []
-        piece = ""
         if event.token is not None:
             self.tokens.append(event.token)
             self._count_thought(event.token)
-            if event.token not in self.stop_ids:
-                piece = self._detok.add(event.token)
         ending = event.finish_reason is not None
+        deltas = self._parse(event.text, ending)
         if ending:
-            piece += self._detok.flush()
-        text, hit = self._stops.feed(piece)
-        if hit:
-            self.hit_stop_string, ending = True, True
-        elif ending:
-            text += self._stops.flush()
-        deltas = self._parse(text, ending)
-        if ending:
-            reason = "stop" if hit else event.finish_reason
+            reason = event.finish_reason
             if reason == "stop" and self.tool_calls:
                 reason = "tool_calls"
             self.finish_reason = reason

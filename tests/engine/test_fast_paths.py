@@ -1,12 +1,12 @@
 """Every fast path against its slow path (STYLE habit 8), on tiny configs, CPU.
 
-- static cache (tensor-indexed one-token writes, trimmed or whole-buffer attention) vs the
-  dynamic KVCache vs one full forward, past the sliding window and through KV sharing;
+- the cache with whole-buffer attention (a compiled step's) or trimmed, rings wrapping, vs one
+  full forward, past the sliding window and through KV sharing;
 - the step traced whole by torch.compile (fullgraph: no graph break, so nothing stops a CUDA
   graph from capturing it) vs eager;
 - grouped-mm and padded-bmm MoE vs the per-expert loop;
 - chunked prefill vs one shot; PLE rows looked up outside the step vs inside;
-- the generator with a StaticDecoder vs without;
+- the generator on a kept engine vs a fresh one;
 - fbgemm-packed fp16 linears and the rescored int8 head (the CPU fast path) vs float, and on the
   real 270M vs the reference.
 """
@@ -21,10 +21,11 @@ from test_cache import ALL
 from testing_utils import random_model
 
 from gemma4.engine.cache import ContextLengthError, KVCache
+from gemma4.engine.core import Engine
 from gemma4.engine.cpu import PackedLinear, RescoredHead, fbgemm_works, pack_linears, speed_up, top_indices
 from gemma4.engine.generate import TokenGenerator
 from gemma4.engine.sampling import SamplingParams
-from gemma4.engine.static import StaticDecoder, StaticKVCache
+from gemma4.engine.sequence import GenerationRequest
 from gemma4.model.layers import Experts, grouped_mm_works
 
 GREEDY = SamplingParams(temperature=0)
@@ -48,7 +49,7 @@ def test_static_cache_equals_dynamic_cache_and_full_forward(name, trim):
     with torch.no_grad():
         full = model(ids)
         dynamic = KVCache(model.config, 2, T + 3, dtype=f64)
-        static = StaticKVCache(model.config, 2, T + 3, dtype=f64, trim=trim)
+        static = KVCache(model.config, 2, T + 3, dtype=f64, static=not trim, headroom=1)  # rings that wrap
         got = {}
         for key, cache in (("dynamic", dynamic), ("static", static)):
             pieces = [model(ids[:, :5], cache=cache), model(ids[:, 5:7], cache=cache)]  # chunked prefill
@@ -58,66 +59,114 @@ def test_static_cache_equals_dynamic_cache_and_full_forward(name, trim):
     torch.testing.assert_close(got["static"], got["dynamic"], rtol=0, atol=1e-10)
 
 
+def _rows(engine, prompts):
+    """Sequences holding `prompts` on the engine's rows (fed by the caller, not prefilled)."""
+    seqs = [engine.new_sequence(GenerationRequest(list(p), 1)) for p in prompts]
+    for s in seqs:
+        engine.add(s)
+    return seqs
+
+
+def _step(engine, seqs, ids, t):
+    """Logits of one step: row i feeds ids[i, t] at its next position (rows past len(seqs) inert)."""
+    R = engine.rows
+    tok = torch.zeros(R, 1, dtype=torch.long)
+    pos = torch.full((R, 1), -1, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tok[i, 0], pos[i, 0] = ids[i, t], s.fed
+    out = engine.step_logits(0, R, tok, pos)
+    for s in seqs:
+        s.fed += 1
+        engine.cache.lengths[s.row] = s.fed
+    return out[: len(seqs)]
+
+
 @pytest.mark.parametrize("name", ["tiny-e2b", "tiny-26b-a4b", "tiny-gemma-3-270m"])
-def test_decoder_steps_equal_full_forward_with_left_padding(name):
-    """A 3-row decoder used for 2 left-padded rows: the padding row and the inert third row change nothing."""
+def test_engine_steps_equal_full_forward_with_rows_at_different_lengths(name):
+    """A 3-row engine used for 2 rows at different lengths (row 0 is 4 tokens shorter: what left
+    padding was): each row at its own positions and the inert third row change nothing."""
     model = random_model(name)
     ids = _ids(model, 2, 14)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
-    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, -1)
-    dec = StaticDecoder(model, batch_size=3, max_len=20, prefill_chunk=4)
+    engine = Engine(model, rows=3, max_len=20, headroom=1)
     with torch.no_grad():
         full = model(ids, attention_mask=mask)
-        got = [dec.prefill(ids[:, :6], pos[:, :6])]
-        got += [dec.step(ids[:, t : t + 1], pos[:, t : t + 1]) for t in range(6, 14)]
+        seqs = _rows(engine, [ids[0, 4:6].tolist(), ids[1, :6].tolist()])
+        first = engine.score(seqs, [ids[0, 4:6].tolist(), ids[1, :6].tolist()])
+        got = [torch.stack([first[0][-1], first[1][-1]])]
+        got += [_step(engine, seqs, ids, t) for t in range(6, 14)]
     got = torch.stack(got, 1)
     torch.testing.assert_close(got[0], full[0, [5, *range(6, 14)]], rtol=0, atol=1e-4)
     torch.testing.assert_close(got[1], full[1, [5, *range(6, 14)]], rtol=0, atol=1e-4)
 
 
+def _first_logprobs(engine_or_model, model, prompts, k=5):
+    engine = engine_or_model if isinstance(engine_or_model, Engine) else None
+    gen = TokenGenerator(model, prompts, [GREEDY] * len(prompts), [1] * len(prompts), set(), logprobs=k,
+                         engine=engine)
+    (steps,) = list(gen)
+    return [s.top_logprobs for s in steps]
+
+
 def test_chunked_prefill_equals_one_shot():
+    """Through the engine's prefill: chunks of 5 (a run of two rows per forward) vs one chunk vs
+    the full forward, compared on the first token's top-5 logprobs (the last position's logits)."""
     model = random_model("tiny-e4b")  # KV sharing: the one-shot prefill takes the logits_to_keep shortcut
     ids = _ids(model, 2, 23)
-    pos = torch.arange(23).expand(2, 23)
-    one = StaticDecoder(model, batch_size=2, max_len=30, prefill_chunk=64)
-    chunked = StaticDecoder(model, batch_size=2, max_len=30, prefill_chunk=5)
-    torch.testing.assert_close(chunked.prefill(ids, pos), one.prefill(ids, pos), rtol=0, atol=1e-4)
-    torch.testing.assert_close(one.prefill(ids, pos), model(ids)[:, -1], rtol=0, atol=1e-4)
+    one = _first_logprobs(Engine(model, rows=2, max_len=30, prefill_chunk=64), model, ids.tolist())
+    chunked = _first_logprobs(Engine(model, rows=2, max_len=30, prefill_chunk=5), model, ids.tolist())
+    want = torch.log_softmax(model(ids)[:, -1], -1).topk(5)
+    for row in range(2):
+        assert [t for t, _ in chunked[row]] == [t for t, _ in one[row]] == want.indices[row].tolist()
+        torch.testing.assert_close(torch.tensor([v for _, v in chunked[row]]), torch.tensor([v for _, v in one[row]]),
+                                   rtol=0, atol=1e-4)
+        torch.testing.assert_close(torch.tensor([v for _, v in one[row]]), want.values[row], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["tiny-e2b", "tiny-e4b"])
 def test_ple_rows_looked_up_outside_the_step(name):
-    """With the PLE table 'elsewhere' (forced here), the step gets its rows as an input: same logits."""
+    """With the PLE table 'elsewhere' (forced here), the compiled step gets its rows as an input: same logits."""
     model = random_model(name)
     ids = _ids(model, 1, 9)
-    pos = torch.arange(9)[None]
-    inside = StaticDecoder(model, max_len=12, ple_on_host=False)
-    outside = StaticDecoder(model, max_len=12, ple_on_host=True)
+    options = {"backend": "aot_eager"}
+    inside = Engine(model, max_len=12, headroom=1, mode="compile", ple_on_host=False, compile_options=options)
+    outside = Engine(model, max_len=12, headroom=1, mode="compile", ple_on_host=True, compile_options=options)
     assert outside.ple is not None and inside.ple is None
-    for dec in (inside, outside):
-        dec.prefill(ids[:, :4], pos[:, :4])
-    for t in range(4, 9):
-        a, b = (d.step(ids[:, t : t + 1], pos[:, t : t + 1]) for d in (inside, outside))
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch._dynamo.reset()
+    try:
+        rows = [_rows(e, [ids[0, :4].tolist()]) for e in (inside, outside)]
+        for e, seqs in zip((inside, outside), rows):
+            e.score(seqs, [ids[0, :4].tolist()])
+        for t in range(4, 9):
+            a, b = (_step(e, seqs, ids, t) for e, seqs in zip((inside, outside), rows))
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    finally:
+        torch._dynamo.reset()
 
 
-def test_static_cache_overflow_is_a_clear_error():
+def test_engine_context_is_a_clear_limit():
+    """An engine's max_len is its context: a step past it is refused, a generation stops at it,
+    and a prompt that leaves no room is a clear error."""
     model = random_model("tiny-gemma-3-270m")
-    dec = StaticDecoder(model, max_len=6)
-    dec.prefill(torch.zeros(1, 5, dtype=torch.long), torch.arange(5)[None])
-    dec.step(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[5]]))
-    with pytest.raises(ContextLengthError, match="do not fit in a cache of 6"):
-        dec.step(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[6]]))
-    with pytest.raises(ContextLengthError, match="static cache of 1 x 6"):
-        TokenGenerator(model, [[2, 3, 4]], [GREEDY], [10], set(), decoder=dec)
+    engine = Engine(model, max_len=6)
+    (seq,) = _rows(engine, [[0] * 5])
+    engine.score([seq], [[0] * 5])
+    _step(engine, [seq], torch.zeros(1, 1, dtype=torch.long), 0)
+    with pytest.raises(ContextLengthError, match="maximum context length is 6 tokens"):
+        _step(engine, [seq], torch.zeros(1, 1, dtype=torch.long), 0)
+    engine.cancel(seq)
+    steps = [s for (s,) in TokenGenerator(model, [[2, 3, 4]], [GREEDY], [10], set(), engine=engine)]
+    assert len(steps) == 3 and steps[-1].finish_reason == "length"
+    with pytest.raises(ContextLengthError, match="maximum context length is 6 tokens"):
+        TokenGenerator(model, [[2] * 6], [GREEDY], [10], set(), engine=engine)
 
 
 @pytest.mark.parametrize("name", ["tiny-e2b", "tiny-26b-a4b", "tiny-gemma-3-4b"])
-def test_generator_with_decoder_gives_the_same_tokens(name):
+def test_generator_on_a_kept_engine_gives_the_same_tokens(name):
     model = random_model(name)
     prompts = [[2, 5, 6, 7], [2, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
-    dec = StaticDecoder(model, batch_size=2, max_len=32)
+    engine = Engine(model, rows=2, max_len=32)
 
     def run(**kw):
         out = [[] for _ in prompts]
@@ -133,8 +182,8 @@ def test_generator_with_decoder_gives_the_same_tokens(name):
         assert [lp for row in a for _, lp, _ in row] == pytest.approx([lp for row in b for _, lp, _ in row], abs=1e-4)
 
     want = run()
-    same(run(decoder=dec), want)
-    same(run(decoder=dec), want)  # the decoder is reused: nothing of the first run leaks
+    same(run(engine=engine), want)
+    same(run(engine=engine), want)  # the engine is reused: nothing of the first run leaks
 
 
 @pytest.mark.parametrize("name,dtype,backend", [("tiny-e2b", torch.float32, "aot_eager"),
@@ -148,17 +197,17 @@ def test_compiled_step_is_one_graph_and_equals_eager(name, dtype, backend):
     """
     model = random_model(name).to(dtype)
     ids = _ids(model, 2, 12)
-    pos = torch.arange(12).expand(2, 12)
-    eager = StaticDecoder(model, batch_size=2, max_len=16)
-    traced = StaticDecoder(model, batch_size=2, max_len=16, mode="compile", compile_options={"backend": backend})
+    eager = Engine(model, rows=2, max_len=16, headroom=1)  # rings of window + 1 that wrap
+    traced = Engine(model, rows=2, max_len=16, headroom=1, mode="compile", compile_options={"backend": backend})
     torch._dynamo.reset()
     try:
-        for dec in (eager, traced):
-            dec.prefill(ids[:, :6], pos[:, :6])
+        rows = [_rows(e, ids[:, :6].tolist()) for e in (eager, traced)]
+        for e, seqs in zip((eager, traced), rows):
+            e.score(seqs, ids[:, :6].tolist())
         for t in range(6, 12):
             with torch.compiler.set_stance("fail_on_recompile" if t > 6 else "default"):
-                got = traced.step(ids[:, t : t + 1], pos[:, t : t + 1]).float()
-            want = eager.step(ids[:, t : t + 1], pos[:, t : t + 1]).float()
+                got = _step(traced, rows[1], ids, t).float()
+            want = _step(eager, rows[0], ids, t).float()
             # bf16: the traced graph's op order alone may move logits by a few ULPs (2^-8 relative).
             tol = 1e-4 if dtype == torch.float32 else 4 * want.abs().max().item() * 2**-8
             torch.testing.assert_close(got, want, rtol=0, atol=tol)
@@ -172,9 +221,9 @@ def test_compiled_step_refuses_quantized_weights():
 
     model = quantize(random_model("tiny-gemma-3-270m"), "int8", progress=False)
     with pytest.raises(ValueError, match="cannot trace quantized weights"):
-        StaticDecoder(model, max_len=8, mode="compile")
-    eager = StaticDecoder(model, max_len=8)
-    eager.prefill(_ids(model, 1, 3), torch.arange(3)[None])
+        Engine(model, max_len=8, mode="compile")
+    eager = Engine(model, max_len=8)
+    eager.score(_rows(eager, [[1, 2, 3]]), [_ids(model, 1, 3)[0].tolist()])
 
 
 # ---- MoE ---------------------------------------------------------------------------------------
@@ -336,19 +385,21 @@ def test_packed_linears_trace_into_a_compiled_step():
     a step compiled before packing (which swaps and fuses modules) is not reused after it."""
     model = random_model("tiny-gemma-3-270m")
     ids = _ids(model, 1, 9)
-    pos = torch.arange(9)[None]
+    options = {"backend": "aot_eager"}
     torch._dynamo.reset()
     try:
-        before = StaticDecoder(model, max_len=12, mode="compile", compile_options={"backend": "aot_eager"})
-        before.prefill(ids[:, :5], pos[:, :5])
-        before.step(ids[:, 5:6], pos[:, 5:6])
+        before = Engine(model, max_len=12, mode="compile", compile_options=options)
+        (seq,) = _rows(before, [ids[0, :5].tolist()])
+        before.score([seq], [ids[0, :5].tolist()])
+        _step(before, [seq], ids, 5)
         pack_linears(model)  # fp16 linears, q/k/v and gate/up fused, rescored int8 head
-        eager = StaticDecoder(model, max_len=12)
-        traced = StaticDecoder(model, max_len=12, mode="compile", compile_options={"backend": "aot_eager"})
-        for dec in (eager, traced):
-            dec.prefill(ids[:, :5], pos[:, :5])
+        eager = Engine(model, max_len=12, headroom=1)  # rings of window + 1 that wrap, as in the traced step
+        traced = Engine(model, max_len=12, headroom=1, mode="compile", compile_options=options)
+        rows = [_rows(e, [ids[0, :5].tolist()]) for e in (eager, traced)]
+        for e, seqs in zip((eager, traced), rows):
+            e.score(seqs, [ids[0, :5].tolist()])
         for t in range(5, 9):
-            got, want = (d.step(ids[:, t : t + 1], pos[:, t : t + 1]) for d in (traced, eager))
+            got, want = (_step(e, seqs, ids, t) for e, seqs in ((traced, rows[1]), (eager, rows[0])))
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     finally:
         torch._dynamo.reset()
@@ -372,8 +423,8 @@ def test_real_270m_fp16_packed_greedy_equals_reference():
     model = pack_linears(gemma4.load()[0])
     prompts = [p["prompt_ids"] for p in ref["prompts"]]
     out = [[] for _ in prompts]
-    dec = StaticDecoder(model, batch_size=len(prompts), max_len=max(map(len, prompts)) + 40)
-    for steps in TokenGenerator(model, prompts, [GREEDY] * len(prompts), [40] * len(prompts), set(), decoder=dec):
+    engine = Engine(model, rows=len(prompts), max_len=max(map(len, prompts)) + 40)
+    for steps in TokenGenerator(model, prompts, [GREEDY] * len(prompts), [40] * len(prompts), set(), engine=engine):
         for row, s in zip(out, steps):
             if s:
                 row.append(s.token)

@@ -5,7 +5,7 @@ import torch
 
 from gemma4.engine.generate import PromptTooLongError, TokenGenerator, batch_generate, generate, stream_generate
 from gemma4.engine.sampling import SamplingParams
-from gemma4.engine.static import GrowingDecoder
+from gemma4.engine.core import Engine
 from testing_utils import random_model
 
 
@@ -120,26 +120,26 @@ def test_text_layer_streams_and_cuts_stop_strings():
 
 
 @pytest.mark.parametrize("mode", ["eager", "compile"])
-def test_growing_decoder_gives_the_same_text_and_grows_by_doubling_up_to_the_context(mode):
-    """One decoder across generations (a CLI session): reused while it fits, doubled when it does
-    not, capped at the context (512 here); compiled (traced by aot_eager: no C++ build) or not."""
+def test_one_engine_gives_the_same_text_and_grows_by_doubling_up_to_the_context(mode):
+    """One engine across generations (a CLI session): its cache reused while it fits, doubled when
+    it does not, capped at the context (512 here); compiled (traced by aot_eager: no C++ build) or not."""
     model = random_model("tiny-gemma-3-270m")
     tok, greedy = LetterTokenizer(), SamplingParams(temperature=0)
-    grow = GrowingDecoder(model, mode, min_len=16, compile_options={"backend": "aot_eager"})
+    engine = Engine(model, mode=mode, initial_len=16, compile_options={"backend": "aot_eager"})
 
     def both(prompt, n):
         want = generate(model, tok, prompt, max_tokens=n, sampling=greedy, stop_token_ids=set())
-        got = generate(model, tok, prompt, max_tokens=n, sampling=greedy, stop_token_ids=set(), decoder=grow)
+        got = generate(model, tok, prompt, max_tokens=n, sampling=greedy, stop_token_ids=set(), engine=engine)
         assert got == want
-        return grow.decoder
+        return engine.cache
 
     torch._dynamo.reset()
     try:
         first = both("ABC", 10)  # 4 + 10 tokens
-        assert first.max_len == 16 and first.mode == mode
-        assert first.cache.length == 13  # it ran the generation: 4 + 9 tokens fed
-        assert both("ABCDE", 10) is first  # 16 still fits
-        assert both("AB" * 12, 10).max_len == 64  # 25 + 10
-        assert both("A" * 500, 50).max_len == 512  # stops at the context end
+        assert first.capacity == 16 and engine.mode == mode
+        assert engine.steps == 9  # it ran the generation: 9 decode steps after the prefill's token
+        assert both("ABCDE", 10) is first and first.capacity == 16  # 16 still fits
+        assert both("AB" * 12, 10).capacity == 64  # 25 + 10
+        assert both("A" * 500, 50).capacity == 512  # stops at the context end
     finally:
         torch._dynamo.reset()

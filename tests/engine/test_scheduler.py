@@ -6,11 +6,10 @@ import time
 import pytest
 import torch
 
-from gemma4.engine.cache import ContextLengthError
+from gemma4.engine.cache import ContextLengthError, KVCache
 from gemma4.engine.generate import TokenGenerator
 from gemma4.engine.sampling import SamplingParams
 from gemma4.engine.scheduler import GenerationRequest, QueueFullError, Scheduler
-from gemma4.engine.slots import SlotKVCache
 from testing_utils import random_model as shared_random_model
 
 GREEDY = SamplingParams(temperature=0)
@@ -201,7 +200,7 @@ def test_constraints_logprobs_and_engine_errors():
 
 def test_full_layers_grow_and_rings_wrap():
     model = random_model("tiny-e2b")
-    cache = SlotKVCache(model.config, num_slots=2, max_len=100, initial_len=8)
+    cache = KVCache(model.config, rows=2, max_len=100, initial_len=8)
     cache.ensure(20)
     assert cache.capacity == 32
     with pytest.raises(ContextLengthError):
