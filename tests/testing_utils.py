@@ -50,14 +50,17 @@ def rewrite_config(directory: Path, fn) -> None:
     path.write_text(json.dumps(fn(json.loads(path.read_text()))))
 
 
-def random_model(name: str, embed_std: float = 0.3):
+def random_model(name: str, embed_std: float = 0.3, **overrides):
     """A tiny variant with seeded random weights (norm weights in [0.5, 1.5]); a small `embed_std`
-    lets the layers, not a copy of the input token, decide greedy continuations."""
+    lets the layers, not a copy of the input token, decide greedy continuations. `overrides`
+    change its config.json fields (e.g. sliding_window=48)."""
+    from gemma4.config import TextConfig
     from gemma4.model import Gemma
     from gemma4.variants import variant
 
     torch.manual_seed(0)
-    model = Gemma(variant(name)).eval()
+    config = TextConfig.from_hf_dict(variant_hf_config(name) | overrides) if overrides else variant(name)
+    model = Gemma(config).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.normal_(0, embed_std if "embed" in n else p.shape[-1] ** -0.5) if p.dim() > 1 else p.uniform_(0.5, 1.5)

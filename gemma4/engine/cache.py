@@ -28,29 +28,47 @@ from ..config import ContextLengthError, TextConfig, check_context  # noqa: F401
 DEFAULT_HEADROOM = 32
 
 
-class _Layer:
-    """K/V [rows, heads, size + 1, head_dim] and positions [rows, size + 1] of one layer (the last
-    entry is the sink). `ring`: positions wrap modulo `size` (sliding layers)."""
+class _Slots:
+    """The entry positions [rows, size + 1] shared by every layer of one geometry (size, ring):
+    all of them write the same positions in a forward, so they are stored, written and rolled
+    back once. The last entry is the sink."""
 
-    def __init__(self, rows: int, heads: int, head_dim: int, size: int, ring: bool, dtype, device):
+    def __init__(self, rows: int, size: int, ring: bool, device):
         self.size, self.ring = size, ring
-        self.k = torch.zeros(rows, heads, size + 1, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
         self.pos = torch.full((rows, size + 1), -1, dtype=torch.long, device=device)
 
     def grow(self, size: int) -> None:
-        """A full layer's capacity grows to `size` (contents kept, new entries empty)."""
-        old = self.size
-        k = self.k.new_zeros(self.k.shape[0], self.k.shape[1], size + 1, self.k.shape[3])
+        pos = self.pos.new_full((self.pos.shape[0], size + 1), -1)
+        pos[:, : self.size] = self.pos[:, : self.size]
+        self.pos, self.size = pos, size
+
+
+class _Layer:
+    """K/V [rows, heads, size + 1, head_dim] of one layer (the last entry is the sink); its
+    positions are its geometry's `_Slots`. `ring`: positions wrap modulo `size` (sliding layers)."""
+
+    def __init__(self, slots: _Slots, rows: int, heads: int, head_dim: int, dtype, device):
+        self.slots = slots
+        self.k = torch.zeros(rows, heads, slots.size + 1, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self._views()
+
+    size = property(lambda self: self.slots.size)
+    ring = property(lambda self: self.slots.ring)
+    pos = property(lambda self: self.slots.pos)
+
+    def _views(self) -> None:
+        # [rows, entries, heads, d] views of the buffers: writes index (row, entry) pairs.
+        self.k_rows, self.v_rows = self.k.transpose(1, 2), self.v.transpose(1, 2)
+
+    def grow(self, old: int) -> None:
+        """Follow the slots' new size (a full layer; contents kept, new entries empty)."""
+        k = self.k.new_zeros(self.k.shape[0], self.k.shape[1], self.size + 1, self.k.shape[3])
         k[:, :, :old] = self.k[:, :, :old]
         v = torch.zeros_like(k)
         v[:, :, :old] = self.v[:, :, :old]
-        pos = self.pos.new_full((self.pos.shape[0], size + 1), -1)
-        pos[:, :old] = self.pos[:, :old]
-        self.k, self.v, self.pos, self.size = k, v, pos, size
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.k, self.v, self.pos
+        self.k, self.v = k, v
+        self._views()
 
 
 class KVCache:
@@ -74,13 +92,16 @@ class KVCache:
         self.lengths = [0] * rows  # tokens held by each row (positions 0..length-1), kept on the host
         self.capacity = max_len if static else min(initial_len, max_len)
         self.layers: list[_Layer | None] = []
+        self.slots: dict[tuple[int, bool], _Slots] = {}  # by geometry: full layers, rings of each window
         for spec in config.layers:
             if spec.shares_kv:
                 self.layers.append(None)
-            else:
-                ring = spec.window is not None and spec.window + headroom < max_len
-                size = spec.window + headroom if ring else self.capacity
-                self.layers.append(_Layer(rows, spec.num_kv_heads, spec.head_dim, size, ring, dtype, device))
+                continue
+            ring = spec.window is not None and spec.window + headroom < max_len
+            key = (spec.window + headroom, True) if ring else (0, False)
+            if key not in self.slots:
+                self.slots[key] = _Slots(rows, key[0] if ring else self.capacity, ring, device)
+            self.layers.append(_Layer(self.slots[key], rows, spec.num_kv_heads, spec.head_dim, dtype, device))
         # The longest chunk a ring can take before attending (write first, then read the ring).
         self.write_first = headroom + 1
 
@@ -90,13 +111,16 @@ class KVCache:
         check_context(self.max_len, length)
         if length <= self.capacity:
             return
-        size = self.capacity
+        old, size = self.capacity, self.capacity
         while size < length:
             size *= 2
         self.capacity = min(size, self.max_len)
-        for layer in self.layers:
-            if layer is not None and not layer.ring:
-                layer.grow(self.capacity)
+        full = self.slots.get((0, False))
+        if full is not None:
+            full.grow(self.capacity)
+            for layer in self.layers:
+                if layer is not None and not layer.ring:
+                    layer.grow(old)
 
     def truncate(self, row: int, n: int) -> None:
         """Forget the last n tokens of `row` on every layer. A ring keeps the window of the next
@@ -104,24 +128,23 @@ class KVCache:
         length = self.lengths[row]
         if not 0 <= n <= length:
             raise ValueError(f"cannot roll back {n} tokens of a row holding {length}")
-        if n > self.headroom and n < length and any(layer is not None and layer.ring for layer in self.layers):
+        if n > self.headroom and n < length and any(slots.ring for slots in self.slots.values()):
             raise ValueError(f"a row can be rolled back by at most {self.headroom} tokens (the ring headroom), "
                              f"not {n}; build the cache with a larger headroom")
         keep = length - n
-        for layer in self.layers:
-            if layer is not None:
-                layer.pos[row].masked_fill_(layer.pos[row] >= keep, -1)
+        for slots in self.slots.values():
+            slots.pos[row].masked_fill_(slots.pos[row] >= keep, -1)
         self.lengths[row] = keep
 
     def reset(self, row: int) -> None:
         """Empty a row (its K/V become invisible; the memory is reused by the next sequence)."""
-        for layer in self.layers:
-            if layer is not None:
-                layer.pos[row] = -1
+        for slots in self.slots.values():
+            slots.pos[row] = -1
         self.lengths[row] = 0
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for layer in self.layers if layer is not None for t in layer.tensors()]
+        return ([t for layer in self.layers if layer is not None for t in (layer.k, layer.v)]
+                + [slots.pos for slots in self.slots.values()])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -150,7 +173,8 @@ class CacheView:
 
     def __init__(self, cache: KVCache, lo: int, hi: int, end: int | None, learn: bool = False):
         self.cache, self.lo, self.hi, self.end, self.learn = cache, lo, hi, end, learn
-        self._targets: dict[tuple[int, bool], torch.Tensor] = {}
+        self._targets: dict[_Slots, torch.Tensor] = {}
+        self._seen: dict[_Slots, torch.Tensor] = {}  # positions a long chunk attends to, by geometry
         self._rows: torch.Tensor | None = None
 
     def prepare(self, shape: tuple[int, int], positions: torch.Tensor | None,
@@ -176,24 +200,40 @@ class CacheView:
         layer = self.cache.layers[index]
         return None if layer is None else _LayerView(self, layer)
 
-    def targets(self, layer: _Layer, pos: torch.Tensor) -> torch.Tensor:
+    def targets(self, slots: _Slots, pos: torch.Tensor) -> torch.Tensor:
         """Entry index of each token [B, T]: its slot, or the sink for position -1 (and, in a
-        chunk longer than a ring, for all but each row's last `size` tokens)."""
-        key = (layer.size, layer.ring)
-        idx = self._targets.get(key)
+        chunk longer than a ring, for all but each row's last `size` tokens). The first layer of
+        a geometry to ask also writes the positions, once for all of them."""
+        idx = self._targets.get(slots)
         if idx is None:
             valid = pos >= 0
-            if layer.ring and pos.shape[1] > layer.size:
-                valid = valid & (pos > pos.amax(1, keepdim=True) - layer.size)
-            idx = self._targets[key] = torch.where(valid, pos % layer.size if layer.ring else pos, layer.size)
+            if slots.ring and pos.shape[1] > slots.size:
+                valid = valid & (pos > pos.amax(1, keepdim=True) - slots.size)
+            idx = self._targets[slots] = torch.where(valid, pos % slots.size if slots.ring else pos, slots.size)
+            if slots.ring and pos.shape[1] > self.cache.write_first:  # attended before it is written
+                n = self.readable(slots)
+                self._seen[slots] = torch.cat([slots.pos[self.lo : self.hi, :n], pos], 1)
+            self._put(slots.pos, idx, pos)
         return idx
+
+    def _put(self, buf: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, rows_view=None) -> None:
+        """Write `values` at entries `idx` [B, T] of rows [lo, hi) of `buf` (K/V [rows, H, entries, d]
+        with values [B, H, T, d]; positions [rows, entries] with values [B, T]): an index_copy_
+        along the entries for one row, else an index_put_ of (row, entry) pairs on `rows_view`,
+        the buffer seen as [rows, entries, ...]."""
+        if self.hi - self.lo == 1:
+            buf[self.lo : self.hi].index_copy_(buf.dim() - 2 if buf.dim() == 4 else 1, idx[0], values)
+        elif rows_view is None:
+            buf.index_put_((self.rows(idx), idx), values)
+        else:
+            rows_view.index_put_((self.rows(idx), idx), values.transpose(1, 2))
 
     def rows(self, pos: torch.Tensor) -> torch.Tensor:
         if self._rows is None:
             self._rows = torch.arange(self.lo, self.hi, device=pos.device)[:, None].expand(pos.shape)
         return self._rows
 
-    def readable(self, layer: _Layer) -> int:
+    def readable(self, layer: _Layer | _Slots) -> int:
         """How many entries attention reads: up to the longest row, or the whole buffer (never the sink)."""
         if self.end is None or self.end > layer.size:
             return layer.size
@@ -211,10 +251,9 @@ class _LayerView:
     def write(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """Store k/v [B, H, T, d] at their positions [B, T]: the one ring (and buffer) write."""
         view, layer = self.view, self.layer
-        index = (view.rows(pos), view.targets(layer, pos))
-        layer.k.transpose(1, 2).index_put_(index, k.transpose(1, 2))
-        layer.v.transpose(1, 2).index_put_(index, v.transpose(1, 2))
-        layer.pos.index_put_(index, pos)
+        idx = view.targets(layer.slots, pos)
+        view._put(layer.k, idx, k, layer.k_rows)
+        view._put(layer.v, idx, v, layer.v_rows)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         view, layer = self.view, self.layer
@@ -222,10 +261,9 @@ class _LayerView:
         if layer.ring and k.shape[2] > view.cache.write_first:
             # A long chunk's early queries still need the ring entries it is about to overwrite.
             n = view.readable(layer)
-            seen = (torch.cat([layer.k[lo:hi, :, :n], k], 2), torch.cat([layer.v[lo:hi, :, :n], v], 2),
-                    torch.cat([layer.pos[lo:hi, :n], pos], 1))
+            k_seen, v_seen = torch.cat([layer.k[lo:hi, :, :n], k], 2), torch.cat([layer.v[lo:hi, :, :n], v], 2)
             self.write(k, v, pos)
-            return seen
+            return k_seen, v_seen, view._seen[layer.slots]
         self.write(k, v, pos)
         n = view.readable(layer)
         return layer.k[lo:hi, :, :n], layer.v[lo:hi, :, :n], layer.pos[lo:hi, :n]

@@ -196,12 +196,12 @@ class Engine:
         if not rows:
             return events
         lo, hi = rows[0].row, rows[-1].row + 1
-        ids = torch.zeros(hi - lo, 1, dtype=torch.long)
-        pos = torch.full((hi - lo, 1), -1, dtype=torch.long)
+        tokens, positions = [[0]] * (hi - lo), [[-1]] * (hi - lo)
         for s in rows:
-            ids[s.row - lo, 0], pos[s.row - lo, 0] = s.tokens[-1], s.fed
+            tokens[s.row - lo], positions[s.row - lo] = [s.tokens[-1]], [s.fed]
         try:
-            logits = self.step_logits(lo, hi, ids, pos)
+            logits = self.step_logits(lo, hi, torch.tensor(tokens), torch.tensor(positions),
+                                      max(s.fed for s in rows) + 1)
         except Exception as error:  # noqa: BLE001 - e.g. out of memory: these rows fail, the engine goes on
             log.exception("a decode step failed")
             return [(s, self.cancel(s, "error", _describe(error))) for s in rows]
@@ -252,11 +252,12 @@ class Engine:
         return out.hidden
 
     @torch.inference_mode()
-    def step_logits(self, lo: int, hi: int, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def step_logits(self, lo: int, hi: int, ids: torch.Tensor, pos: torch.Tensor, end: int | None = None
+                    ) -> torch.Tensor:
         """The decode forward itself, eager or compiled: logits [hi - lo, V] of one token per row of
-        [lo, hi), ids and positions [hi - lo, 1] on the host (position -1: an inert row). The
-        sequences' bookkeeping is the caller's (`decode`)."""
-        end = int(pos.max()) + 1
+        [lo, hi), ids and positions [hi - lo, 1] on the host (position -1: an inert row); `end`:
+        one past the largest position, if known. The sequences' bookkeeping is the caller's (`decode`)."""
+        end = int(pos.max()) + 1 if end is None else end
         if self._step_fn is None:
             check_context(self.context, end)
             self.cache.ensure(end)

@@ -47,6 +47,8 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
 
 # Largest folded mask (elements) worth materialising to avoid grouped-query attention (see attend).
 FOLD_MAX_MASK = 1 << 22
+# Query rows up to which CPU attention is two matmuls and a softmax rather than SDPA (see attend).
+FEW_ROWS = 16
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -60,21 +62,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     kernel does GQA itself; folded, it reads each K/V block once for all g heads. Folding costs a
     copy of q and of the mask (g*T*S elements): small for decode; long prefill chunks use SDPA's GQA.
 
-    A CPU decode step (T = 1) skips SDPA: for a few query rows over a few hundred keys, in
-    gemma-3-270m's compiled step its flash kernel took ~220 us a call, two matmuls and a softmax
-    ~150 us; the step was 0.3-2.7 ms faster in 5 of 5 A/B pairs (eager: no difference measured).
+    A few query rows on a CPU (T <= FEW_ROWS: a decode step, a verify step of k drafted tokens)
+    skip SDPA: for a few query rows over a few hundred keys, in gemma-3-270m's compiled step its
+    flash kernel took ~220 us a call, two matmuls and a softmax ~150 us; the step was 0.3-2.7 ms
+    faster in 5 of 5 A/B pairs (eager: no difference measured). One path for both also makes a
+    k-token verify step sum in the order of k single steps.
     """
     B, H, T, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     g = H // Hkv
-    decode_on_cpu = T == 1 and q.device.type == "cpu"
-    if g == 1 and not decode_on_cpu:
+    few_on_cpu = T <= FEW_ROWS and q.device.type == "cpu"
+    if g == 1 and not few_on_cpu:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if g * T * S > FOLD_MAX_MASK:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     qf = q.reshape(B, Hkv, g * T, d)  # head j*g+i -> row i*T+t of KV head j (repeat_interleave order)
     mf = mask.expand(B, g, T, S).reshape(B, 1, g * T, S)  # a view (stride 0) when T == 1
-    if decode_on_cpu:
+    if few_on_cpu:
         scores = torch.matmul(qf, k.transpose(-1, -2)) * scale + mf
         return torch.matmul(scores.softmax(-1), v).view(B, H, T, d)
     return F.scaled_dot_product_attention(qf, k, v, attn_mask=mf, scale=scale).view(B, H, T, d)
