@@ -71,6 +71,8 @@ class Engine:
         self.slots: list[Sequence | None] = [None] * rows
         self._free = list(range(rows))  # a heap: the lowest free row first keeps live rows packed
         self.prefix = PrefixCache(self.cache, prefix_cache) if prefix_cache else None
+        if self.prefix is not None:  # a chunk must not push a block's sliding K/V out of a ring before it is saved
+            self.prefill_chunk = min(prefill_chunk, self.prefix.max_chunk())
         self.steps = 0  # decode forwards so far
         self._step_fn = None
         self._graphs: dict[tuple[int, int], tuple] = {}

@@ -13,9 +13,9 @@ key before they may share blocks.
   copied into the row; the prompt's prefill starts after it.
 
 Sliding layers (decided here): a ring holds only its row's last `window + headroom` positions,
-so a block keeps its sliding-layer K/V only if they were still in the ring when it was saved
-(blocks saved during prefill always are, since a prefill chunk is shorter than a ring; blocks
-of a long reply may keep only their full-layer K/V). A prefix of m tokens is reusable when every
+so a block keeps its sliding-layer K/V only if they were still in the ring when it was saved.
+Blocks saved during prefill always are (the engine keeps prefill chunks short enough:
+`max_chunk`); blocks of a reply longer than the ring keep only their full-layer K/V. A prefix of m tokens is reusable when every
 block before m has its full-layer K/V and the blocks covering the last window before m also have
 their sliding-layer K/V: exactly what the next query can see. So a chat's next turn reuses its
 whole history, and a shared system prompt is reused whatever followed it.
@@ -87,6 +87,12 @@ class PrefixCache:
             chain.append(b)
             parent = b.id
         return chain
+
+    def max_chunk(self) -> int:
+        """The longest prefill chunk after which every block it completed is still whole in every
+        ring (a block may have begun in the chunk before): the smallest ring less a block, plus 1."""
+        rings = [layer.size for layer in self.cache.layers if layer is not None and layer.ring]
+        return min(rings) - self.block + 1 if rings else 1 << 30
 
     def _window(self) -> int:
         """The widest sliding window among ring layers (0 if none)."""

@@ -121,15 +121,17 @@ def test_prefix_reuse_gives_the_same_tokens_as_prefilling(shared):
     assert reuse.prefix.hits == sum(cached)
 
 
-def test_prefix_reuse_after_a_long_reply_and_long_prefill_chunks():
-    """Blocks whose sliding-layer K/V left the ring (a prefill chunk longer than the ring, a reply
-    longer than it) are kept for their full layers only; reuse then stops where the window would
-    need them, and the tokens stay those of a plain prefill."""
+def test_prefix_reuse_after_a_reply_longer_than_the_ring():
+    """Blocks whose sliding-layer K/V left the ring (a reply longer than it) are kept for their full
+    layers only; reuse then stops where the window would need them, and the tokens stay those of a
+    plain prefill. (Prefill chunks are cut to the ring, here 17 tokens instead of 256, so prompt
+    blocks keep theirs.)"""
     model = random_model("tiny-gemma-3-270m", embed_std=0.05, sliding_window=16)
     V = model.config.vocab_size
     prompt = _tokens(V, 100, 12)
     plain = Engine(model, max_len=300, headroom=16)
-    reuse = Engine(model, max_len=300, headroom=16, prefix_cache=1024)  # ring 32 < prefill chunk 256
+    reuse = Engine(model, max_len=300, headroom=16, prefix_cache=1024)  # ring 32
+    assert reuse.prefill_chunk == 32 - 16 + 1
     (reply,), _ = _generate(plain, [prompt], 60)
     assert _generate(reuse, [prompt], 60) == ([reply], [0])
     later = [prompt[:70] + _tokens(V, 4, 13), prompt + reply + _tokens(V, 4, 14)]
