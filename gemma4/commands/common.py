@@ -21,14 +21,14 @@ def load_from_args(args):
     adapter = getattr(args, "adapter", None)
     with_adapter = f" with the adapter {adapter}" if adapter else ""
     print(f"loading {args.model or 'the embedded gemma-3-270m'}{with_adapter} ...", file=sys.stderr, flush=True)
-    model, tokenizer = load(args.model, dtype=args.dtype, device=pick_device(args.device), adapter=adapter,
+    loaded = load(args.model, dtype=args.dtype, device=pick_device(args.device), adapter=adapter,
                             quantize=getattr(args, "quantize", None))
     if not getattr(args, "exact", True):
         from ..engine.cpu import speed_up
 
-        speed_up(model)  # CPU float32 only; a no-op elsewhere
+        speed_up(loaded.model)  # CPU float32 only; a no-op elsewhere
     print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
-    return model, tokenizer
+    return loaded
 
 
 def engine_from_args(args, model, *, session: bool = False):

@@ -12,16 +12,15 @@ def run(args) -> int:
     if not prompt.strip():
         raise ValueError("empty prompt: pass it as an argument or on stdin")
     sampling = sampling_from_args(args)
-    model, tokenizer = load_from_args(args)
+    model, tokenizer, fmt = load_from_args(args)
     engine = engine_from_args(args, model)
-    fmt = tokenizer.chat_format
     chat = args.format == "chat" or (args.format == "auto" and (fmt.template is not None or args.system or args.think))
     if chat:
         from ..api import stream_chat
 
         messages = messages_with_system(args.system, [{"role": "user", "content": prompt}])
         events = stream_chat(model, tokenizer, messages, enable_thinking=args.think, max_tokens=args.max_tokens,
-                             sampling=sampling, engine=engine)
+                             sampling=sampling, chat_format=fmt, engine=engine)
         response = print_events(events, show_thoughts=True)
         if args.verbose and response:
             print(f"[{response.prompt_tokens} prompt tokens, {response.completion_tokens} generated]", file=sys.stderr)

@@ -68,10 +68,10 @@ def load_checkpoint(path: str | None, dtype=None, device=None, adapter: str | No
     from ..api import load
     from ..engine.cpu import speed_up
 
-    model, tokenizer = load(path, dtype=dtype, device=device, adapter=adapter, quantize=quantize)
+    model, tokenizer, chat_format = load(path, dtype=dtype, device=device, adapter=adapter, quantize=quantize)
     if not exact:
         speed_up(model)  # CPU float32 only; a no-op elsewhere
-    return model, tokenizer, tokenizer.chat_format
+    return model, tokenizer, chat_format
 
 
 def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:

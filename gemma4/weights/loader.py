@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dataclasses import dataclass
+from typing import Any
+
 from ..config import ConfigError, TextConfig
 from ..model import Gemma
 from .errors import CheckpointError
@@ -30,6 +33,10 @@ TEXT_PREFIXES = ("model.language_model.", "model.")  # multimodal, then text-onl
 TOWER_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
                   "model.vision_embedder.")
 Entry = tuple[str, Callable[[], torch.Tensor], tuple[int, ...]]  # (checkpoint name, lazy getter, shape)
+# Swaps the weights a `quantization_config` lists for quantized placeholders on the meta model and
+# returns the names of the tensors to assign as stored (gemma4.quant.prepare_quantized). A hook, so
+# that loading does not import quantization.
+Prepare = Callable[[Gemma, dict, torch.dtype], set[str]]
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -74,44 +81,68 @@ def canonical_name(name: str) -> str | None:
     return name
 
 
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: its config and its tensors, nothing read yet but the headers.
+    `gguf`: the parsed .gguf (metadata, tokenizer vocabulary) when the source is one, so the
+    tokenizer and the chat template come from the same single parse."""
+
+    source: Path
+    config: TextConfig
+    raw: dict  # config.json (or the GGUF metadata as config.json keys)
+    _tensors: Callable[[torch.dtype], list[Entry]]
+    gguf: Any = None
+
+    def entries(self, gguf_dtype: torch.dtype = torch.float32) -> list[Entry]:
+        """Lazy tensors: memory-mapped safetensors, or GGUF tensors dequantized to `gguf_dtype` one
+        by one when their getter is called."""
+        return self._tensors(gguf_dtype)
+
+    @property
+    def quantization(self) -> dict | None:
+        return self.raw.get("quantization_config")
+
+
 def load_model(
-    path_or_id: str | Path,
+    path_or_id: str | Path | Checkpoint,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     revision: str | None = None,
+    prepare: Prepare | None = None,
 ) -> Gemma:
-    """Load a Gemma 3/4 text model from a local checkpoint, a .gguf file or a Hub id."""
+    """Load a Gemma 3/4 text model from a local checkpoint, a .gguf file, a Hub id or an opened
+    `Checkpoint`. A quantized checkpoint needs `prepare` (`gemma4.load_model` passes gemma4.quant's)."""
     device = torch.device(device or "cpu")
     dtype = parse_dtype(dtype, device)
-    source, config, raw, entries = open_checkpoint(path_or_id, dtype, revision)
-    return build(config, entries, dtype, device, str(source), quantization=raw.get("quantization_config"))
+    ckpt = path_or_id if isinstance(path_or_id, Checkpoint) else open_checkpoint(path_or_id, revision)
+    return build(ckpt.config, ckpt.entries(dtype), dtype, device, str(ckpt.source), ckpt.quantization, prepare)
 
 
-def open_checkpoint(
-    path_or_id: str | Path, gguf_dtype: torch.dtype, revision: str | None = None,
-) -> tuple[Path, TextConfig, dict, list[Entry]]:
-    """Resolve a source and read its config: (path, config, raw config dict, lazy tensor entries).
-
-    Nothing is read yet but the headers: GGUF tensors are dequantized to `gguf_dtype` one by one
-    when their getter is called, safetensors ones are memory-mapped.
-    """
+def open_checkpoint(path_or_id: str | Path, revision: str | None = None) -> Checkpoint:
+    """Resolve a source and read its config and tensor headers (see `Checkpoint`)."""
     source = resolve(path_or_id, revision=revision)
+    gguf = None
     if source.is_file() and source.suffix == ".gguf":
         from .gguf import GGUFFile
 
         gguf = GGUFFile(source)
         raw = gguf.config
-        entries = [(n, partial(gguf.tensor, n, gguf_dtype), tuple(gguf.shape(n))) for n in gguf.names()]
+
+        def tensors(dtype: torch.dtype) -> list[Entry]:
+            return [(n, partial(gguf.tensor, n, dtype), tuple(gguf.shape(n))) for n in gguf.names()]
     else:
         if not source.is_dir():
             raise CheckpointError(f"{source} is neither a checkpoint directory nor a .gguf file")
         raw = read_config(source)
-        entries = list(open_tensors(shard_files(source)))
+        found = list(open_tensors(shard_files(source)))
+
+        def tensors(dtype: torch.dtype) -> list[Entry]:
+            return found
     try:
         config = TextConfig.from_hf_dict(raw)
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None
-    return source, config, raw, entries
+    return Checkpoint(source, config, raw, tensors, gguf)
 
 
 def build(
@@ -121,20 +152,22 @@ def build(
     device: torch.device,
     source: str = "checkpoint",
     quantization: dict | None = None,
+    prepare: Prepare | None = None,
 ) -> Gemma:
     """Build on meta and assign checkpoint tensors, strictly (see module docstring).
 
-    `quantization`: a gemma4.quant `quantization_config`; its quantized weights are swapped in on
-    meta first and their tensors are assigned as stored (no dtype cast, no re-quantization).
+    `quantization`: a gemma4.quant `quantization_config`; `prepare` swaps its quantized weights in on
+    meta first, and their tensors are assigned as stored (no dtype cast, no re-quantization).
     """
     with torch.device("meta"):
         model = Gemma(config)
     as_stored: set[str] = set()
     if quantization is not None:
-        from ..quant.quantize import prepare_quantized
-
+        if prepare is None:
+            raise CheckpointError(f"{source} is a quantized checkpoint (gemma4.quant); load it with gemma4.load "
+                                  "or gemma4.load_model, which know its format")
         try:
-            as_stored = prepare_quantized(model, quantization, dtype)
+            as_stored = prepare(model, quantization, dtype)
         except ValueError as e:
             raise CheckpointError(f"{source}: {e}") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
