@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
+from .fuse import fuse_projections
+
 FORMATS = ("fp16", "int8-dynamic")
 
 # Packed weights by handle; each PackedLinear removes its entry when it is garbage-collected.
@@ -180,7 +182,7 @@ def pack_linears(model: nn.Module, fmt: str = "fp16", head: str | None = "rescor
                  fuse: bool = True) -> nn.Module:
     """Swap every nn.Linear of a CPU float model for a PackedLinear (in place) and return the model.
 
-    `fuse` first fuses each layer's q/k/v and gate/up linears (`Gemma.fuse_projections`): each fbgemm
+    `fuse` first fuses each layer's q/k/v and gate/up linears (`engine.fuse`): each fbgemm
     call has a fixed cost of tens of us, and fusing saves 54 of gemma-3-270m's 126 calls a token.
 
     `head` packs a tied LM head too (as `model.lm_head`; the embedding keeps its float table):
@@ -195,7 +197,7 @@ def pack_linears(model: nn.Module, fmt: str = "fp16", head: str | None = "rescor
         if not fbgemm_works(f):
             raise RuntimeError(f"fbgemm {f} kernels are not available in this torch build/CPU; use the float model")
     if fuse:
-        model.fuse_projections()
+        fuse_projections(model)
     jobs = {}  # (parent, attribute) -> a function that builds its replacement; the longest first
     if head and getattr(model, "lm_head", 1) is None:  # tied: the head multiplies by the embedding table
         table = model.model.embed_tokens.weight

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerSpec, TextConfig
-from .layers import RMSNorm, apply_rope, fuse_linears
+from .layers import RMSNorm, apply_rope
 
 KV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys, values [B, Hkv, S, d]; key positions [B, S]
 
@@ -99,26 +99,19 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, config.rms_norm_eps, config.norm_offset)
             self.v_norm = RMSNorm(d, config.rms_norm_eps, with_weight=False) if config.v_norm else None
         self.o_proj = nn.Linear(heads * d, dim, bias=False)
-        self.qkv_proj: nn.Linear | None = None  # set by fuse_projections, with the widths of its parts
-        self.qkv_sizes: list[int] = []
 
-    def fuse_projections(self) -> None:
-        """q_proj, k_proj and v_proj (those this layer has) as one linear, qkv_proj, for inference."""
-        names = ["q_proj"] if self.spec.shares_kv else ["q_proj", "k_proj"] + ["v_proj"] * (self.v_proj is not None)
-        sizes = [getattr(self, n).out_features for n in names]
-        fused = fuse_linears(self, *names) if len(names) > 1 else None
-        if fused is not None:
-            self.qkv_proj, self.qkv_sizes = fused, sizes
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """q and the raw k (and v, unless k_eq_v) projections of x; no k/v on KV-shared layers.
+        Separate matmuls here; gemma4.engine.fuse makes them one."""
+        if self.spec.shares_kv:
+            return self.q_proj(x), []
+        return self.q_proj(x), [self.k_proj(x)] + ([] if self.v_proj is None else [self.v_proj(x)])
 
-    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   raw: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """New keys (normed, rotated) and values (normed) as [B, Hkv, T, d]. `raw`: the k (and v)
-        projections of x, when the caller has them already (from a fused qkv_proj)."""
-        shape = (*x.shape[:-1], self.spec.num_kv_heads, self.spec.head_dim)
-        if raw is None and self.qkv_proj is not None:
-            raw = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)[1:]
-        elif raw is None:
-            raw = [self.k_proj(x)] + ([] if self.v_proj is None else [self.v_proj(x)])
+    def project_kv(self, raw: list[torch.Tensor], cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New keys (normed, rotated) and values (normed) [B, Hkv, T, d] from the raw k (and v)
+        projections [B, T, Hkv * d]."""
+        shape = (*raw[0].shape[:-1], self.spec.num_kv_heads, self.spec.head_dim)
         k_raw = raw[0].view(shape)
         v = k_raw if len(raw) == 1 else raw[1].view(shape)  # k_eq_v: V is the raw K projection
         k = apply_rope(self.k_norm(k_raw), cos, sin)
@@ -143,13 +136,10 @@ class Attention(nn.Module):
         key positions, so the first one builds it and the rest reuse it.
         """
         B, T, _ = x.shape
-        if self.qkv_proj is not None:
-            q, *raw = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
-        else:
-            q, raw = self.q_proj(x), None
+        q, raw = self.project(x)
         q = apply_rope(self.q_norm(q.view(B, T, -1, self.spec.head_dim)), cos, sin).transpose(1, 2)
         if kv is None:
-            k, v = self.project_kv(x, cos, sin, raw)
+            k, v = self.project_kv(raw, cos, sin)
             kv = (k, v, q_pos) if cache is None else cache.update(k, v, q_pos)
         mask = masks.get(self.spec.type)
         if mask is None:

@@ -221,16 +221,8 @@ class Gemma(nn.Module):
         self.model = TextModel(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, False)
 
-    def fuse_projections(self) -> Gemma:
-        """Fuse each layer's q/k/v and gate/up linears into one matmul each (in place; returns self).
-        For inference only: state_dict names change, and LoRA or quantized linears are left as they are."""
-        for m in self.modules():
-            if isinstance(m, (Attention, MLP)):
-                m.fuse_projections()
-        return self
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # A tied model may still carry an lm_head: a repacked copy of the table (gemma4.engine.cpu).
+        # A tied model may be given an lm_head, a repacked copy of the table (gemma4.engine.cpu).
         if self.lm_head is None:
             logits = torch.nn.functional.linear(hidden, self.model.embed_tokens.weight)
         else:

@@ -69,37 +69,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
-        self.gate_up_proj: nn.Linear | None = None  # set by fuse_projections
 
-    def fuse_projections(self) -> None:
-        """gate_proj and up_proj as one linear, gate_up_proj (rows: gate, then up), for inference."""
-        self.gate_up_proj = fuse_linears(self, "gate_proj", "up_proj") or self.gate_up_proj
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate and up projections of x (two matmuls; gemma4.engine.fuse makes them one)."""
+        return self.gate_proj(x), self.up_proj(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(gelu(gate) * up)
-        return self.down_proj(gelu(self.gate_proj(x)) * self.up_proj(x))
-
-
-def fuse_linears(parent: nn.Module, *names: str) -> nn.Linear | None:
-    """One bias-free nn.Linear whose rows are those of `parent`'s linears `names`, in order, which it
-    deletes (sets to None); None, changing nothing, unless all are plain float nn.Linear (not LoRA or
-    quantized) on one device and dtype. One matmul reads the input once and costs one call: that
-    matters where each call has a fixed cost (tens of us for a CPU fbgemm matmul, a GPU launch).
-    Checkpoints name the separate linears, so fuse after loading; the fused model is for inference.
-    """
-    parts = [getattr(parent, n) for n in names]
-    if any(type(m) is not nn.Linear or m.bias is not None for m in parts):
-        return None
-    weights = [m.weight for m in parts]
-    if len({(w.device, w.dtype) for w in weights}) != 1 or not weights[0].is_floating_point():
-        return None
-    fused = nn.Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=False, device="meta")
-    fused.weight = nn.Parameter(torch.cat(weights).detach(), requires_grad=weights[0].requires_grad)
-    for n in names:
-        setattr(parent, n, None)
-    return fused
+        gate, up = self.gate_up(x)
+        return self.down_proj(gelu(gate) * up)
 
 
 class Router(nn.Module):

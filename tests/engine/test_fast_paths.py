@@ -22,6 +22,7 @@ from testing_utils import random_model
 
 from gemma4.engine.cache import ContextLengthError, KVCache
 from gemma4.engine.core import Engine
+from gemma4.engine.fuse import FusedAttention
 from gemma4.engine.cpu import PackedLinear, RescoredHead, fbgemm_works, pack_linears, speed_up, top_indices
 from gemma4.engine.generate import TokenGenerator
 from gemma4.engine.sampling import SamplingParams
@@ -372,7 +373,7 @@ def test_speed_up_packs_float32_cpu_models_only_and_leaves_adapters_float():
     assert speed_up(model) and model.lm_head is head  # a second call keeps the packed model as it is
     layer = model.model.layers[0]
     assert isinstance(layer.mlp.gate_up_proj, PackedLinear)  # not adapted: fused, packed
-    assert layer.self_attn.qkv_proj is None and isinstance(layer.self_attn.k_proj, PackedLinear)  # q is adapted
+    assert not isinstance(layer.self_attn, FusedAttention) and isinstance(layer.self_attn.k_proj, PackedLinear)  # q is adapted
     adapted = list(lora_modules(model))
     assert adapted and all(type(m.lora_A) is torch.nn.Linear and type(m.lora_B) is torch.nn.Linear
                            and isinstance(m.weight, torch.nn.Parameter) for _, m in adapted)

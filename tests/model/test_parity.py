@@ -7,6 +7,7 @@ longer than two sliding windows (window 4, 19 tokens), batch 2.
 import pytest
 import torch
 
+from gemma4.engine.fuse import FusedAttention, FusedMLP, fuse_projections
 from gemma4.weights import load_model
 
 TINY = ["tiny-e2b", "tiny-e4b", "tiny-12b", "tiny-26b-a4b", "tiny-31b", "tiny-gemma-3-270m", "tiny-gemma-3-4b"]
@@ -89,11 +90,11 @@ def test_shared_kv_exposes_producers(tiny_checkpoint):
 def test_fused_projections_match_reference(tiny_checkpoint, name):
     """q/k/v and gate/up fused into one matmul each (the CPU fast path's layout) change nothing."""
     ref, path = tiny_checkpoint(name)
-    ours = load_model(path, dtype=torch.float32).fuse_projections()
+    ours = fuse_projections(load_model(path, dtype=torch.float32))
     attn = [m.self_attn for m in ours.model.layers]
-    assert all(m.qkv_proj is not None for m in attn if not m.spec.shares_kv)
-    assert all(m.q_proj is not None and m.qkv_proj is None for m in attn if m.spec.shares_kv)
-    assert all(m.mlp.gate_up_proj is not None and m.mlp.gate_proj is None for m in ours.model.layers)
+    assert all(isinstance(m, FusedAttention) and m.q_proj is None for m in attn if not m.spec.shares_kv)
+    assert all(m.q_proj is not None and not isinstance(m, FusedAttention) for m in attn if m.spec.shares_kv)
+    assert all(isinstance(m.mlp, FusedMLP) and m.mlp.gate_proj is None for m in ours.model.layers)
     ids = torch.randint(0, ref.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = ref(ids).logits
