@@ -34,7 +34,7 @@ from ..config import ContextLengthError
 from ..engine.core import PREFILL_CHUNK
 from ..engine.scheduler import GenerationRequest, QueueFullError, Scheduler, SchedulerClosedError, TokenEvent
 from . import checks
-from .errors import APIError, bad_request, sanitize
+from .errors import APIError, bad_request, context_length_error, sanitize
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .output import Delta, OutputAssembler, logprob_entry
 from .prompts import PromptBuilder
@@ -248,7 +248,7 @@ async def _run(request: Request, state: _State, req, gen: GenerationRequest, ass
     except SchedulerClosedError:
         raise APIError(503, "the engine is not available", retry_after=5) from None
     except ContextLengthError as error:
-        raise bad_request(str(error), param="max_tokens", code="context_length_exceeded") from None
+        raise context_length_error(error) from None
     ctx = _Context(state, req, gen, assembler, handle, queue, chat)
     if req.stream:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

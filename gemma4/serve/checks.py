@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from ..chat import ToolDefinitionError, normalize_tools
+from ..config import ContextLengthError, check_context
 from ..engine.sampling import SamplingParams
 from .errors import APIError, bad_request, context_length_error, from_validation, sanitize
 from .protocol import ChatCompletionRequest, Message
@@ -103,8 +104,10 @@ def check_part(part: dict, where: str) -> None:
 
 def max_tokens(requested: int | None, prompt: int, served: ServedModel, config: ServeConfig) -> int:
     context = served.context
-    if prompt >= context or (requested is not None and prompt + requested > context):
-        raise context_length_error(context, prompt, requested or 1)
+    try:
+        check_context(context, prompt, requested or 1)
+    except ContextLengthError as error:
+        raise context_length_error(error) from None
     return requested if requested is not None else min(config.max_tokens_default, context - prompt)
 
 

@@ -13,6 +13,8 @@ import re
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
+from ..config import ContextLengthError
+
 _TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
     405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
@@ -41,15 +43,10 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
-def context_length_error(context: int, prompt: int, completion: int) -> APIError:
-    """The vLLM wording: LiteLLM and other clients detect context overflow by this text."""
-    return APIError(
-        400,
-        f"This model's maximum context length is {context} tokens. However, you requested "
-        f"{prompt + completion} tokens ({prompt} in the messages, {completion} in the completion). "
-        "Please reduce the length of the messages or completion.",
-        param="messages", code="context_length_exceeded",
-    )
+def context_length_error(error: ContextLengthError) -> APIError:
+    """The engine's one context message (vLLM's wording, by which LiteLLM and other clients detect
+    an overflow) as OpenAI's 400 `context_length_exceeded`."""
+    return APIError(400, str(error), param="messages", code="context_length_exceeded")
 
 
 def from_validation(error: ValidationError) -> APIError:
