@@ -42,7 +42,7 @@ class Generation:
             if len(r.prompt) >= context:
                 raise PromptTooLongError(context, len(r.prompt), 1)
         if engine is None:
-            need = max(len(r.prompt) + max(min(r.max_tokens, context - len(r.prompt)), 0) for r in requests)
+            need = max(len(r.prompt) + max(r.max_tokens, 0) for r in requests)
             engine = Engine(model, rows=len(requests), max_len=min(need, context))
         elif engine.free_rows < len(requests):
             raise ValueError(f"{len(requests)} requests need as many free rows; the engine has {engine.free_rows}")
