@@ -303,6 +303,9 @@ class Engine:
         if self.mode == "cuda-graph":
             self._step_fn = self._step
         else:
+            # One trace per (batch bucket, cache capacity): up to log2(rows) + 1 buckets times the
+            # doublings of the cache, more than dynamo's default of 8 before it gives up on a frame.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             options = {"mode": None if self.mode == "compile" else self.mode, "fullgraph": True}
             self._step_fn = torch.compile(self._step, **(options | (compile_options or {})))
 
