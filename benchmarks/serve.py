@@ -57,11 +57,12 @@ def percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+async def stream_chat(client: httpx.AsyncClient, model: str, messages: list[dict], max_tokens: int) -> dict:
+    """One greedy streamed chat request: the time of each text chunk, the reply, the usage."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    times, tokens = [], 0
+    times, text, usage = [], "", {}
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -70,15 +71,21 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_to
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+            usage = chunk.get("usage") or usage
             for choice in chunk.get("choices", []):
                 delta = choice.get("delta", {})
                 if delta.get("content") or delta.get("reasoning_content"):
                     times.append(time.perf_counter())
+                    text += delta.get("content") or ""
     end = time.perf_counter()
-    return {"ttft": (times[0] - start) if times else end - start,
-            "itl": [b - a for a, b in zip(times, times[1:])], "tokens": tokens, "latency": end - start}
+    return {"ttft": (times[0] - start) if times else end - start, "itl": [b - a for a, b in zip(times, times[1:])],
+            "latency": end - start, "text": text, "tokens": usage.get("completion_tokens", 0),
+            "prompt_tokens": usage.get("prompt_tokens", 0),
+            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)}
+
+
+async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:
+    return await stream_chat(client, model, [{"role": "user", "content": prompt}], max_tokens)
 
 
 async def run_level(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
@@ -108,28 +115,6 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, max_t
     }
 
 
-async def one_chat(client: httpx.AsyncClient, model: str, messages: list[dict], max_tokens: int) -> dict:
-    """A greedy streamed chat request: TTFT, the reply, and the usage (prompt and cached tokens)."""
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    start, ttft, text, usage = time.perf_counter(), None, "", {}
-    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices", []):
-                piece = choice.get("delta", {}).get("content")
-                if piece:
-                    ttft = ttft if ttft is not None else time.perf_counter() - start
-                    text += piece
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-    return {"ttft": ttft if ttft is not None else time.perf_counter() - start, "text": text,
-            "prompt_tokens": usage.get("prompt_tokens", 0), "cached_tokens": cached}
-
-
 def system_prompt(words: int, offset: int = 0) -> str:
     """~`words` words of the shipped calibration text (ordinary English prose), from word `offset`."""
     text = (Path(__file__).resolve().parents[1] / "gemma4" / "quant" / "data" / "calibration.txt").read_text()
@@ -138,17 +123,17 @@ def system_prompt(words: int, offset: int = 0) -> str:
 
 async def run_prefix(url: str, model: str, max_tokens: int) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        await one_chat(client, model, [{"role": "user", "content": "Hello"}], 4)  # warm-up
+        await stream_chat(client, model, [{"role": "user", "content": "Hello"}], 4)  # warm-up
         shared = []
         for offset in (0, 3000):  # two different ~2,000-token system prompts, a pair of requests each
             system = system_prompt(1500, offset)
             for question in ("What is the first topic of these notes?", "Summarise the notes in one line."):
                 messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
-                shared.append(await one_chat(client, model, messages, max_tokens))
+                shared.append(await stream_chat(client, model, messages, max_tokens))
         history, turns = [], []
         for i in range(10):
             history.append({"role": "user", "content": f"Turn {i + 1}: tell me one more short fact about rivers."})
-            r = await one_chat(client, model, history, max_tokens)
+            r = await stream_chat(client, model, history, max_tokens)
             history.append({"role": "assistant", "content": r["text"]})
             turns.append(r)
     return {"shared_system": shared, "chat": turns}
