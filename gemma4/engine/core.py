@@ -88,10 +88,6 @@ class Engine:
     def free_rows(self) -> int:
         return len(self._free)
 
-    @property
-    def active(self) -> list[Sequence]:
-        return [s for s in self.slots if s is not None]
-
     def add(self, seq: Sequence) -> None:
         """Put `seq` on the lowest free row; reuse the K/V of its longest cached prompt prefix."""
         check_context(self.context, seq.prompt_len, 1)
@@ -127,7 +123,7 @@ class Engine:
         """Roll `seq` back by its last n fed tokens (and forget those tokens): a rejected draft."""
         self.cache.truncate(seq.row, n)
         seq.fed -= n
-        del seq.tokens[seq.fed + 1 :]
+        del seq.tokens[seq.fed :]
 
     # -- stepping -----------------------------------------------------------------------------------
     def step(self, budget: int | None = None) -> list[tuple[Sequence, TokenEvent]]:

@@ -45,6 +45,7 @@ def test_rolling_back_on_every_layer_type_and_continuing_equals_a_fresh_run(name
         k = t % H + 1
         detour.score([b], [_tokens(model.config.vocab_size, k, 100 + t)])
         detour.truncate(b, k)
+        assert b.tokens == true[:t] and b.fed == t  # the rolled-back tokens are gone
         got.append(detour.score([b], [[true[t]]])[0])
     assert b.tokens == true and detour.cache.lengths[b.row] == T
     torch.testing.assert_close(torch.cat(got), torch.cat(want), rtol=0, atol=1e-10)
