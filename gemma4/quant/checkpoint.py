@@ -16,8 +16,8 @@ import torch
 
 from ..model import Gemma
 from ..weights.errors import CheckpointError
-from ..weights.loader import build, canonical_name, open_checkpoint, parse_dtype
-from .quantize import Predicate, default_predicate, quantization_config, quantize
+from ..weights.loader import Checkpoint, build, canonical_name, open_checkpoint, parse_dtype
+from .quantize import Predicate, default_predicate, prepare_quantized, quantization_config, quantize
 from .tensor import QuantizedTensor
 
 # The buffers of a QuantizedTensor, in state_dict (= loading) order.
@@ -25,7 +25,7 @@ PARTS = {8: ("qweight", "scales", "col_scales"), 4: ("qweight", "scales", "zeros
 
 
 def quantize_checkpoint(
-    path_or_id: str | Path,
+    path_or_id: str | Path | Checkpoint,
     scheme: str = "int4",
     group_size: int = 64,
     predicate: Predicate = default_predicate,
@@ -34,16 +34,17 @@ def quantize_checkpoint(
     revision: str | None = None,
 ) -> Gemma:
     """Load a float checkpoint directory, Hub id or .gguf file straight into a quantized model."""
-    # GGUF tensors are dequantized to float32 for quantizing, whatever the compute `dtype`.
-    source, config, raw, entries = open_checkpoint(path_or_id, torch.float32, revision)
-    if raw.get("quantization_config") is not None:
-        raise CheckpointError(f"{source} is already quantized; quantize its float original instead")
+    ckpt = path_or_id if isinstance(path_or_id, Checkpoint) else open_checkpoint(path_or_id, revision)
+    if ckpt.quantization is not None:
+        raise CheckpointError(f"{ckpt.source} is already quantized; quantize its float original instead")
     with torch.device("meta"):
-        planned = quantize(Gemma(config), scheme, group_size, predicate, progress=False)
+        planned = quantize(Gemma(ckpt.config), scheme, group_size, predicate, progress=False)
     qconfig = quantization_config(planned, scheme, group_size)
-    entries = list(requantizing(entries, qconfig["tensors"]))
+    # GGUF tensors are dequantized to float32 for quantizing, whatever the compute `dtype`.
+    entries = list(requantizing(ckpt.entries(torch.float32), qconfig["tensors"]))
     device = torch.device(device or "cpu")
-    return build(config, entries, parse_dtype(dtype, device), device, str(source), quantization=qconfig)
+    return build(ckpt.config, entries, parse_dtype(dtype, device), device, str(ckpt.source), qconfig,
+                 prepare_quantized)
 
 
 def requantizing(entries, tensors: dict[str, dict]):

@@ -16,7 +16,6 @@ example). Every such choice is recorded.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..model.layers import Experts
+from ..weights import save
 from .tensor import INT4_GROUP_SIZES, QuantizedTensor, quantized_nbytes
 
 SCHEMES = ("int8", "int4")
@@ -227,15 +227,10 @@ def estimate_nbytes(model: nn.Module, scheme: str, group_size: int = 64,
 # Saving
 
 
-def save_quantized(model: nn.Module, out_dir: str | Path, scheme: str | None = None,
-                   group_size: int | None = None) -> Path:
-    """Write config.json (the model config + `quantization_config`) and model.safetensors."""
-    from .safetensors_io import write_safetensors
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    raw = model.config.to_hf_dict()
-    raw["quantization_config"] = quantization_config(model, scheme, group_size)
-    write_safetensors(model.state_dict(), out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
-    return out
+def save_quantized(model: nn.Module, out_dir: str | Path, scheme: str | None = None, group_size: int | None = None,
+                   *, tokenizer=None, chat_format=None, source: str | Path | None = None) -> Path:
+    """`gemma4.weights.save` with the model's `quantization_config` in config.json (tokenizer files
+    from `source` or `tokenizer` + `chat_format`, as there)."""
+    qconfig = quantization_config(model, scheme, group_size)
+    return save(out_dir, model, tokenizer=tokenizer, chat_format=chat_format, source=source,
+                quantization_config=qconfig)
