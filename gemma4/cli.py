@@ -24,11 +24,11 @@ PASSTHROUGH_TARGETS = {
     "serve": ("OpenAI-compatible HTTP server (see `gemma4 serve --help`)", "gemma4.serve.cli", "serve_cli", "serve"),
     # No extra: training needs only the base dependencies.
     "finetune": ("train a LoRA / QLoRA adapter on chat or text JSONL (see `gemma4 finetune --help`)",
-                 "gemma4.train.cli", "main", None),
-    "quantize": ("save an int8/int4 copy of a checkpoint (see `gemma4 quantize --help`)", "gemma4.quant.cli",
-                 "main", None),
+                 "gemma4.commands.finetune", "main", None),
+    "quantize": ("save an int8/int4 copy of a checkpoint (see `gemma4 quantize --help`)",
+                 "gemma4.commands.quantize", "main", None),
     "eval": ("evaluate a model: `gemma4 eval perplexity --file text.txt` (see `gemma4 eval --help`)",
-             "gemma4.eval.cli", "main", None),
+             "gemma4.commands.eval", "main", None),
 }
 PASSTHROUGH = {name: spec[0] for name, spec in PASSTHROUGH_TARGETS.items()}
 

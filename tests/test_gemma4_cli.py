@@ -14,7 +14,7 @@ from gemma4.cli import main
 def real(monkeypatch, gemma3_270m):
     """The shared real model, copied: the commands repack a CPU model for speed, in place."""
     model = copy.deepcopy(gemma3_270m[0])
-    monkeypatch.setattr(gemma4.api, "load", lambda *a, **k: (model, gemma3_270m[1]))
+    monkeypatch.setattr(gemma4.api, "load", lambda *a, **k: gemma4.Loaded(model, *gemma3_270m[1:]))
     return model, gemma3_270m[1]
 
 

@@ -23,7 +23,7 @@ perplexity on the held-out prose texts (tests/data/eval) rose +4.3% to +8.0% on 
 (markdown, tables, commands) single draws rose +8% to +27%, against +98% rounded to nearest
 (docs/benchmarks.md, "A calibration text of ordinary prose").
 
-    model, tokenizer = gemma4.load(path, dtype="float32")
+    model, tokenizer, _ = gemma4.load(path, dtype="float32")
     gptq_quantize(model, tokenizer.encode(CALIBRATION_TEXT.read_text()))
     save_quantized(model, "out/")
 """

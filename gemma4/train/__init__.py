@@ -1,10 +1,11 @@
 """Fine-tuning: LoRA / QLoRA as module swaps, PEFT-format adapters, a trainer that scales with FSDP2.
 
     from gemma4.train import LoraConfig, TrainConfig, finetune, apply_adapter
-    finetune("path/to/base", "train.jsonl", val="val.jsonl", out="run1",
-             config=TrainConfig(lora=LoraConfig(r=16, alpha=32), epochs=2))
-    model = apply_adapter(gemma4.load_model("path/to/base"), "run1")   # inference, unmerged
-    model, tokenizer = gemma4.load("path/to/base", adapter="run1")      # the same (also --adapter)
+    model, tokenizer, chat = gemma4.load("path/to/base")
+    finetune(model, "train.jsonl", val="val.jsonl", out="run1", tokenizer=tokenizer, chat_format=chat,
+             source="path/to/base", config=TrainConfig(lora=LoraConfig(r=16, alpha=32), epochs=2))
+    model = apply_adapter(gemma4.load_model("path/to/base"), "run1")      # inference, unmerged
+    model, tokenizer, chat = gemma4.load("path/to/base", adapter="run1")  # the same (also --adapter)
 """
 
 from .adapter import adapter_state_dict, apply_adapter, load_adapter_weights, read_adapter_config, save_adapter
@@ -22,7 +23,9 @@ from .lora import (
 )
 from .loss import CausalLMLoss, chunked_cross_entropy
 from .parallel import checkpoint_layers, uncheckpoint_layers
-from .trainer import TrainConfig, TrainResult, evaluate, export_merged, finetune, run_micro_batches
+from .export import export_merged
+from .step import evaluate, run_micro_batches
+from .trainer import TrainConfig, TrainResult, finetune
 
 __all__ = [
     "Batch",

@@ -10,7 +10,7 @@ from tokenizers.models import BPE
 import gemma4
 from gemma4.cli import main
 from gemma4.eval import gemma_logits_fn, perplexity
-from gemma4.eval.cli import perplexity_cli
+from gemma4.commands.eval import perplexity_cli
 from gemma4.quant import QuantizedTensor, quantize, save_quantized
 from gemma4.weights import load_model
 
@@ -40,7 +40,7 @@ def test_perplexity_cli_on_a_quantized_checkpoint(quantized_dir, tmp_path, capsy
     assert "perplexity" in capsys.readouterr().out
     result = perplexity_cli(quantized_dir, text, window=32, stride=16, max_tokens=50, device="cpu")
     # gemma4.load reads the quantized checkpoint as stored (no float weights) with its tokenizer.
-    model, tokenizer = gemma4.load(quantized_dir)
+    model, tokenizer, _ = gemma4.load(quantized_dir)
     assert isinstance(model.model.layers[0].mlp.up_proj.weight, QuantizedTensor)
     ids = [2] + [ord(c) - 32 + 4 for c in text.read_text()][:49]  # <bos> + characters
     assert tokenizer.encode(text.read_text())[:50] == ids

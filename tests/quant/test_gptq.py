@@ -8,7 +8,7 @@ import torch
 from gemma4.quant import QuantizedTensor, gptq_quantize, quantization_config, quantize, save_quantized, set_kernels
 from gemma4.quant.gptq import _hessians, _record_inputs, gptq_best, gptq_tensor
 from gemma4.quant.tensor import hadamard, quantize_int4, quantize_int8, rotate
-from gemma4.weights import load_model
+from gemma4 import load_model
 
 IDS = torch.randint(0, 128, (2, 19), generator=torch.Generator().manual_seed(1))
 

@@ -51,7 +51,7 @@ LOAD_AND_TOUCH = textwrap.dedent("""
     import gemma4.quant
     from gemma4.model import Gemma
     from gemma4.variants import variant
-    from gemma4.weights import load_model
+    from gemma4 import load_model
 
     def status(key):  # kB -> bytes
         line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))

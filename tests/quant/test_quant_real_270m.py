@@ -31,7 +31,7 @@ N = 256
 
 @pytest.fixture(scope="module")
 def scored(gemma3_270m):
-    model, tokenizer = gemma3_270m
+    model, tokenizer, _ = gemma3_270m
     ids = tokenizer.encode(TEXT.read_text(encoding="utf-8"))[:N]
     return ids, perplexity(gemma_logits_fn(model), ids, window=N, progress=False)
 
@@ -101,7 +101,7 @@ def test_calibrated_int4_loses_much_less(gemma3_270m, scored):
     """Activation-aware int4 (`gemma4 quantize --calibration`), calibrated on 512 tokens of the text
     that the scored ones do not overlap: far closer to float than round to nearest (measured +13.0%,
     agreement 74.5%, against +37.5% and 65% without calibration)."""
-    model, tokenizer = gemma3_270m
+    model, tokenizer, _ = gemma3_270m
     calibration = tokenizer.encode(TEXT.read_text(encoding="utf-8"))[1024:1536]
     scales = activation_scales(model, torch.tensor(calibration))
     model = quantize(copy.deepcopy(model), "int4", 64, col_scales=scales)
@@ -117,7 +117,7 @@ def test_gptq_int4_group_64(gemma3_270m, scored):
     agreement 81.2%; calibrated on the repository's docs instead it was +11.0% and 80.0%; round to
     nearest +37.5% and 65%). The bounds leave room for other CPUs' rounding, which acts like another
     sign draw (over eight draws, the whole text's rise spanned 4 points)."""
-    model, tokenizer = gemma3_270m
+    model, tokenizer, _ = gemma3_270m
     calibration = tokenizer.encode(CALIBRATION_TEXT.read_text(encoding="utf-8"))[:2048]
     model = gptq_quantize(copy.deepcopy(model), calibration, 64)
     assert model.model.layers[0].mlp.down_proj.weight.rotation == 128

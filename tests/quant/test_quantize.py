@@ -18,7 +18,8 @@ from gemma4.quant import (
     save_quantized,
     set_kernels,
 )
-from gemma4.weights import CheckpointError, load_model
+from gemma4 import load_model
+from gemma4.weights import CheckpointError
 
 IDS = torch.randint(0, 128, (2, 19), generator=torch.Generator().manual_seed(1))
 ROUND_TRIP = ["tiny-e2b", "tiny-26b-a4b", "tiny-gemma-3-270m", "tiny-12b"]
@@ -302,7 +303,7 @@ def test_load_can_quantize_while_loading(tiny_checkpoint, capsys):
     from gemma4.cli import main
 
     path = with_word_tokenizer(tiny_checkpoint("tiny-gemma-3-270m")[1])
-    model, tokenizer = gemma4.load(path, quantize="int4", group_size=32)
+    model, tokenizer, _ = gemma4.load(path, quantize="int4", group_size=32)
     want = quantize_checkpoint(path, "int4", 32)
     assert quantization_config(model) == quantization_config(want)
     assert quantization_config(model)["tensors"]["model.layers.0.mlp.up_proj.weight"] == {"bits": 4, "group_size": 32}

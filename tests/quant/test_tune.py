@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from gemma4 import load_model  # reads quantized checkpoints too
 from gemma4.model.layers import RMSNorm
 from gemma4.quant import QuantizedTensor, quantize, save_quantized, set_kernels
 from gemma4.quant.tune import dense_weights, record_targets, sample_windows, tune_norms
-from gemma4.weights import load_model
 
 WINDOWS = [torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(4)]
 

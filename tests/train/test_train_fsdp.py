@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from test_trainer import conversation, swap_task, write_jsonl
 from train_helpers import tiny_dir
 
-from gemma4.train.cli import main
+from gemma4.commands.finetune import main
 
 RTOL = 1e-4
 
@@ -42,7 +42,7 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "gemma4.train", *args, "--out", str(tmp_path / "fsdp")]
+           "-m", "gemma4", "finetune", *args, "--out", str(tmp_path / "fsdp")]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     print(f"torchrun: {time.perf_counter() - t0:.1f}s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -17,7 +18,7 @@ import gemma4
 from gemma4.chat import ChatFormat
 from gemma4.cli import main as gemma4_main
 from gemma4.train import DataError, LoraConfig, TrainConfig, apply_adapter, finetune
-from gemma4.train.cli import main
+from gemma4.commands.finetune import main
 from gemma4.weights import load_model
 
 LETTERS = "abcdefghijklmnop"
@@ -129,7 +130,7 @@ def test_cli_trains_exports_a_merged_checkpoint_and_refuses_bad_data(tmp_path, c
     with torch.no_grad():
         expected = apply_adapter(load_model(base), tmp_path / "run")(ids)
         torch.testing.assert_close(merged(ids), expected, rtol=0, atol=1e-4)
-    _, tok = gemma4.load(tmp_path / "merged")
+    _, tok, _ = gemma4.load(tmp_path / "merged")
     assert tok.encode("swap a b", add_bos=False) == tiny_tokenizer().encode("swap a b", add_bos=False)
 
     bad = tmp_path / "bad.jsonl"
@@ -145,6 +146,24 @@ def test_cli_trains_exports_a_merged_checkpoint_and_refuses_bad_data(tmp_path, c
         main(["--model", str(base), "--data", str(bad), "--out", str(tmp_path / "y"), "--max-steps", "1",
               "--on-bad-data", "skip", "--no-progress", "--batch-size", "2", "--micro-batch-size", "2"])
     assert "bad.jsonl:41: skipped: not valid JSON" in caplog.text
+
+
+def test_a_merged_export_that_would_fail_is_refused_before_training(tmp_path):
+    """An export into a non-empty directory or into --out, or one of a QLoRA run that cannot read
+    its float base again (no `source`), fails only after training: refused before the first step."""
+    data, val, config = small_run(tmp_path, max_steps=1)
+    model, tok = tiny("tiny-gemma-3-270m")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("keep me")
+    cases = [({"export_merged": str(tmp_path / "taken")}, FileExistsError, "taken already exists"),
+             ({"export_merged": str(tmp_path / "run")}, ValueError, "the adapter's directory"),
+             ({"export_merged": str(tmp_path / "merged"), "quantize": "int8"}, ValueError, "source=")]
+    for overrides, error, message in cases:
+        with pytest.raises(error, match=message):
+            finetune(model, data, val=val, out=tmp_path / "run", tokenizer=tok,
+                     config=dataclasses.replace(config, **overrides))
+        assert not (tmp_path / "run").exists() and not (tmp_path / "merged").exists()
+    assert (tmp_path / "taken" / "mine.txt").read_text() == "keep me"
 
 
 def test_generate_chat_and_serve_use_an_adapter_unmerged(tmp_path, capsys, monkeypatch):
@@ -164,7 +183,7 @@ def test_generate_chat_and_serve_use_an_adapter_unmerged(tmp_path, capsys, monke
     for _, m in lora_modules(donor):
         torch.nn.init.normal_(m.lora_B.weight, std=0.5)
     save_adapter(donor, tmp_path / "run", LoraConfig(r=4, alpha=8))
-    model, _ = gemma4.load(base, adapter=tmp_path / "run")
+    model, _, _ = gemma4.load(base, adapter=tmp_path / "run")
     plain = load_model(base)
     adapted = dict(lora_modules(model))
     assert len(adapted) == 7 * len(plain.model.layers) and not any(m.lora_merged for m in adapted.values())
@@ -214,7 +233,8 @@ def test_generate_chat_and_serve_use_an_adapter_unmerged(tmp_path, capsys, monke
 def test_bf16_training_keeps_fp32_adapters(tmp_path):
     """--dtype bf16: bf16 base and activations, fp32 adapters and optimizer; the loss goes down."""
     data, val, config = small_run(tmp_path, name="tiny-gemma-3-270m", dtype="bf16", max_steps=5, lr=3e-3)
-    result = finetune(tiny_dir("tiny-gemma-3-270m"), data, val=val, out=tmp_path / "run", config=config)
+    model, tok, chat = gemma4.load(tiny_dir("tiny-gemma-3-270m"), dtype="bf16")
+    result = finetune(model, data, val=val, out=tmp_path / "run", tokenizer=tok, chat_format=chat, config=config)
     assert all(math.isfinite(x) for x in result.train_losses)
     assert result.val_losses[-1][1] < result.val_losses[0][1]
     model = apply_adapter(load_model(tiny_dir("tiny-gemma-3-270m"), dtype="bf16"), tmp_path / "run")

@@ -42,11 +42,11 @@ def one(mode: str) -> dict:
 
     torch.set_num_threads(THREADS)
     t0 = time.perf_counter()
-    model, tok = gemma4.load()
+    model, tok, chat = gemma4.load()
     load_s = time.perf_counter() - t0
 
     def answers():
-        prompts = [tok.chat_format.render([{"role": "user", "content": p}]) for p in PROMPTS]
+        prompts = [chat.render([{"role": "user", "content": p}]) for p in PROMPTS]
         return batch_generate(model.eval(), tok, prompts, max_tokens=16, sampling=SamplingParams(temperature=0),
                               add_bos=False)
 
@@ -56,7 +56,7 @@ def one(mode: str) -> dict:
                          quantize=None if mode == "lora" else "int4", progress=False)
     with tempfile.TemporaryDirectory() as out:
         result = finetune(model, HERE / "pirate_train.jsonl", val=HERE / "pirate_val.jsonl", out=out, tokenizer=tok,
-                          config=config)
+                          chat_format=chat, config=config)
     cpu_s = time.process_time()
     return {
         "mode": mode, "process_cpu_s": cpu_s, "steps": result.steps, "train_losses": result.train_losses,

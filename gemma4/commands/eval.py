@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .perplexity import PerplexityResult, gemma_logits_fn, perplexity
+from ..eval.perplexity import PerplexityResult, gemma_logits_fn, perplexity
 
 PERPLEXITY_HELP = """Sliding-window perplexity: windows of --window tokens start every --stride tokens, and each
 token is scored once, in the first window that reaches it, so after the first window every token
@@ -66,7 +66,7 @@ def perplexity_cli(model: str | Path | None, file: str | Path, window: int = 512
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     text = Path(file).read_text(encoding="utf-8")
     start = time.perf_counter()
-    lm, tokenizer = load(model, dtype=dtype, device=device)
+    lm, tokenizer, _ = load(model, dtype=dtype, device=device)
     ids = tokenizer.encode(text)
     if max_tokens is not None:
         ids = ids[:max_tokens]

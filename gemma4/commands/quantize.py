@@ -12,15 +12,13 @@ tokenizer: copied from a checkpoint directory, or written as tokenizer.json + to
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from .gptq import CALIBRATION_TEXT
-from .quantize import SCHEMES, model_nbytes
-from .tensor import INT4_GROUP_SIZES
+from ..quant.gptq import CALIBRATION_TEXT
+from ..quant.quantize import SCHEMES, model_nbytes
+from ..quant.tensor import INT4_GROUP_SIZES
 
 EXAMPLES = """examples:
   gemma4 quantize --out ./270m-int8 --scheme int8          # the embedded gemma-3-270m
@@ -48,9 +46,6 @@ config.json (+ quantization_config), model.safetensors and the tokenizer files."
 
 CALIBRATION_TOKENS = 16384
 TUNE_SAMPLES = 0  # off: on the default GPTQ draws the shipped sampling measured about no gain (docs/benchmarks.md)
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,36 +89,27 @@ def quantize_cli(model: str | Path | None, out: str | Path, scheme: str = "int4"
 
     With `calibration` (a text file; int4 only) the float model is loaded whole and its linear
     layers are quantized by GPTQ on the text (gptq.py)."""
+    from ..api import default_model_path
+    from ..quant import quantize_checkpoint, save_quantized
+    from ..weights import open_checkpoint
     from ..weights.hub import resolve
-    from .checkpoint import quantize_checkpoint
-    from .quantize import save_quantized
+    from ..weights.save import check_target
 
-    if model is None:
-        from ..api import default_model_path
-
-        source = default_model_path()
-    else:
-        source = resolve(model, revision=revision)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} already exists and is not an empty directory; choose a new one")
-    if calibration is not None and not Path(calibration).is_file():
-        raise ValueError(f"--calibration {calibration}: no such file; give a text file to calibrate on")
-    if calibration is not None and scheme != "int4":
-        raise ValueError("--calibration applies to int4 only (int8 rounded to nearest already keeps quality)")
-    if calibration_tokens < 2:
-        raise ValueError(f"--calibration-tokens must be at least 2, got {calibration_tokens}")
-    if tune_samples < 0:
-        raise ValueError(f"--tune-samples must be 0 (no tuning) or more, got {tune_samples}")
+    source = default_model_path() if model is None else resolve(model, revision=revision)
+    out = check_target(out, "--out")
+    _check_calibration(calibration, scheme, calibration_tokens, tune_samples)
     start = time.perf_counter()
     print(f"quantizing {source} to {scheme}" + (f" (group {group_size})" if scheme == "int4" else ""),
           file=sys.stderr, flush=True)
     if calibration is None:
-        qmodel = quantize_checkpoint(source, scheme, group_size)
+        ckpt = open_checkpoint(source)
+        qmodel = quantize_checkpoint(ckpt, scheme, group_size)
+        # A checkpoint directory's tokenizer files are copied; a GGUF's tokenizer is written out.
+        tokenizer, chat_format = _gguf_tokenizer(ckpt) if ckpt.gguf is not None else (None, None)
     else:
-        qmodel = _calibrated(source, group_size, Path(calibration), calibration_tokens, tune_samples)
-    save_quantized(qmodel, out, scheme, group_size)
-    _write_tokenizer(Path(source), out)
+        qmodel, tokenizer, chat_format = _calibrated(source, group_size, Path(calibration), calibration_tokens,
+                                                     tune_samples)
+    save_quantized(qmodel, out, scheme, group_size, tokenizer=tokenizer, chat_format=chat_format, source=source)
     size = (out / "model.safetensors").stat().st_size
     bf16 = 2 * qmodel.config.num_parameters()
     print(f"wrote {out} in {time.perf_counter() - start:.1f}s: {size / 2**20:.1f} MiB of weights "
@@ -136,34 +122,33 @@ def quantize_cli(model: str | Path | None, out: str | Path, scheme: str = "int4"
     return out
 
 
-def _write_tokenizer(source: Path, out: Path) -> None:
-    if source.is_dir():
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, out / name)
-        return
-    from ..tokenizer import Tokenizer
-    from ..weights.gguf import read_gguf_metadata
+def _check_calibration(calibration: str | Path | None, scheme: str, calibration_tokens: int, tune_samples: int) -> None:
+    """Before the (slow) work: the calibration flags' errors."""
+    if calibration is not None and not Path(calibration).is_file():
+        raise ValueError(f"--calibration {calibration}: no such file; give a text file to calibrate on")
+    if calibration is not None and scheme != "int4":
+        raise ValueError("--calibration applies to int4 only (int8 rounded to nearest already keeps quality)")
+    if calibration_tokens < 2:
+        raise ValueError(f"--calibration-tokens must be at least 2, got {calibration_tokens}")
+    if tune_samples < 0:
+        raise ValueError(f"--tune-samples must be 0 (no tuning) or more, got {tune_samples}")
 
-    tok = Tokenizer.from_gguf(source)
-    tok.backend.save(str(out / "tokenizer.json"))
-    config = {name: tok.backend.id_to_token(i) for name, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id),
-                                                                ("pad_token", tok.pad_id), ("unk_token", tok.unk_id))
-              if i is not None}
-    config["add_bos_token"] = tok.add_bos
-    template = read_gguf_metadata(source).get("tokenizer.chat_template")
-    if template:
-        config["chat_template"] = template
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-                                               encoding="utf-8")
+
+def _gguf_tokenizer(ckpt):
+    """The tokenizer and chat format an opened .gguf carries (as `gemma4.load` reads them)."""
+    from ..chat import ChatFormat, ChatTemplate
+    from ..tokenizer import Tokenizer
+
+    template = ckpt.gguf.metadata.get("tokenizer.chat_template")
+    return Tokenizer.from_gguf(ckpt.gguf), ChatFormat(ckpt.config.family, ChatTemplate(template) if template else None)
 
 
 def _calibrated(source: Path, group_size: int, text_file: Path, tokens: int, tune_samples: int):
     from ..api import load
-    from .gptq import gptq_quantize
-    from .tune import DEFAULT_WINDOW, record_targets, sample_windows, tune_norms
+    from ..quant import gptq_quantize
+    from ..quant.tune import DEFAULT_WINDOW, record_targets, sample_windows, tune_norms
 
-    model, tokenizer = load(source, dtype="float32", device="cpu")
+    model, tokenizer, chat_format = load(source, dtype="float32", device="cpu")
     ids = tokenizer.encode(text_file.read_text(encoding="utf-8"))[:tokens]
     if tune_samples:
         print(f"sampling {tune_samples} texts of up to {DEFAULT_WINDOW} tokens from the float model "
@@ -176,4 +161,4 @@ def _calibrated(source: Path, group_size: int, text_file: Path, tokens: int, tun
         curve = tune_norms(model, windows, targets)
         print(f"tuned the norms: mean KL to the float model {curve[0]:.4f} (first epoch) -> {curve[-1]:.4f} (last)",
               file=sys.stderr, flush=True)
-    return model
+    return model, tokenizer, chat_format

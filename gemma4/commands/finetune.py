@@ -1,6 +1,8 @@
-"""`gemma4 finetune`: the command line over `finetune` (`gemma4.cli` passes its arguments through).
+"""`gemma4 finetune`: the command line over `gemma4.train.finetune` (`gemma4.cli` passes its
+arguments through; under torchrun, `python -m gemma4 finetune` runs it in every process).
 
-Defaults equal `TrainConfig`'s and `LoraConfig`'s, which are read here rather than repeated.
+It loads the base model, which `finetune` takes loaded. Defaults equal `TrainConfig`'s and
+`LoraConfig`'s, which are read here rather than repeated.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ import logging
 
 import torch
 
-from .lora import LoraConfig
-from .trainer import TrainConfig, finetune
+from ..train import LoraConfig, TrainConfig, finetune
+from ..train.parallel import init_distributed
 
 DESCRIPTION = """\
 Train a LoRA adapter (QLoRA with --quantize int4) on chat or text JSONL, on one device or, under
@@ -31,7 +33,7 @@ examples:
   gemma4 finetune --model google/gemma-3-1b-it --data train.jsonl --out run2 --quantize int4   # QLoRA
   gemma4 finetune --data train.jsonl --out run1 --save-every 50 --resume   # continue after a stop
   gemma4 chat --adapter run1                                           # use it, unmerged
-  torchrun --nproc-per-node 2 -m gemma4.train --data train.jsonl --out run3   # FSDP2, same flags
+  torchrun --nproc-per-node 2 -m gemma4 finetune --data train.jsonl --out run3   # FSDP2, same flags
 
 --out gets adapter_config.json + adapter_model.safetensors, train_log.jsonl (loss, tokens/s per
 step; validation loss) and checkpoint-NNNNNN/ directories (--save-every)."""
@@ -120,7 +122,10 @@ def run(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
-    result = finetune(a.model, a.data, out=a.out, val=a.val, config=config_from_args(a))
+    config = config_from_args(a)
+    (model, tokenizer, chat_format), source = load_base(a.model, config)
+    result = finetune(model, a.data, out=a.out, val=a.val, tokenizer=tokenizer, chat_format=chat_format,
+                      config=config, source=source)
     if torch.distributed.is_initialized():  # under torchrun: leave the group cleanly, report once
         rank = torch.distributed.get_rank()
         torch.distributed.destroy_process_group()
@@ -133,6 +138,19 @@ def run(a: argparse.Namespace) -> int:
         result.steps, result.train_losses[-1] if result.train_losses else float("nan"), val, result.tokens_per_s,
         result.adapter_dir)
     return 0
+
+
+def load_base(model: str | None, config: TrainConfig):
+    """(`gemma4.load`'s model, tokenizer, chat format; the source) for training on this process.
+    Under FSDP (torchrun, several processes) each loads fp32 on CPU: the weights are then sharded
+    and cast per layer for compute (MixedPrecisionPolicy); alone, it loads in the compute dtype."""
+    from ..api import default_model_path, load
+
+    _, world, device = init_distributed()
+    source = str(model if model is not None else default_model_path())
+    if world > 1:
+        return load(source, dtype=torch.float32, device="cpu"), source
+    return load(source, dtype=config.torch_dtype(device), device=device), source
 
 
 def main(argv: list[str] | None = None) -> int:
