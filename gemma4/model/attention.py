@@ -66,12 +66,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     skip SDPA: for a few query rows over a few hundred keys, in gemma-3-270m's compiled step its
     flash kernel took ~220 us a call, two matmuls and a softmax ~150 us; the step was 0.3-2.7 ms
     faster in 5 of 5 A/B pairs (eager: no difference measured). One path for both also makes a
-    k-token verify step sum in the order of k single steps.
+    k-token verify step sum in the order of k single steps. Not when gradients flow: a training
+    forward keeps SDPA's kernel (and its backward) whatever its length.
     """
     B, H, T, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     g = H // Hkv
-    few_on_cpu = T <= FEW_ROWS and q.device.type == "cpu"
+    few_on_cpu = T <= FEW_ROWS and q.device.type == "cpu" and not q.requires_grad
     if g == 1 and not few_on_cpu:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if g * T * S > FOLD_MAX_MASK:
