@@ -109,7 +109,7 @@ def main() -> None:
 
     from gemma4.api import default_model_path
     from gemma4.config import TextConfig
-    from gemma4.quant.cli import quantize_cli
+    from gemma4.commands.quantize import quantize_cli
     from gemma4.quant.gptq import CALIBRATION_TEXT
     from gemma4.tokenizer import Tokenizer
     from gemma4.weights.gguf import GGUFFile

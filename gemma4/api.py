@@ -82,16 +82,18 @@ def load(
         from .train.adapter import apply_adapter
 
         apply_adapter(model, adapter)
+    return Loaded(model, *load_tokenizer(ckpt))
+
+
+def load_tokenizer(ckpt: Checkpoint) -> tuple[Tokenizer, ChatFormat]:
+    """The tokenizer and chat format of an opened checkpoint (a GGUF's from its one parse)."""
+    family = ckpt.config.family
     if ckpt.gguf is not None:
-        tokenizer = Tokenizer.from_gguf(ckpt.gguf)
         template = ckpt.gguf.metadata.get("tokenizer.chat_template")
-        chat_format = ChatFormat(model.config.family, ChatTemplate(template) if template else None)
-    else:
-        if not (source / "tokenizer.json").is_file():
-            raise CheckpointError(f"{source} has no tokenizer.json; copy it from the original checkpoint")
-        tokenizer = Tokenizer.from_dir(source)
-        chat_format = ChatFormat.for_checkpoint(model.config.family, source)
-    return Loaded(model, tokenizer, chat_format)
+        return Tokenizer.from_gguf(ckpt.gguf), ChatFormat(family, ChatTemplate(template) if template else None)
+    if not (ckpt.source / "tokenizer.json").is_file():
+        raise CheckpointError(f"{ckpt.source} has no tokenizer.json; copy it from the original checkpoint")
+    return Tokenizer.from_dir(ckpt.source), ChatFormat.for_checkpoint(family, ckpt.source)
 
 
 @dataclass

@@ -89,7 +89,7 @@ def quantize_cli(model: str | Path | None, out: str | Path, scheme: str = "int4"
 
     With `calibration` (a text file; int4 only) the float model is loaded whole and its linear
     layers are quantized by GPTQ on the text (gptq.py)."""
-    from ..api import default_model_path
+    from ..api import default_model_path, load_tokenizer
     from ..quant import quantize_checkpoint, save_quantized
     from ..weights import open_checkpoint
     from ..weights.hub import resolve
@@ -105,7 +105,7 @@ def quantize_cli(model: str | Path | None, out: str | Path, scheme: str = "int4"
         ckpt = open_checkpoint(source)
         qmodel = quantize_checkpoint(ckpt, scheme, group_size)
         # A checkpoint directory's tokenizer files are copied; a GGUF's tokenizer is written out.
-        tokenizer, chat_format = _gguf_tokenizer(ckpt) if ckpt.gguf is not None else (None, None)
+        tokenizer, chat_format = load_tokenizer(ckpt) if ckpt.gguf is not None else (None, None)
     else:
         qmodel, tokenizer, chat_format = _calibrated(source, group_size, Path(calibration), calibration_tokens,
                                                      tune_samples)
@@ -132,15 +132,6 @@ def _check_calibration(calibration: str | Path | None, scheme: str, calibration_
         raise ValueError(f"--calibration-tokens must be at least 2, got {calibration_tokens}")
     if tune_samples < 0:
         raise ValueError(f"--tune-samples must be 0 (no tuning) or more, got {tune_samples}")
-
-
-def _gguf_tokenizer(ckpt):
-    """The tokenizer and chat format an opened .gguf carries (as `gemma4.load` reads them)."""
-    from ..chat import ChatFormat, ChatTemplate
-    from ..tokenizer import Tokenizer
-
-    template = ckpt.gguf.metadata.get("tokenizer.chat_template")
-    return Tokenizer.from_gguf(ckpt.gguf), ChatFormat(ckpt.config.family, ChatTemplate(template) if template else None)
 
 
 def _calibrated(source: Path, group_size: int, text_file: Path, tokens: int, tune_samples: int):
