@@ -16,7 +16,7 @@ than fp32 (docs/benchmarks.md has the figures).
 Packed models are for inference: the packed weights are opaque fbgemm objects, not parameters
 (state_dict no longer holds the linears). torch.compile cannot trace such objects, so the matmul
 is an operator (`gemma4::fbgemm_linear`) that names its weight by a handle: a compiled decode
-step (StaticDecoder(mode="compile")) calls it like any other kernel. The embedding lookup keeps
+step (Engine(mode="compile")) calls it like any other kernel. The embedding lookup keeps
 its float table; the head gets a packed copy of it.
 """
 
