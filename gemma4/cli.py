@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from .chat import ChatTemplateError
     from .weights import CheckpointError
 
     if argv and argv[0] in PASSTHROUGH_TARGETS:  # parsed by the subcommand itself, --help included
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .commands.chat import run
         return run(args) or 0
-    except (CheckpointError, ValueError, OSError) as e:  # errors meant for the user: no traceback
+    except (CheckpointError, ChatTemplateError, ValueError, OSError) as e:  # meant for the user: no traceback
         print(f"gemma4: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

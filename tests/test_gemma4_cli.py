@@ -98,6 +98,19 @@ def test_compile_with_quantized_weights_decodes_without_it(capsys):
     assert engine_from_args(Namespace(compile=False), model) is None
 
 
+def test_a_template_error_is_a_message_not_a_traceback(gemma3_270m, monkeypatch, capsys):
+    """`generate --format chat` with a checkpoint whose template cannot render: one line naming
+    the problem, exit status 1."""
+    from gemma4.chat import ChatFormat, ChatTemplate
+
+    bad = ChatFormat("gemma3", ChatTemplate("{{ raise_exception('no system turns here') }}", name="its template"))
+    monkeypatch.setattr(gemma4.api, "load", lambda *a, **k: gemma4.Loaded(gemma3_270m[0], gemma3_270m[1], bad))
+    assert main(["generate", "hi", "--format", "chat", "--exact", "--max-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "gemma4: error: its template rejected the conversation: no system turns here" in err
+    assert "Traceback" not in err
+
+
 def test_info_variant(capsys):
     assert main(["info", "--variant", "gemma-4-26b-a4b"]) == 0
     out = capsys.readouterr().out

@@ -6,12 +6,16 @@ Templates are untrusted code: they run in `ImmutableSandboxedEnvironment` with w
 are written against (`trim_blocks`, `lstrip_blocks`, loop controls, `{% generation %}` blocks,
 `raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII text) and see only plain JSON
 data. Beyond Jinja's sandbox, touching an unsafe attribute fails at once (Jinja would quietly
-render it empty) and repeating a sequence or raising to a power is capped, so a template cannot
-exhaust memory. Every failure, at load or at render, is a `ChatTemplateError` naming the problem.
+render it empty), repeating a sequence or raising to a power is capped, and a render may produce
+at most MAX_OUTPUT characters in at most MAX_SECONDS (checked as it writes and in every `range`
+loop), so a template can exhaust neither memory nor time. Every failure, at load or at render,
+is a `ChatTemplateError` naming the problem.
 """
 
 import json
+import time
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,12 +23,15 @@ from typing import Any
 from jinja2 import TemplateError, TemplateSyntaxError, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
 from .tokens import BOS, EOS
 
 _MAX_REPEAT = 1_000_000  # items a `*` may produce
 _MAX_POWER_BITS = 1_000_000  # size of an integer `**` result
+MAX_OUTPUT = 8_000_000  # characters a render may produce (a long context's prompt is a few MB)
+MAX_SECONDS = 5.0  # a render's time (the built-in Gemma templates take milliseconds)
+_DEADLINE: ContextVar[float] = ContextVar("chat_template_deadline", default=float("inf"))
 
 
 class ChatTemplateError(Exception):
@@ -65,6 +72,27 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
 
+class _TimedRange(Sequence):
+    """`range(...)` for templates: Jinja's capped range whose iteration checks the render's deadline,
+    so nested loops that write nothing still stop in time."""
+
+    def __init__(self, *args):
+        self._range = safe_range(*args)
+
+    def __len__(self):
+        return len(self._range)
+
+    def __getitem__(self, index):
+        return self._range[index]
+
+    def __iter__(self):
+        deadline = _DEADLINE.get()
+        for i, value in enumerate(self._range):
+            if not i % 1024 and time.monotonic() > deadline:
+                raise SecurityError(f"the render took more than {MAX_SECONDS:g} s")
+            yield value
+
+
 def _raise_exception(message):
     raise _Raised(str(message))
 
@@ -78,6 +106,7 @@ def _environment() -> _Sandbox:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["range"] = _TimedRange
     return env
 
 
@@ -113,8 +142,10 @@ class ChatTemplate:
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
         }
+        deadline = time.monotonic() + MAX_SECONDS
+        token = _DEADLINE.set(deadline)
         try:
-            return self._template.render(context)
+            return self._bounded(self._template.generate(context), deadline)
         except _Raised as error:
             raise ChatTemplateError(f"{self.name} rejected the conversation: {error}") from error
         except SecurityError as error:
@@ -123,6 +154,20 @@ class ChatTemplate:
             raise ChatTemplateError(f"{self.name} failed: {error}") from error
         except Exception as error:  # TypeError, RecursionError, ... from template expressions
             raise ChatTemplateError(f"{self.name} failed: {type(error).__name__}: {error}") from error
+        finally:
+            _DEADLINE.reset(token)
+
+    def _bounded(self, pieces, deadline: float) -> str:
+        """The rendered text, stopped past MAX_OUTPUT characters or the deadline."""
+        out, size = [], 0
+        for piece in pieces:
+            size += len(piece)
+            if size > MAX_OUTPUT:
+                raise SecurityError(f"the render grew past {MAX_OUTPUT:,} characters")
+            if time.monotonic() > deadline:
+                raise SecurityError(f"the render took more than {MAX_SECONDS:g} s")
+            out.append(piece)
+        return "".join(out)
 
 
 def plain_data(value: Any) -> Any:

@@ -53,6 +53,25 @@ def test_unsafe_templates_are_stopped(source):
         ChatTemplate(source).render([{"role": "user", "content": "hi"}])
 
 
+def test_renders_are_capped_in_size_and_time(monkeypatch):
+    """A template that writes gigabytes, or loops for minutes writing nothing, stops with a clear
+    error (the hostile-input probe of issue 22 rendered 1.5 GB, and ran a nested loop past 20 s);
+    `range` keeps working as a sequence."""
+    import time
+
+    import gemma4.chat.template as template
+
+    monkeypatch.setattr(template, "MAX_SECONDS", 0.5)
+    user = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ChatTemplateError, match="grew past 8,000,000 characters"):
+        ChatTemplate("{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}").render(user)
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateError, match="took more than 0.5 s"):
+        ChatTemplate("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}").render(user)
+    assert time.monotonic() - start < 2
+    assert ChatTemplate("{{ range(3)|length }}{{ range(5)[2] }}{{ 4 in range(5) }}").render(user) == "32True"
+
+
 @pytest.mark.parametrize(
     ("source", "message"),
     [
