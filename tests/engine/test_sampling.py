@@ -83,3 +83,43 @@ def test_argmax_is_torch_argmax_first_maximum(n):
         assert argmax(x) == int(x.argmax())
     x[n // 3] = float("nan")
     assert argmax(x) == int(x.argmax()) == n // 3
+
+
+def _nucleus_by_sorting(logits, top_p):
+    """The reference rule: sort everything, keep the smallest prefix whose mass reaches top_p (the
+    probabilities as exp(logit - logsumexp), in fp32, as the sampler computes them)."""
+    logits = logits - logits.max()
+    values, order = torch.sort(logits, descending=True)
+    probs = (values - torch.logsumexp(logits, -1)).exp()
+    return set(order[probs.cumsum(-1) - probs < top_p].tolist())
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])  # flat (the whole sort), middling, peaked
+def test_top_p_over_a_large_vocabulary_keeps_exactly_the_sorted_nucleus(scale, monkeypatch):
+    from gemma4.engine import sampling
+
+    gen = torch.Generator().manual_seed(int(scale * 10))
+    logits = torch.randn(262144, generator=gen) * scale
+    got = Sampler(SamplingParams(top_p=0.9), [], 262144).process(logits)
+    assert set(torch.isfinite(got).nonzero().flatten().tolist()) == _nucleus_by_sorting(logits, 0.9)
+    if scale == 12.0:  # a peaked distribution's nucleus is found without sorting the vocabulary
+        monkeypatch.setattr(sampling.torch, "sort", lambda *a, **k: pytest.fail("sorted the vocabulary"))
+        Sampler(SamplingParams(top_p=0.9), [], 262144).process(logits)
+
+
+def test_draws_follow_the_distribution_and_never_pick_removed_tokens():
+    """The inverse-CDF draw: frequencies within 4 sigma of the probabilities over 20000 draws;
+    tokens at -inf (removed by truncation) never come up."""
+    logits = torch.tensor([2.0, float("-inf"), 1.0, 0.0, float("-inf"), -1.0])
+    probs = logits.softmax(-1)
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([sampling_draw(logits, gen) for _ in range(20000)]), minlength=6)
+    assert counts[1] == counts[4] == 0
+    sigma = (20000 * probs * (1 - probs)).sqrt()
+    assert ((counts - 20000 * probs).abs() <= 4 * sigma + 1).all()
+
+
+def sampling_draw(logits, gen):
+    from gemma4.engine.sampling import draw
+
+    return draw(logits, gen)
