@@ -10,12 +10,30 @@ in `layers`, so the model code reads geometry and never recomputes it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
+
+# Integer fields: (smallest, largest), checked before anything is built from them. The upper bounds
+# are far above any Gemma (62 layers, hidden 5376, vocab 262k, 128 experts, 262k context) yet keep a
+# hostile config.json from building 1e8 layers (a hang) or a tensor whose element count overflows
+# int64. Whether the sizes match the weights is the loader's check. None = absent (optional fields).
+MAX_LAYERS = 1024
+_INTS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 1 << 24), "hidden_size": (1, 1 << 20), "intermediate_size": (1, 1 << 20),
+    "num_hidden_layers": (1, MAX_LAYERS), "num_attention_heads": (1, 1 << 12), "num_key_value_heads": (1, 1 << 12),
+    "head_dim": (2, 1 << 16), "sliding_window": (1, 1 << 24), "max_position_embeddings": (1, 1 << 24),
+    "global_head_dim": (2, 1 << 16), "num_global_key_value_heads": (1, 1 << 12),
+    "hidden_size_per_layer_input": (0, 1 << 20), "vocab_size_per_layer_input": (0, 1 << 24),
+    "num_kv_shared_layers": (0, MAX_LAYERS - 1), "num_experts": (0, 1 << 12), "top_k_experts": (0, 1 << 12),
+    "moe_intermediate_size": (0, 1 << 20), "pad_token_id": (0, 1 << 31), "bos_token_id": (0, 1 << 31),
+}
+_OPTIONAL = ("global_head_dim", "num_global_key_value_heads")
+_FLAGS = ("attention_k_eq_v", "use_double_wide_mlp", "enable_moe_block", "tie_word_embeddings")
 
 
 class ConfigError(ValueError):
@@ -140,19 +158,25 @@ class TextConfig:
 
     def rope(self, layer_type: str) -> Rope:
         params = self.rope_parameters[layer_type]
+        where = f"rope_parameters[{layer_type!r}]"
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where} is {params!r:.100}; it must be an object such as {{'rope_type': 'default'}}")
         head_dim = self.head_dim_of(layer_type)
         kind = params.get("rope_type", "default")
-        theta = float(params.get("rope_theta", 10000.0))
+        theta = _number(params.get("rope_theta", 10000.0), f"{where}.rope_theta")
         if kind == "default":
             return Rope(theta, head_dim, head_dim // 2)
         if kind == "linear":
-            return Rope(theta, head_dim, head_dim // 2, float(params["factor"]))
+            return Rope(theta, head_dim, head_dim // 2, _number(params.get("factor"), f"{where}.factor"))
         if kind == "proportional":
             # Only the first partial_rotary_factor * head_dim/2 frequencies rotate, and their
             # exponent keeps the *full* head_dim as denominator (spec 1.4).
-            rotated = int(float(params.get("partial_rotary_factor", 1.0)) * head_dim // 2)
-            return Rope(theta, head_dim, rotated, float(params.get("factor", 1.0)))
-        raise ConfigError(f"unsupported rope_type {kind!r} for {layer_type}; supported: default, linear, proportional")
+            part = _number(params.get("partial_rotary_factor", 1.0), f"{where}.partial_rotary_factor", 0.0, 1.0,
+                           or_equal=True)
+            rotated = int(part * head_dim // 2)
+            return Rope(theta, head_dim, rotated, _number(params.get("factor", 1.0), f"{where}.factor"))
+        raise ConfigError(f"unsupported rope_type {kind!r:.40} for {layer_type}; "
+                          "supported: default, linear, proportional")
 
     def head_dim_of(self, layer_type: str) -> int:
         if layer_type == FULL and self.global_head_dim:
@@ -167,8 +191,33 @@ class TextConfig:
 
     # ----------------------------------------------------------------------------------------
     def _validate(self) -> None:
+        """Types and ranges first, so that no later check divides by zero or loops over a huge count."""
         if self.family not in ("gemma3", "gemma4"):
-            raise ConfigError(f"unknown family {self.family!r}")
+            raise ConfigError(f"unknown family {self.family!r:.40}")
+        for name, (lo, hi) in _INTS.items():
+            if not (name in _OPTIONAL and getattr(self, name) is None):
+                _check_int(name, getattr(self, name), lo, hi)
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} is {getattr(self, name)!r:.40}; it must be true or false")
+        _number(self.rms_norm_eps, "rms_norm_eps", or_equal=True)
+        for name in ("final_logit_softcapping", "query_pre_attn_scalar"):
+            if getattr(self, name) is not None:
+                _number(getattr(self, name), name)
+        if not isinstance(self.eos_token_id, list) or not self.eos_token_id:
+            raise ConfigError(f"eos_token_id is {self.eos_token_id!r:.100}; it must be a token id or a list of them")
+        for i in self.eos_token_id:
+            _check_int("eos_token_id", i, *_INTS["pad_token_id"])
+        for name in ("head_dim", "global_head_dim"):
+            if (getattr(self, name) or 0) % 2:
+                raise ConfigError(f"{name}={getattr(self, name)} is odd; RoPE rotates pairs, so it must be even")
+        if not isinstance(self.layer_types, list) or not all(isinstance(t, str) for t in self.layer_types):
+            raise ConfigError(f"layer_types must be a list of {list(LAYER_TYPES)}, found {self.layer_types!r:.200}")
+        if not isinstance(self.rope_parameters, dict):
+            raise ConfigError(f"rope_parameters is {self.rope_parameters!r:.200}; it must map layer types to objects")
+        if self.use_bidirectional_attention is not None and not isinstance(self.use_bidirectional_attention, str):
+            raise ConfigError(f"use_bidirectional_attention is {self.use_bidirectional_attention!r:.40}; expected a "
+                              "string such as \"vision\", or null")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
                 f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}"
@@ -187,8 +236,12 @@ class TextConfig:
             raise ConfigError("num_kv_shared_layers must be >= 0 and leave at least one layer computing K/V")
         if self.enable_moe_block and not (self.num_experts and self.top_k_experts and self.moe_intermediate_size):
             raise ConfigError("enable_moe_block needs num_experts, top_k_experts and moe_intermediate_size")
+        if self.enable_moe_block and self.top_k_experts > self.num_experts:
+            raise ConfigError(f"top_k_experts={self.top_k_experts} exceeds num_experts={self.num_experts}")
+        if self.hidden_size_per_layer_input and not self.vocab_size_per_layer_input:
+            raise ConfigError("hidden_size_per_layer_input needs vocab_size_per_layer_input (per-layer embeddings)")
         if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu"):
-            raise ConfigError(f"unsupported hidden_activation {self.hidden_activation!r}")
+            raise ConfigError(f"unsupported hidden_activation {self.hidden_activation!r:.40}")
 
     def _derive_layers(self) -> list[LayerSpec]:
         first_shared = self.first_shared_layer
@@ -226,6 +279,8 @@ class TextConfig:
         """Build from a checkpoint's config.json (multimodal or text-only Gemma 4, or Gemma 3)."""
         model_type = raw.get("model_type")
         if model_type in ("gemma4", "gemma4_unified", "gemma3") and "text_config" in raw:
+            if not isinstance(raw["text_config"] or {}, dict):
+                raise ConfigError(f"text_config is {raw['text_config']!r:.200}; it must be an object")
             text = dict(raw["text_config"] or {})
             text.setdefault("model_type", "gemma4_text" if model_type.startswith("gemma4") else "gemma3_text")
             for key in ("eos_token_id", "bos_token_id", "pad_token_id", "tie_word_embeddings"):
@@ -246,9 +301,14 @@ class TextConfig:
         global_head_dim = raw.get("global_head_dim")
         global_kv = raw.get("num_global_key_value_heads")
         # Newer transformers serialise the full-layer geometry as per_layer_config {idx: {...}}.
-        for idx, override in (raw.get("per_layer_config") or {}).items():
-            if not 0 <= int(idx) < n or layer_types[int(idx)] != FULL:
-                raise ConfigError(f"per_layer_config overrides layer {idx}, which is not a full-attention layer")
+        per_layer = raw.get("per_layer_config") or {}
+        if not isinstance(per_layer, dict):
+            raise ConfigError(f"per_layer_config is {per_layer!r:.200}; it must map layer indices to objects")
+        for idx, override in per_layer.items():
+            i = int(idx) if str(idx).isdecimal() and len(str(idx)) < 10 else -1
+            if not 0 <= i < n or layer_types[i] != FULL or not isinstance(override, dict):
+                raise ConfigError(f"per_layer_config overrides layer {idx!r:.40} with {override!r:.100}; it may only "
+                                  "give objects for full-attention layers")
             global_head_dim = override.get("head_dim", global_head_dim)
             global_kv = override.get("num_key_value_heads", global_kv)
         rope = raw.get("rope_parameters") or {
@@ -263,12 +323,12 @@ class TextConfig:
             rope_parameters=rope,
             global_head_dim=global_head_dim if global_head_dim is not None else 512,
             num_global_key_value_heads=global_kv,
-            attention_k_eq_v=bool(raw.get("attention_k_eq_v", False)),
+            attention_k_eq_v=raw.get("attention_k_eq_v") or False,
             hidden_size_per_layer_input=ple,
             vocab_size_per_layer_input=raw.get("vocab_size_per_layer_input", 262_144) if ple else 0,
             num_kv_shared_layers=raw.get("num_kv_shared_layers") or 0,
-            use_double_wide_mlp=bool(raw.get("use_double_wide_mlp", False)),
-            enable_moe_block=bool(raw.get("enable_moe_block", False)),
+            use_double_wide_mlp=raw.get("use_double_wide_mlp") or False,
+            enable_moe_block=raw.get("enable_moe_block") or False,
             num_experts=raw.get("num_experts") or 0,
             top_k_experts=raw.get("top_k_experts") or 0,
             moe_intermediate_size=raw.get("moe_intermediate_size") or 0,
@@ -286,6 +346,9 @@ class TextConfig:
         if raw.get("use_bidirectional_attention"):
             raise ConfigError("bidirectional Gemma 3 (embedding) models are not supported")
         rope = raw.get("rope_parameters")
+        if not isinstance(rope or {}, dict) or not isinstance(raw.get("rope_scaling") or {}, dict):
+            raise ConfigError("rope_parameters and rope_scaling must be objects (or absent); "
+                              f"found {rope!r:.100} and {raw.get('rope_scaling')!r:.100}")
         if not rope or SLIDING not in rope:
             # Legacy keys: rope_theta (full), rope_local_base_freq (sliding), rope_scaling (full only).
             full = {"rope_type": "default", "rope_theta": raw.get("rope_theta", 1_000_000.0)}
@@ -356,9 +419,33 @@ def _req(raw: dict[str, Any], key: str) -> Any:
     return raw[key]
 
 
-def _layer_types(raw: dict[str, Any], n: int, default_period: int, force_last_full: bool = True) -> list[str]:
-    types = list(raw.get("layer_types") or [])
+def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{name} is {value!r:.40}; it must be an integer from {lo} to {hi}. "
+                          "Fix config.json (or use the one that came with these weights).")
+
+
+def _number(value: Any, name: str, lo: float = 0.0, hi: float = math.inf, *, or_equal: bool = False) -> float:
+    """A finite number in (lo, hi], or in [lo, hi] `or_equal`; NaN, strings and booleans are refused."""
+    try:
+        v = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an integer beyond float range
+        v = math.inf
+    if not (math.isfinite(v) and (lo <= v if or_equal else lo < v) and v <= hi):
+        bounds = f"{'[' if or_equal else '('}{lo}, {hi}]"
+        raise ConfigError(f"{name} is {value!r:.40}; it must be a finite number in {bounds}. Fix config.json.")
+    return v
+
+
+def _layer_types(raw: dict[str, Any], n: int, default_period: Any, force_last_full: bool = True) -> list[str]:
+    # The count is checked before anything loops over it: 1e8 layers would otherwise hang here.
+    _check_int("num_hidden_layers", n, *_INTS["num_hidden_layers"])
+    types = raw.get("layer_types") or []
+    if not isinstance(types, list):
+        return types  # refused by TextConfig._validate
+    types = list(types)
     if not types:
+        _check_int("sliding_window_pattern", default_period, 1, MAX_LAYERS)
         types = [SLIDING if (i + 1) % default_period else FULL for i in range(n)]
     if force_last_full and types and types[-1] != FULL:
         types[-1] = FULL  # the reference forces the last Gemma 4 layer to be global

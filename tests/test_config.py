@@ -109,11 +109,45 @@ def test_gemma3_sliding_window_pattern_key():
         ({"layer_types": [SLIDING, FULL]}, "layer_types has 2 entries but num_hidden_layers is 18"),
         ({"num_key_value_heads": 3}, "not a multiple of 3 KV heads"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2}}, "unsupported rope_type 'yarn'"),
+        # Issue 22: each of these once passed unchecked or raised a bare TypeError / ZeroDivisionError.
+        ({"hidden_size": -64}, "hidden_size is -64; it must be an integer from 1 to 1048576"),
+        ({"hidden_size": "64"}, "hidden_size is '64'; it must be an integer from 1 to"),
+        ({"num_key_value_heads": 0}, "num_key_value_heads is 0; it must be an integer from 1 to"),
+        ({"num_hidden_layers": 1e8}, r"num_hidden_layers is 100000000\.0; it must be an integer from 1 to 1024"),
+        ({"head_dim": 15}, "head_dim=15 is odd"),
+        ({"sliding_window_pattern": -1, "layer_types": None}, "sliding_window_pattern is -1; it must be an integer"),
+        ({"rope_theta": "big"}, r"rope_parameters\['full_attention'\]\.rope_theta is 'big'; it must be a finite"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": float("nan")}}, r"\.factor is nan; it must be a finite"),
+        ({"rms_norm_eps": -1e-6}, r"rms_norm_eps is -1e-06; it must be a finite number in \[0.0, inf\]"),
+        ({"layer_types": "sliding_attention"}, "layer_types must be a list of"),
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings is 'false'; it must be true or false"),
+        ({"eos_token_id": [1, None]}, "eos_token_id is None; it must be an integer"),
     ],
 )
 def test_bad_configs_are_clear_errors(change, message):
     with pytest.raises(ConfigError, match=message):
         TextConfig.from_hf_dict(variant_hf_config("gemma-3-270m") | change)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"per_layer_config": {"x": {"head_dim": 64}}}, "per_layer_config overrides layer 'x'"),
+        ({"num_experts": 1}, "top_k_experts=2 exceeds num_experts=1"),
+        ({"hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 0}, "needs vocab_size_per_layer_input"),
+        ({"rope_parameters": {"full_attention": {"rope_type": "proportional", "partial_rotary_factor": 2},
+                              "sliding_attention": {}}}, r"partial_rotary_factor is 2; .* in \[0.0, 1.0\]"),
+        ({"attention_k_eq_v": "yes"}, "attention_k_eq_v is 'yes'; it must be true or false"),
+    ],
+)
+def test_bad_gemma4_configs_are_clear_errors(change, message):
+    with pytest.raises(ConfigError, match=message):
+        TextConfig.from_hf_dict(variant_hf_config("tiny-26b-a4b") | change)
+
+
+def test_text_config_must_be_an_object():
+    with pytest.raises(ConfigError, match="text_config is 'x'; it must be an object"):
+        TextConfig.from_hf_dict({"model_type": "gemma4", "text_config": "x"})
 
 
 def test_round_trip_through_hf_dict():

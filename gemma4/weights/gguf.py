@@ -296,12 +296,20 @@ _LAYER_NAMES = {
 }
 
 
+def _block(name: str) -> tuple[int, str] | None:
+    """'blk.N.rest' -> (N, rest); None for any other name (a 10-digit N is no layer of any model)."""
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdecimal() and len(parts[1]) < 10:
+        return int(parts[1]), parts[2]
+    return None
+
+
 def _hf_name(name: str) -> str | None:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
-    parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}"
+    block = _block(name)
+    if block and block[1] in _LAYER_NAMES:
+        return f"model.layers.{block[0]}.{_LAYER_NAMES[block[1]]}"
     return None
 
 
@@ -404,6 +412,14 @@ class GGUFFile:
 
     def _common_config(self) -> dict[str, Any]:
         hidden, n_layers = self._positive("embedding_length"), self._positive("block_count")
+        # Every per-layer list below has block_count entries: each layer must hold tensors in the file
+        # before one is built (block_count = 1e9 in a 71 KB file once built a 1e9-entry list). Tensors
+        # beyond block_count are reported by name in _map_names.
+        held = sum(1 for b in {b[0] for b in map(_block, self.tensor_infos) if b} if b < n_layers)
+        if held != n_layers:
+            raise GGUFError(f"{self.path}: metadata key '{self.arch}.block_count' is {n_layers}, but the file holds "
+                            f"tensors (blk.N.*) for only {held} of those layers; the file is corrupt or was edited. "
+                            "Download or convert it again.")
         emb = self.tensor_infos.get("token_embd.weight")
         if emb is None or len(emb.shape) != 2:
             raise GGUFError(f"{self.path}: no 2-D 'token_embd.weight' tensor; the file is incomplete.")

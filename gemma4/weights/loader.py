@@ -142,7 +142,30 @@ def open_checkpoint(path_or_id: str | Path, revision: str | None = None) -> Chec
         config = TextConfig.from_hf_dict(raw)
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None
+    if gguf is None:  # a GGUF file checks its block_count against its blk.N tensors itself
+        _check_layer_count(config, found, source)
     return Checkpoint(source, config, raw, tensors, gguf)
+
+
+def _check_layer_count(config: TextConfig, entries: list[Entry], source: Path) -> None:
+    """Every layer of num_hidden_layers must hold tensors, checked before anything is built per layer
+    (1,000 layers take a second to build even on meta). Tensors beyond it are reported by `_check`."""
+    held = set()
+    for name, _, _ in entries:
+        parts = (canonical_name(name) or "").split(".", 3)
+        if parts[:2] == ["model", "layers"] and len(parts) > 3 and parts[2].isdecimal() and len(parts[2]) < 10:
+            held.add(int(parts[2]))
+    n = config.num_hidden_layers
+    missing = [i for i in range(n) if i not in held]
+    if missing:
+        raise CheckpointError(f"{source}: config.json says num_hidden_layers={n}, but the weights hold no tensors "
+                              f"for layers {_some(missing)}. Is config.json the one that belongs to these weights?")
+
+
+def _some(items) -> str:
+    """The first five of `items`, then how many more: error messages stay short."""
+    items = list(items)
+    return ", ".join(map(str, items[:5])) + (f" (and {len(items) - 5} more)" if len(items) > 5 else "")
 
 
 def build(
@@ -195,18 +218,14 @@ def build(
 
 
 def _check(expected: dict[str, tuple[int, ...]], found: dict, source: str) -> None:
-    def names(keys) -> str:
-        keys = sorted(keys)
-        return ", ".join(keys[:5]) + (f" (and {len(keys) - 5} more)" if len(keys) > 5 else "")
-
     missing = expected.keys() - found.keys()
     if missing:
-        raise CheckpointError(f"{source} is missing tensors the config requires: {names(missing)}. "
+        raise CheckpointError(f"{source} is missing tensors the config requires: {_some(sorted(missing))}. "
                               "Is config.json the one that belongs to these weights?")
     unexpected = found.keys() - expected.keys()
     if unexpected:
-        raise CheckpointError(f"{source} has tensors this config does not use: {names(unexpected)}. "
+        raise CheckpointError(f"{source} has tensors this config does not use: {_some(sorted(unexpected))}. "
                               "Is config.json the one that belongs to these weights?")
     wrong = [f"{k} {found[k][1]} (expected {expected[k]})" for k in expected if tuple(found[k][1]) != expected[k]]
     if wrong:
-        raise CheckpointError(f"{source} has tensors of the wrong shape: {names(wrong)}")
+        raise CheckpointError(f"{source} has tensors of the wrong shape: {_some(sorted(wrong))}")

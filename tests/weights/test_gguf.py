@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gemma4.weights.gguf import GGUFError, GGUFFile, dequantize, read_gguf, read_gguf_metadata
+from limits import bounded
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -525,6 +526,15 @@ def test_error_unexpected_tensor(tmp_path):
     write_tiny(tmp_path / "u.gguf", extra={"blk.9.attn_q.weight": np.zeros((H * HD, D), np.float32)})
     with pytest.raises(GGUFError, match="unexpected tensor 'blk.9.attn_q.weight' for this 6-layer gemma3 model"):
         read_gguf(tmp_path / "u.gguf")
+
+
+def test_error_block_count_beyond_the_tensors(tmp_path):
+    """Issue 22: block_count = 1e9 in a small file once built 1e9-entry per-layer lists (8 GB RSS, then a
+    bare MemoryError); it is now checked against the blk.N tensors before any list is built."""
+    write_tiny(tmp_path / "b.gguf", kv={"gemma3.block_count": (10**9, gguf.GGUFValueType.UINT32)})
+    with bounded(seconds=5, memory_mb=256), pytest.raises(
+            GGUFError, match=r"'gemma3.block_count' is 1000000000, but the file holds tensors \(blk.N.\*\) for only 6"):
+        read_gguf(tmp_path / "b.gguf")
 
 
 def test_error_wrong_shape(tmp_path):

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from gemma4.weights import CheckpointError, load_model
 from gemma4.weights.loader import ignored_keys
+from limits import bounded
 from testing_utils import rewrite_config
 
 
@@ -137,6 +138,19 @@ def test_config_from_another_model(tiny_checkpoint):
     _, path = tiny_checkpoint("tiny-12b")
     rewrite_config(path, lambda c: c | {"hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 128})
     with pytest.raises(CheckpointError, match="Is config.json the one that belongs to these weights"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("layers, message", [
+    (10**8, r"num_hidden_layers is 100000000; it must be an integer from 1 to 1024"),
+    (1000, r"num_hidden_layers=1000, but the weights hold no tensors for layers 6, 7, 8, 9, 10 \(and 989 more\)"),
+])
+def test_layer_count_beyond_the_weights_fails_fast(tiny_checkpoint, layers, message):
+    """Issue 22: num_hidden_layers = 1e8 (no layer_types) once hung, growing ~60 MB/s; 1,000 layers
+    were built on meta before the missing tensors were noticed. Now a clear error naming the field."""
+    _, path = tiny_checkpoint("tiny-gemma-3-270m")
+    rewrite_config(path, lambda c: {k: v for k, v in c.items() if k != "layer_types"} | {"num_hidden_layers": layers})
+    with bounded(seconds=5, memory_mb=256), pytest.raises(CheckpointError, match=message):
         load_model(path)
 
 
