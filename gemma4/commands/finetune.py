@@ -14,6 +14,7 @@ import torch
 
 from ..train import LoraConfig, TrainConfig, finetune
 from ..train.parallel import init_distributed
+from ..train.rundir import check_out
 
 DESCRIPTION = """\
 Train a LoRA adapter (QLoRA with --quantize int4) on chat or text JSONL, on one device or, under
@@ -32,11 +33,14 @@ examples:
   gemma4 finetune --data train.jsonl --val val.jsonl --out run1        # LoRA on the embedded gemma-3-270m
   gemma4 finetune --model google/gemma-3-1b-it --data train.jsonl --out run2 --quantize int4   # QLoRA
   gemma4 finetune --data train.jsonl --out run1 --save-every 50 --resume   # continue after a stop
+  gemma4 finetune --data train.jsonl --out run1 --overwrite            # start run1 again
   gemma4 chat --adapter run1                                           # use it, unmerged
   torchrun --nproc-per-node 2 -m gemma4 finetune --data train.jsonl --out run3   # FSDP2, same flags
 
 --out gets adapter_config.json + adapter_model.safetensors, train_log.jsonl (loss, tokens/s per
-step; validation loss) and checkpoint-NNNNNN/ directories (--save-every)."""
+step; validation loss) and checkpoint-NNNNNN/ directories (--save-every). A non-empty --out is
+refused unless --resume continues its run (same data, model and options; the length may grow) or
+--overwrite replaces it."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -46,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="training JSONL: chat lines {'messages': [...], 'tools': [...]} "
                    "or text lines {'text': ...}")
     p.add_argument("--val", help="validation JSONL (same formats)")
-    p.add_argument("--out", required=True, help="output directory: adapter, log, checkpoints")
+    p.add_argument("--out", required=True, help="output directory: adapter, log, checkpoints; new or empty unless "
+                   "--resume or --overwrite")
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", "-r", type=int, default=lc.r, help=f"LoRA rank r (default {lc.r})")
     g.add_argument("--alpha", type=float, default=lc.alpha,
@@ -93,7 +98,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=t.save_every,
                    help="steps between resumable checkpoints in --out (default 0: none)")
     g.add_argument("--resume", nargs="?", const=True, default=False,
-                   help="continue from the latest checkpoint in --out, or from the one given")
+                   help="continue from the latest checkpoint in --out, or from the one given; refused if the "
+                   "data, model or options differ from the checkpoint's (--max-steps/--epochs may grow)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a used --out (removes only the files a run writes there)")
     g.add_argument("--export-merged", metavar="DIR", help="also write a merged full checkpoint to DIR")
     g.add_argument("--seed", type=int, default=t.seed, help="data order, adapter init and dropout")
     g.add_argument("--threads", type=int, default=None,
@@ -114,7 +122,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         on_bad_data=a.on_bad_data, dtype=a.dtype, quantize=a.quantize,
         gradient_checkpointing=not a.no_gradient_checkpointing, ce_chunk_size=a.ce_chunk_size,
         eval_every=a.eval_every, eval_batch_size=a.eval_batch_size, save_every=a.save_every, resume=a.resume,
-        export_merged=a.export_merged, seed=a.seed, progress=not a.no_progress,
+        overwrite=a.overwrite, export_merged=a.export_merged, seed=a.seed, progress=not a.no_progress,
     )
 
 
@@ -123,6 +131,7 @@ def run(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     config = config_from_args(a)
+    check_out(a.out, config.resume, config.overwrite)  # before minutes of loading; finetune checks again
     (model, tokenizer, chat_format), source = load_base(a.model, config)
     result = finetune(model, a.data, out=a.out, val=a.val, tokenizer=tokenizer, chat_format=chat_format,
                       config=config, source=source)

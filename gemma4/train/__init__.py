@@ -24,6 +24,7 @@ from .lora import (
 from .loss import CausalLMLoss, chunked_cross_entropy
 from .parallel import checkpoint_layers, uncheckpoint_layers
 from .export import export_merged
+from .state import ResumeError
 from .step import evaluate, run_micro_batches
 from .trainer import TrainConfig, TrainResult, finetune
 
@@ -34,6 +35,7 @@ __all__ = [
     "Example",
     "LoRAError",
     "LoraConfig",
+    "ResumeError",
     "TrainConfig",
     "TrainResult",
     "adapter_state_dict",

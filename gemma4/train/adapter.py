@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+TMP_PREFIX = ".tmp-"  # a file or checkpoint being written, renamed when whole (a killed run's go at its next start)
 PREFIX = "base_model.model."
 
 # PEFT features that change the math or add tensors we do not have: refuse rather than ignore.
@@ -105,9 +106,13 @@ def save_adapter(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model) if state is None else state
-    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    cfg = adapter_config_dict(config, base_model_name_or_path)
-    (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    # Each file is written under a temporary name and renamed: a crash never leaves half a file.
+    tmp = directory / (TMP_PREFIX + WEIGHTS_FILE)
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(directory / WEIGHTS_FILE)
+    tmp = directory / (TMP_PREFIX + CONFIG_FILE)
+    tmp.write_text(json.dumps(adapter_config_dict(config, base_model_name_or_path), indent=2) + "\n")
+    tmp.replace(directory / CONFIG_FILE)
     return directory
 
 

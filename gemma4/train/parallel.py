@@ -75,6 +75,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
 def all_reduce_sum(values: list[float], world: int, device: torch.device) -> list[float]:
     if world == 1:
         return values

@@ -10,7 +10,8 @@ that gets fewer micro-batches than another runs a zero-weighted one, so FSDP's c
 Layout of `out/`: the final adapter (`adapter_config.json`, `adapter_model.safetensors`, PEFT
 format), `train_log.jsonl` (one record per step and per validation), and `checkpoint-NNNNNN/`
 directories (adapter + `trainer_state.json` + `trainer_state.safetensors`, no pickles) that
-`resume` continues from (state.py).
+`resume` continues from (state.py). A used `out` is refused unless resumed or overwritten
+(rundir.py); a checkpoint of another run (data, model, options: fingerprint.py) is not resumed.
 
 A run is set up once (`_setup`: data, QLoRA quantization, adapters, sharding, optimizer, resumed
 state), then driven step by step (`_train_step`, the arithmetic in step.py) with validations and
@@ -40,15 +41,15 @@ from ..weights.save import check_target
 from .adapter import adapter_state_dict, load_adapter_weights, save_adapter
 from .data import Example, epoch_batches, read_jsonl
 from .export import export_merged
+from .fingerprint import differences, fingerprint
 from .lora import LoraConfig, apply_lora, lora_parameters, mark_only_lora_trainable
 from .loss import CausalLMLoss
-from .parallel import all_reduce_sum, checkpoint_layers, init_distributed, shard, uncheckpoint_layers
-from .state import latest_checkpoint, load_state, save_state
+from .parallel import all_reduce_sum, barrier, checkpoint_layers, init_distributed, shard, uncheckpoint_layers
+from .rundir import LOG_FILE, check_out, prepare_out, resume_point
+from .state import ResumeError, checkpoint_dir, load_state, save_state
 from .step import evaluate, lr_lambda, peak_memory, rank_share, run_micro_batches
 
 log = logging.getLogger(__name__)
-
-LOG_FILE = "train_log.jsonl"
 
 @dataclass
 class TrainConfig:
@@ -75,6 +76,7 @@ class TrainConfig:
     eval_batch_size: int | None = None  # sequences per validation forward (default: micro_batch_size)
     save_every: int = 0  # steps between checkpoints (0: only the final adapter)
     resume: bool | str = False  # True: latest checkpoint in `out`; or a checkpoint directory
+    overwrite: bool = False  # replace the run in a used `out` (only the files a run writes are removed)
     export_merged: str | None = None  # also write a merged checkpoint there (merges a float model in place)
     seed: int = 0
     progress: bool = True
@@ -164,6 +166,7 @@ class _Run:
     total_steps: int
     trainable: int
     source: str | None
+    fingerprint: dict[str, Any]  # stored with each checkpoint (fingerprint.py)
     start: int = 0
     history: list[float] = field(default_factory=list)
     val_history: list[tuple[int, float]] = field(default_factory=list)
@@ -194,29 +197,47 @@ def _setup(model: Gemma, train, val, out: Path, tokenizer, chat_format: ChatForm
            source: str | None) -> _Run:
     """Everything before the first step, in the order that makes runs reproducible from the seed:
     data, QLoRA quantization, adapters (initialized from the seed), resumed adapter weights,
-    checkpointing and sharding, optimizer, then the resumed optimizer, scheduler and RNG state."""
+    checkpointing and sharding, optimizer, then the resumed optimizer, scheduler and RNG state.
+    Nothing in `out` changes until all of it (and the check that a resumed checkpoint is this
+    run's) has passed."""
     rank, world, device = init_distributed()
     torch.manual_seed(config.seed)
     say = log.warning if rank == 0 else (lambda *_: None)
+    check_out(out, config.resume, config.overwrite)
     _check_export(config, out, world, source)
     train_ex = _examples(train, "training", tokenizer, chat_format, config, say)
     val_ex = _examples(val, "validation", tokenizer, chat_format, config, say) if val is not None else None
-    resume_dir = latest_checkpoint(out) if config.resume is True else (Path(config.resume) if config.resume else None)
-    if config.resume is True and resume_dir is None:
-        say(f"no checkpoint in {out} to resume from: starting from step 0")
-    trainable = _add_adapters(model, config, resume_dir)
-    loss_module = _loss_module(model, config, world, device)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * math.ceil(len(train_ex) / config.batch_size)))
+    resumed = resume_point(out, config.resume, say)
+    fp = fingerprint(model, source, config, train, train_ex, val, val_ex)  # of the plain base
+    if resumed is not None:
+        _check_resume(*resumed, fp, total_steps, say)
+    trainable = _add_adapters(model, config, resumed and resumed[0])
+    loss_module = _loss_module(model, config, world, device)
     optimizer, scheduler = _optimizer(model, config, total_steps)
     run = _Run(config, out, rank, world, device, model, loss_module, optimizer, scheduler, train_ex, val_ex,
-               getattr(tokenizer, "pad_id", 0), total_steps, trainable, source)
-    if resume_dir is not None:
-        run.start, run.history, run.val_history = load_state(resume_dir, model, optimizer, scheduler)
-        say(f"resuming from {resume_dir} at step {run.start}")
+               getattr(tokenizer, "pad_id", 0), total_steps, trainable, source, fp)
+    if resumed is not None:
+        run.start, run.history, run.val_history = load_state(resumed[0], model, optimizer, scheduler, resumed[1])
+        say(f"resuming from {resumed[0]} at step {run.start}")
+    barrier(world)  # every process has picked its checkpoint before rank 0 drops later ones
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        run.log_file = (out / LOG_FILE).open("a" if run.start else "w")
+        continues = resumed is not None and resumed[0].parent.resolve() == out.resolve()
+        prepare_out(out, overwrite=config.overwrite, step=run.start if continues else None, say=say)
+        run.log_file = (out / LOG_FILE).open("a")
     return run
+
+
+def _check_resume(directory: Path, meta: dict[str, Any], fp: dict[str, Any], total_steps: int, say) -> None:
+    """Refuse to continue another run's checkpoint, or one past this run's end."""
+    if "fingerprint" not in meta:
+        say(f"{directory} has no fingerprint (an older checkpoint): its data, model and options are not checked")
+    elif found := differences(meta["fingerprint"], fp):
+        raise ResumeError(f"{directory} is not this run's checkpoint: {'; '.join(found)}. Resume with its data, "
+                          "model and options, or start a new run (--overwrite replaces the one in --out)")
+    if meta["step"] > total_steps:
+        raise ResumeError(f"{directory} is at step {meta['step']}, past this run's end at step {total_steps}: "
+                          "raise --max-steps or --epochs")
 
 
 def _merges_in_place(config: TrainConfig, world: int) -> bool:
@@ -306,8 +327,8 @@ def _train(run: _Run) -> float:
         if c.eval_every and done % c.eval_every == 0 and done < run.total_steps:
             _validate(run, done)
         if c.save_every and done % c.save_every == 0 and done < run.total_steps:
-            save_state(run.out / f"checkpoint-{done:06d}", run.model, run.optimizer, run.scheduler, c, done,
-                       run.history, run.val_history, run.rank, run.source)
+            save_state(checkpoint_dir(run.out, done), run.model, run.optimizer, run.scheduler, c, done,
+                       run.history, run.val_history, run.rank, run.source, run.fingerprint)
     bar.close()
     return t_begin
 
