@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
@@ -24,6 +25,8 @@ from .structured import BanTokens, ThinkingBudget
 
 if TYPE_CHECKING:
     from .app import ServeConfig, ServedModel
+
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: "²".isdigit() and "١".isdigit() are true
 
 
 def validate(cls, body: dict):
@@ -129,7 +132,7 @@ def logit_bias(req, served: ServedModel) -> dict[int, float] | None:
         return None
     bias = {}
     for key, value in req.logit_bias.items():
-        if not key.isdigit() or int(key) >= served.vocab:
+        if not _TOKEN_ID.fullmatch(key) or int(key) >= served.vocab:
             raise bad_request(f"logit_bias keys must be token ids below {served.vocab}", param="logit_bias")
         bias[int(key)] = value
     return bias

@@ -121,6 +121,14 @@ CASES = [
      "param=best_of"),
     ("completion-token-out-of-vocab", {"model": MODEL_NAME, "prompt": [2, 10**6]}, {}, 400, "invalid_request_error",
      "param=prompt"),
+    # -- issue 22 --
+    ("logit-bias-superscript-digit", chat(logit_bias={"\u00b2": 5}), {}, 400, "invalid_request_error",
+     "param=logit_bias"),
+    ("logit-bias-arabic-indic-digit", chat(logit_bias={"\u0661": 5}), {}, 400, "invalid_request_error",
+     "param=logit_bias"),
+    ("logit-bias-5000-digits", chat(logit_bias={"9" * 5000: 5}), {}, 400, "invalid_request_error",
+     "param=logit_bias"),
+    ("logit-bias-negative-id", chat(logit_bias={"-1": 5}), {}, 400, "invalid_request_error", "param=logit_bias"),
 ]
 
 
