@@ -249,6 +249,7 @@ async def _run(request: Request, state: _State, req, gen: GenerationRequest, ass
         raise APIError(503, "the engine is not available", retry_after=5) from None
     except ContextLengthError as error:
         raise context_length_error(error) from None
+    state.metrics.label(state.metrics.started).inc()
     ctx = _Context(state, req, gen, assembler, handle, queue, chat)
     if req.stream:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -30,6 +30,10 @@ class Metrics:
         self.kv_usage = Gauge(p + "kv_cache_usage_perc", "Fraction of KV-cache token capacity in use (0-1).", m,
                               registry=r)
         self.slots = Gauge(p + "num_slots_in_use", "KV slots held by requests.", m, registry=r)
+        # Every started request ends as exactly one of success, aborted or failed, so at rest
+        # started = success + aborted + failed (+ running + waiting meanwhile); rejected ones never start.
+        self.started = Counter(p + "num_requests_started", "Requests the engine accepted (queued or running).", m,
+                               registry=r)
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prefilled prompt tokens.", m, registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens.", m, registry=r)
         self.success = Counter(p + "request_success", "Finished requests by reason.", m + ["finished_reason"],
