@@ -30,7 +30,7 @@ _INTS: dict[str, tuple[int, int]] = {
     "global_head_dim": (2, 1 << 16), "num_global_key_value_heads": (1, 1 << 12),
     "hidden_size_per_layer_input": (0, 1 << 20), "vocab_size_per_layer_input": (0, 1 << 24),
     "num_kv_shared_layers": (0, MAX_LAYERS - 1), "num_experts": (0, 1 << 12), "top_k_experts": (0, 1 << 12),
-    "moe_intermediate_size": (0, 1 << 20), "pad_token_id": (0, 1 << 31), "bos_token_id": (0, 1 << 31),
+    "moe_intermediate_size": (0, 1 << 20), "pad_token_id": (0, (1 << 31) - 1), "bos_token_id": (0, (1 << 31) - 1),
 }
 _OPTIONAL = ("global_head_dim", "num_global_key_value_heads")
 _FLAGS = ("attention_k_eq_v", "use_double_wide_mlp", "enable_moe_block", "tie_word_embeddings")
@@ -421,8 +421,7 @@ def _req(raw: dict[str, Any], key: str) -> Any:
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ConfigError(f"{name} is {value!r:.40}; it must be an integer from {lo} to {hi}. "
-                          "Fix config.json (or use the one that came with these weights).")
+        raise ConfigError(f"{name} is {value!r:.40}; it must be an integer from {lo} to {hi}")
 
 
 def _number(value: Any, name: str, lo: float = 0.0, hi: float = math.inf, *, or_equal: bool = False) -> float:
@@ -433,7 +432,7 @@ def _number(value: Any, name: str, lo: float = 0.0, hi: float = math.inf, *, or_
         v = math.inf
     if not (math.isfinite(v) and (lo <= v if or_equal else lo < v) and v <= hi):
         bounds = f"{'[' if or_equal else '('}{lo}, {hi}]"
-        raise ConfigError(f"{name} is {value!r:.40}; it must be a finite number in {bounds}. Fix config.json.")
+        raise ConfigError(f"{name} is {value!r:.40}; it must be a finite number in {bounds}")
     return v
 
 

@@ -52,6 +52,8 @@ _SCALARS = {0: ("B", 1), 1: ("b", 1), 2: ("H", 2), 3: ("h", 2), 4: ("I", 4), 5: 
 _NUMPY = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "u1", 10: "u8", 11: "i8", 12: "f8"}
 _STRING, _ARRAY = 8, 9
 _MIN_VALUE_SIZE = {**{t: s for t, (_, s) in _SCALARS.items()}, _STRING: 8, _ARRAY: 12}
+# The vocabulary arrays the tokenizer reads, by element type (a GGUF array has one element type).
+_TOKENIZER_ARRAYS = {"tokenizer.ggml.tokens": str, "tokenizer.ggml.token_type": int, "tokenizer.ggml.merges": str}
 
 
 class GGUFError(CheckpointError):
@@ -205,6 +207,11 @@ def _parse_header(buf: memoryview, path: str) -> tuple[dict[str, Any], list[Tens
         if key in meta:
             raise GGUFError(f"{path}: corrupt GGUF header: metadata key {key!r} appears twice.")
         meta[key] = cur.value(cur.u32(f"value type of {key!r}"), key)
+    for key, kind in _TOKENIZER_ARRAYS.items():
+        value = meta.get(key)
+        if value is not None and not (isinstance(value, list) and (not value or isinstance(value[0], kind))):
+            raise GGUFError(f"{path}: metadata key {key!r} is {value!r:.60}, expected an array of {kind.__name__}; "
+                            "the file is corrupt. Download or convert it again.")
 
     raw = []
     for i in range(n_tensors):
@@ -361,8 +368,9 @@ class GGUFFile:
             return default
         value = self.metadata[full]
         if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-            raise GGUFError(f"{self.path}: metadata key {full!r} is {value!r}, expected {getattr(kind, '__name__', kind)}"
-                            "; the file is corrupt.")
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise GGUFError(f"{self.path}: metadata key {full!r} is {value!r:.100}, expected {names}; the file is "
+                            "corrupt.")
         return value
 
     def _positive(self, key: str, default: Any = ...) -> int:

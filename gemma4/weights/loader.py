@@ -141,7 +141,9 @@ def open_checkpoint(path_or_id: str | Path, revision: str | None = None) -> Chec
     try:
         config = TextConfig.from_hf_dict(raw)
     except ConfigError as e:
-        raise CheckpointError(f"{source}: {e}") from None
+        fix = ("Download or convert the file again" if gguf is not None
+               else "Fix config.json, or use the one that came with these weights")
+        raise CheckpointError(f"{source}: {str(e).rstrip('.')}. {fix}.") from None
     if gguf is None:  # a GGUF file checks its block_count against its blk.N tensors itself
         _check_layer_count(config, found, source)
     return Checkpoint(source, config, raw, tensors, gguf)

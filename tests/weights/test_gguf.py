@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gemma4.weights.gguf import GGUFError, GGUFFile, dequantize, read_gguf, read_gguf_metadata
-from limits import bounded
+from limits import LOAD_MB, bounded
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -59,7 +59,8 @@ def tiny_weights(seed: int = 0, n_layers: int = L) -> dict[str, np.ndarray]:
 
 def write_tiny(path: Path, *, arch: str = "gemma3", qtype: Q = Q.F32, n_layers: int = L, skip=(), extra=None,
                kv=None) -> dict[str, np.ndarray]:
-    """Write a tiny Gemma 3 GGUF the way llama.cpp's converter does (norms stored as 1 + w)."""
+    """Write a tiny Gemma 3 GGUF the way llama.cpp's converter does (norms stored as 1 + w).
+    `kv`: metadata {key: (value, GGUFValueType)} added or replacing the written ones; None deletes a key."""
     weights = tiny_weights(n_layers=n_layers)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(256)
@@ -80,8 +81,7 @@ def write_tiny(path: Path, *, arch: str = "gemma3", qtype: Q = Q.F32, n_layers: 
     w.add_bos_token_id(2)
     w.add_eos_token_id(1)
     w.add_pad_token_id(0)
-    for key, value in (kv or {}).items():
-        w.add_key_value(key, *value)
+    override_kv(w, kv)
     for name, arr in weights.items():
         if name in skip:
             continue
@@ -98,6 +98,13 @@ def write_tiny(path: Path, *, arch: str = "gemma3", qtype: Q = Q.F32, n_layers: 
     w.write_tensors_to_file()
     w.close()
     return weights
+
+
+def override_kv(w: gguf.GGUFWriter, kv: dict | None) -> None:
+    for key, value in (kv or {}).items():
+        w.kv_data[0].pop(key, None)  # no "duplicated key" warning
+        if value is not None:
+            w.add_key_value(key, *value)
 
 
 def hf_name(gguf_name: str) -> str:
@@ -223,11 +230,11 @@ G4 = dict(  # a tiny Gemma 4 with every text feature
                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
 
 
-def write_gemma4_like_llamacpp(model, path: Path, c=G4) -> None:
+def write_gemma4_like_llamacpp(model, path: Path, c=G4, kv=None) -> None:
     """Convert a transformers Gemma4ForCausalLM to GGUF the way llama.cpp's converter does
     (convert_hf_to_gguf.py, Gemma4Model): names from gguf-py's own tensor map, no norm offset,
     per-layer arrays for KV heads / FFN width, the sliding pattern as flags, and proportional RoPE
-    as a `rope_freqs` factor table (1 = rotated pair, 1e30 = not rotated)."""
+    as a `rope_freqs` factor table (1 = rotated pair, 1e30 = not rotated). `kv` as in `write_tiny`."""
     c = type("Config", (), c)  # the construction arguments, as attributes
     L = c.num_hidden_layers
     swa = [t == "sliding_attention" for t in c.layer_types]
@@ -263,6 +270,7 @@ def write_gemma4_like_llamacpp(model, path: Path, c=G4) -> None:
     w.add_token_list([f"<t{i}>" for i in range(c.vocab_size)])
     w.add_token_types([1] * c.vocab_size)
     w.add_eos_token_id(1)
+    override_kv(w, kv)
     n_rot = int(c.global_head_dim * full_rope["partial_rotary_factor"] / 2)
     w.add_tensor("rope_freqs.weight", np.array([1.0] * n_rot + [1e30] * (c.global_head_dim // 2 - n_rot), np.float32))
     for hf, t in model.state_dict().items():
@@ -532,9 +540,18 @@ def test_error_block_count_beyond_the_tensors(tmp_path):
     """Issue 22: block_count = 1e9 in a small file once built 1e9-entry per-layer lists (8 GB RSS, then a
     bare MemoryError); it is now checked against the blk.N tensors before any list is built."""
     write_tiny(tmp_path / "b.gguf", kv={"gemma3.block_count": (10**9, gguf.GGUFValueType.UINT32)})
-    with bounded(seconds=5, memory_mb=256), pytest.raises(
+    with bounded(seconds=5, memory_mb=LOAD_MB), pytest.raises(
             GGUFError, match=r"'gemma3.block_count' is 1000000000, but the file holds tensors \(blk.N.\*\) for only 6"):
         read_gguf(tmp_path / "b.gguf")
+
+
+def test_error_tokenizer_array_of_wrong_type(tmp_path):
+    """Found by the metadata fuzz: a scalar token_type reached the tokenizer as a bare TypeError."""
+    from gemma4.tokenizer import Tokenizer
+
+    write_tiny(tmp_path / "t.gguf", kv={"tokenizer.ggml.token_type": (0, gguf.GGUFValueType.UINT32)})
+    with pytest.raises(GGUFError, match="'tokenizer.ggml.token_type' is 0, expected an array of int; the file is"):
+        Tokenizer.from_gguf(tmp_path / "t.gguf")
 
 
 def test_error_wrong_shape(tmp_path):
@@ -627,6 +644,82 @@ def test_fuzz_absurd_fields(tiny_bytes, tmp_path_factory, data):
     path = tmp_path_factory.mktemp("fz") / "a.gguf"
     path.write_bytes(bytes(buf))
     read_bounded(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Metadata values (sizes, counts, per-layer arrays, token ids, vocabulary arrays) of valid files,
+# loaded as gemma4.load does: a usable model and tokenizer, or our own error. Bounds per example: a
+# 5 s deadline (20 s hard stop) and under LOAD_MB of added peak RSS (limits.py).
+
+T = gguf.GGUFValueType
+COUNTS = st.one_of(st.sampled_from([0, 1, 2, 3, 4, 6, 7, 8, 16, 1023, 10**9, 2**31 - 1]), st.integers(0, 300))
+META_VALUES = st.one_of(
+    COUNTS.map(lambda v: (v, T.UINT32)), st.integers(-2**63, 2**63 - 1).map(lambda v: (v, T.INT64)),
+    st.sampled_from([2**32, 2**63, 2**64 - 1]).map(lambda v: (v, T.UINT64)),
+    st.floats(width=32).map(lambda v: (v, T.FLOAT32)), st.booleans().map(lambda v: (v, T.BOOL)),
+    st.text(max_size=4).map(lambda v: (v, T.STRING)),
+    st.lists(COUNTS, min_size=1, max_size=8).map(lambda v: (v, T.ARRAY)),  # per-layer counts (INT32)
+    st.lists(st.booleans(), min_size=1, max_size=8).map(lambda v: (v, T.ARRAY)),  # per-layer flags
+    st.none(),  # the key deleted
+)
+META_KEYS = ["block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+             "attention.head_count_kv", "attention.key_length", "context_length", "attention.sliding_window",
+             "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.freq_base_swa",
+             "attention.sliding_window_pattern", "final_logit_softcapping"]
+G3_META = [f"gemma3.{k}" for k in META_KEYS + ["rope.scaling.type", "rope.scaling.factor"]]
+G4_META = [f"gemma4.{k}" for k in META_KEYS + [
+    "attention.key_length_swa", "attention.shared_kv_layers", "embedding_length_per_layer_input", "expert_count",
+    "expert_used_count", "expert_feed_forward_length", "rope.dimension_count"]]
+TOKENIZER = [f"tokenizer.ggml.{k}" for k in ("bos_token_id", "eos_token_id", "padding_token_id", "token_type",
+                                              "scores")]
+META_FUZZ = settings(max_examples=100, deadline=5000, derandomize=True, database=None,
+                     suppress_health_check=[HealthCheck.too_slow])
+
+
+def load_bounded(path: Path) -> None:
+    from gemma4.config import ConfigError, ContextLengthError
+    from gemma4.tokenizer import Tokenizer, TokenizerError
+    from gemma4.weights import CheckpointError, load_model, open_checkpoint
+
+    with bounded(seconds=20, memory_mb=LOAD_MB):
+        try:
+            ckpt = open_checkpoint(path)
+            model = load_model(ckpt)
+            with torch.no_grad():
+                model(torch.tensor([[2, 5, 7, 9]]))  # a clean load is a usable model
+            Tokenizer.from_gguf(ckpt.gguf)
+        except (CheckpointError, ConfigError, ContextLengthError, TokenizerError) as e:  # GGUFError included
+            assert str(e)
+
+
+@META_FUZZ
+@given(kv=st.dictionaries(st.sampled_from(G3_META + TOKENIZER), META_VALUES, min_size=1, max_size=3))
+def test_fuzz_gemma3_metadata_values(tmp_path_factory, kv):
+    path = tmp_path_factory.mktemp("meta") / "g3.gguf"
+    write_tiny(path, n_layers=2, kv=kv)
+    load_bounded(path)
+
+
+# G4 with an expert width of 8: torch._grouped_mm (the MoE path on CPU) refuses rows of 6 float32
+# values (strides must be multiples of 16 bytes), a model limit that this loader fuzz does not test.
+G4_FUZZ = G4 | {"moe_intermediate_size": 8}
+
+
+@pytest.fixture(scope="module")
+def gemma4_model():
+    from gemma4.config import TextConfig
+    from gemma4.model import Gemma
+
+    torch.manual_seed(0)
+    return Gemma(TextConfig.from_hf_dict({"model_type": "gemma4_text", **G4_FUZZ}))
+
+
+@META_FUZZ
+@given(kv=st.dictionaries(st.sampled_from(G4_META + TOKENIZER), META_VALUES, min_size=1, max_size=3))
+def test_fuzz_gemma4_metadata_values(gemma4_model, tmp_path_factory, kv):
+    path = tmp_path_factory.mktemp("meta") / "g4.gguf"
+    write_gemma4_like_llamacpp(gemma4_model, path, G4_FUZZ, kv=kv)
+    load_bounded(path)
 
 
 # ------------------------------------------------------------------------------------------------
