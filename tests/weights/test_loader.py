@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from gemma4.weights import CheckpointError, load_model
 from gemma4.weights.loader import ignored_keys
-from limits import bounded
+from limits import LOAD_MB, bounded
 from testing_utils import rewrite_config
 
 
@@ -150,7 +150,7 @@ def test_layer_count_beyond_the_weights_fails_fast(tiny_checkpoint, layers, mess
     were built on meta before the missing tensors were noticed. Now a clear error naming the field."""
     _, path = tiny_checkpoint("tiny-gemma-3-270m")
     rewrite_config(path, lambda c: {k: v for k, v in c.items() if k != "layer_types"} | {"num_hidden_layers": layers})
-    with bounded(seconds=5, memory_mb=256), pytest.raises(CheckpointError, match=message):
+    with bounded(seconds=5, memory_mb=LOAD_MB), pytest.raises(CheckpointError, match=message):
         load_model(path)
 
 
