@@ -3,8 +3,11 @@
     POST /v1/chat/completions   POST /v1/completions   GET /v1/models   GET /health   GET /metrics
 
 A request is checked completely (shape, limits, model id, tools, context length, grammar) before
-anything is allocated; then it is handed to the engine's `Scheduler`, which batches it with the
-other running requests. The scheduler thread delivers tokens through a thread-safe callback into
+anything is allocated; what costs CPU in proportion to the body (parsing, validation, the prompt)
+runs in a worker thread, so a large body never stalls the event loop, and bodies over `LARGE_BODY`
+get a small pool of their own, so a burst of them queues behind itself, not in front of small
+requests. Then it is handed to the engine's `Scheduler`, which batches it with the other running
+requests. The scheduler thread delivers tokens through a thread-safe callback into
 an asyncio queue per request; `OutputAssembler` turns them into deltas for both the streamed
 (SSE) and the whole response. A client that goes away cancels its request, which frees its slot
 at the scheduler's next step. Errors use OpenAI's body shape (errors.py); after a stream has
@@ -16,36 +19,38 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..chat import ChatFormat, ChatTemplateError, ToolDefinitionError
+from ..chat import ChatFormat
 from ..config import ContextLengthError
 from ..engine.core import PREFILL_CHUNK
 from ..engine.scheduler import GenerationRequest, QueueFullError, Scheduler, SchedulerClosedError, TokenEvent
 from . import checks
-from .errors import APIError, bad_request, context_length_error, sanitize
+from .errors import APIError, context_length_error
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .output import Delta, OutputAssembler, logprob_entry
 from .prompts import PromptBuilder
-from .protocol import ChatCompletionRequest, CompletionRequest
-from .security import GateMiddleware, allowed_hosts_for, cors_options, read_json
+from .security import CORSMiddleware, GateMiddleware, allowed_hosts_for, cors_options, read_body
 from .structured import Grammars
 
 log = logging.getLogger(__name__)
 
 
 PREFIX_CACHE_TOKENS = 8192
+LARGE_BODY = 256 * 1024  # bytes; preparing one costs ~50 ms or more of tokenizing
 
 
 @dataclass
@@ -60,6 +65,7 @@ class ServeConfig:
     max_tokens_default: int = 1024
     max_model_len: int | None = None  # tokens per slot (prompt + completion); default: the model's context
     max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout: float = 30.0  # seconds a client has to send its whole request body (408 after)
     prefill_chunk: int = PREFILL_CHUNK
     mode: str = "eager"  # the decode step: "eager", "compile", "reduce-overhead" (CUDA graphs)
     compile_options: dict | None = None  # for torch.compile (tests trace with {"backend": "aot_eager"})
@@ -126,6 +132,7 @@ def build_app(
     constraints to every request (tests use it to script outputs; see docs/serving.md)."""
     config = config or ServeConfig()
     state = _State(config, Metrics(config.model_name))
+    large_bodies = ThreadPoolExecutor(max(1, (os.cpu_count() or 1) // 4), thread_name_prefix="gemma4-large-body")
 
     def install(m, t, fmt=None) -> None:
         served = ServedModel(m, t, config, fmt or chat_format)
@@ -150,6 +157,7 @@ def build_app(
         elif loader is not None:
             threading.Thread(target=load_in_background, name="gemma4-loader", daemon=True).start()
         yield
+        large_bodies.shutdown(wait=False, cancel_futures=True)
         if state.served is not None:
             state.served.scheduler.stop()
 
@@ -167,6 +175,13 @@ def build_app(
     async def _http_error(request, error: StarletteHTTPException):
         message = "not found" if error.status_code == 404 else str(error.detail)
         return APIError(error.status_code, message).response()
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request, error: ClientDisconnect):
+        # Normal traffic (a client that gave up mid-upload): one line, no traceback, nobody to answer.
+        log.info("%s %s: the client disconnected before sending the whole body", request.method,
+                 request.scope["path"])
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def _unexpected(request, error: Exception):
@@ -188,44 +203,37 @@ def build_app(
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    async def prepare(fn, request: Request, served: ServedModel) -> checks.Prepared:
+        raw = await read_body(request, config.max_body_bytes, config.body_timeout)
+        if len(raw) < LARGE_BODY:
+            return await asyncio.to_thread(fn, raw, served, config)
+        return await asyncio.get_running_loop().run_in_executor(large_bodies, fn, raw, served, config)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         served = state.ready()
-        req = checks.validate(ChatCompletionRequest, await read_json(request, config.max_body_bytes))
-        checks.check_model(req.model, config)
-        messages, tools = checks.chat_inputs(req, served)
-        try:
-            ids, prompt_text = await asyncio.to_thread(served.prompts.chat, messages, tools, req.enable_thinking)
-        except (ValueError, TypeError, ChatTemplateError, ToolDefinitionError) as error:
-            raise bad_request(f"cannot build the prompt: {sanitize(str(error))}", param="messages") from None
-        max_tokens = checks.max_tokens(req.requested_max_tokens, len(ids), served, config)
-        constraints = await checks.constraints(req, served, tools, prompt_text, config)
+        p = await prepare(checks.prepare_chat, request, served)
+        req, text = p.req, p.prompt_text
+        constraints = await checks.constraints(req, served, p.tools, text, config)
         if constraint_hook is not None:
-            constraints += constraint_hook(req, ids)
-        gen = GenerationRequest(ids, max_tokens, checks.sampling(req), served.stop_ids,
+            constraints += constraint_hook(req, p.ids)
+        gen = GenerationRequest(p.ids, p.max_tokens, p.sampling, served.stop_ids,
                                 logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-                                constraints=constraints, logit_bias=checks.logit_bias(req, served),
+                                constraints=constraints, logit_bias=p.logit_bias,
                                 stop=req.stop_list, tokenizer=served.tokenizer)
-        starts_open = prompt_text.rfind("<|channel>") > prompt_text.rfind("<channel|>")
-        assembler = OutputAssembler(served.tokenizer, served.format.stream_parser(prompt=prompt_text),
+        starts_open = text.rfind("<|channel>") > text.rfind("<channel|>")
+        assembler = OutputAssembler(served.tokenizer, served.format.stream_parser(prompt=text),
                                     (served.ids["channel_open"], served.ids["channel_close"]), starts_open)
         return await _run(request, state, req, gen, assembler, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         served = state.ready()
-        req = checks.validate(CompletionRequest, await read_json(request, config.max_body_bytes))
-        checks.check_model(req.model, config)
-        prompt = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt
-        if isinstance(prompt, list) and max(prompt) >= served.vocab:
-            raise bad_request(f"prompt token ids must be below the vocabulary size {served.vocab}", param="prompt")
-        ids = await asyncio.to_thread(served.prompts.completion, prompt)
-        if not ids:
-            raise bad_request("the prompt is empty", param="prompt")
-        max_tokens = checks.max_tokens(req.requested_max_tokens, len(ids), served, config)
-        constraints = constraint_hook(req, ids) if constraint_hook is not None else []
-        gen = GenerationRequest(ids, max_tokens, checks.sampling(req), served.stop_ids, logprobs=req.logprobs,
-                                constraints=constraints, logit_bias=checks.logit_bias(req, served),
+        p = await prepare(checks.prepare_completion, request, served)
+        req = p.req
+        constraints = constraint_hook(req, p.ids) if constraint_hook is not None else []
+        gen = GenerationRequest(p.ids, p.max_tokens, p.sampling, served.stop_ids, logprobs=req.logprobs,
+                                constraints=constraints, logit_bias=p.logit_bias,
                                 stop=req.stop_list, tokenizer=served.tokenizer)
         assembler = OutputAssembler(served.tokenizer, None)
         return await _run(request, state, req, gen, assembler, chat=False)
@@ -253,7 +261,9 @@ async def _run(request: Request, state: _State, req, gen: GenerationRequest, ass
     ctx = _Context(state, req, gen, assembler, handle, queue, chat)
     if req.stream:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(ctx.sse(), media_type="text/event-stream", headers=headers)
+        # `close` again after the response: a client gone before the first chunk never runs sse()'s finally.
+        return StreamingResponse(ctx.sse(), media_type="text/event-stream", headers=headers,
+                                 background=BackgroundTask(ctx.close))
     return await ctx.whole(request)
 
 

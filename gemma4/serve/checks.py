@@ -5,6 +5,10 @@ memory: message consistency (a tool message must answer an earlier call), conten
 only for now; remote URLs refused), tools and tool_choice, the context budget, sampling
 parameters, logit bias ids, and the token constraints for structured output, tool choice and the
 thinking budget (grammar compilation runs off the event loop, under a timeout).
+
+`prepare_chat` / `prepare_completion` do every step whose cost grows with the body (JSON parsing,
+validation, prompt rendering and tokenizing) in one call, which the app runs in a worker thread:
+a large body then never holds the event loop that serves everyone else.
 """
 
 from __future__ import annotations
@@ -12,21 +16,79 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from ..chat import ToolDefinitionError, normalize_tools
+from ..chat import ChatTemplateError, ToolDefinitionError, normalize_tools
 from ..config import ContextLengthError, check_context
 from ..engine.sampling import SamplingParams
-from .errors import APIError, bad_request, context_length_error, from_validation, sanitize
-from .protocol import ChatCompletionRequest, Message
+from .errors import APIError, bad_request, context_length_error, from_validation, prompt_too_long, sanitize
+from .prompts import PromptTooLong
+from .protocol import ChatCompletionRequest, CompletionRequest, Message
+from .security import MAX_DEPTH, deeper_than, parse_json
 from .structured import BanTokens, ThinkingBudget
 
 if TYPE_CHECKING:
     from .app import ServeConfig, ServedModel
 
+
 _TOKEN_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: "²".isdigit() and "١".isdigit() are true
+
+
+@dataclass
+class Prepared:
+    """A valid request, converted: what `GenerationRequest` needs, and the rendered chat prompt."""
+
+    req: ChatCompletionRequest | CompletionRequest
+    ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    logit_bias: dict[int, float] | None
+    tools: list[dict] | None = None
+    prompt_text: str = ""
+
+
+def prepare_chat(raw: bytes, served: ServedModel, config: ServeConfig) -> Prepared:
+    """A chat body -> a Prepared request, or an APIError (blocking: run it in a worker thread)."""
+    req = validate(ChatCompletionRequest, parse_json(raw))
+    check_model(req.model, config)
+    messages, tools = chat_inputs(req, served)
+    requested = req.requested_max_tokens
+    try:
+        ids, text = served.prompts.chat(messages, tools, req.enable_thinking,
+                                        limit=served.context - (requested or 1))
+    except PromptTooLong as error:
+        raise too_long(error, requested, served) from None
+    except (ValueError, TypeError, ChatTemplateError, ToolDefinitionError) as error:
+        raise bad_request(f"cannot build the prompt: {sanitize(str(error))}", param="messages") from None
+    return Prepared(req, ids, max_tokens(requested, len(ids), served, config), sampling(req),
+                    logit_bias(req, served), tools, text)
+
+
+def prepare_completion(raw: bytes, served: ServedModel, config: ServeConfig) -> Prepared:
+    """A completion body -> a Prepared request, or an APIError (blocking: run it in a worker thread)."""
+    req = validate(CompletionRequest, parse_json(raw))
+    check_model(req.model, config)
+    prompt = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt
+    if isinstance(prompt, list) and max(prompt) >= served.vocab:
+        raise bad_request(f"prompt token ids must be below the vocabulary size {served.vocab}", param="prompt")
+    requested = req.requested_max_tokens
+    try:
+        ids = served.prompts.completion(prompt, limit=served.context - (requested or 1))
+    except PromptTooLong as error:
+        raise too_long(error, requested, served) from None
+    if not ids:
+        raise bad_request("the prompt is empty", param="prompt")
+    return Prepared(req, ids, max_tokens(requested, len(ids), served, config), sampling(req),
+                    logit_bias(req, served))
+
+
+def too_long(error: PromptTooLong, requested: int | None, served: ServedModel) -> APIError:
+    if error.exact:
+        return context_length_error(ContextLengthError(served.context, error.tokens, requested or 1))
+    return prompt_too_long(served.context, error.tokens, requested or 1)
 
 
 def validate(cls, body: dict):
@@ -56,10 +118,11 @@ def chat_inputs(req: ChatCompletionRequest, served: ServedModel) -> tuple[list[d
         for call in m.tool_calls or ():
             try:
                 args = json.loads(call.function.arguments)
-            except ValueError:
+            except (ValueError, RecursionError):
                 args = None
-            if not isinstance(args, dict):
-                raise bad_request(f"{where}.tool_calls: arguments must be a JSON object string", param=where)
+            if not isinstance(args, dict) or deeper_than(args, MAX_DEPTH):
+                raise bad_request(f"{where}.tool_calls: arguments must be a JSON object string, nested at most "
+                                  f"{MAX_DEPTH} levels", param=where)
             if call.id:
                 call_ids.add(call.id)
         if m.role == "tool" and (m.tool_call_id is None or m.tool_call_id not in call_ids):

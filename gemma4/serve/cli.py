@@ -54,7 +54,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p("--prefix-cache-tokens", type=int, default=int(env("GEMMA4_PREFIX_CACHE_TOKENS", str(PREFIX_CACHE_TOKENS))),
       help="K/V of this many prompt tokens are kept for requests that start the same way (a system prompt, "
            f"a chat's history); 0 turns prefix reuse off (default {PREFIX_CACHE_TOKENS})")
-    p("--max-body-bytes", type=int, default=int(env("GEMMA4_MAX_BODY_BYTES", str(4 * 1024 * 1024))))
+    p("--max-body-bytes", type=int, default=int(env("GEMMA4_MAX_BODY_BYTES", str(4 * 1024 * 1024))),
+      help="larger request bodies get 413, refused by Content-Length or as soon as the count passes it")
+    p("--body-timeout", type=float, default=float(env("GEMMA4_BODY_TIMEOUT", "30")),
+      help="seconds a client has to send its whole request body; slower uploads get 408 (default 30)")
     p("--shutdown-timeout", type=float, default=float(env("GEMMA4_SHUTDOWN_TIMEOUT", "10")),
       help="seconds to let running requests finish on SIGTERM")
     return parser
@@ -96,6 +99,7 @@ def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
         max_tokens_default=args.max_tokens_default,
         max_model_len=args.max_model_len,
         max_body_bytes=args.max_body_bytes,
+        body_timeout=args.body_timeout,
         mode=_compile_mode(args),
         prefix_cache_tokens=args.prefix_cache_tokens,
     )

@@ -1,5 +1,7 @@
 """Part C of the serving conventions: each bad input gets the right status and an OpenAI error body,
-and the server keeps serving. One server with an API key runs every case."""
+and the server keeps serving (/health is checked after every test, a chat at the end). One server
+with an API key runs every case. Connection-level abuse (large bodies, half-open and abandoned
+uploads, shutdown) is in test_hostile.py."""
 
 import json
 import socket
@@ -25,6 +27,12 @@ def server(loaded):
             yield http, app
 
 
+@pytest.fixture(autouse=True)
+def _still_healthy(server):
+    yield
+    assert server[0].get("/health").json() == {"status": "ok"}
+
+
 def chat(**changes):
     body = dict(OK_CHAT)
     for key, value in changes.items():
@@ -40,6 +48,13 @@ LONG = "word " * 600  # ~3000 tokens with the character-level test tokenizer; th
 DEEP = {"type": "object"}
 for _ in range(40):
     DEEP = {"type": "object", "properties": {"x": DEEP}}
+NESTED_200 = json.loads('{"a": ' * 200 + "1" + "}" * 200)  # deeper than any real request (the cap: 128)
+HUGE = "a b " * 900_000  # 3.6 MB: under the 4 MiB body cap, ~7,000 times the 512-token context
+
+
+def raw_chat(fields: str) -> bytes:
+    """A chat body written by hand (for what json.dumps cannot write: NaN, lone surrogates, ...)."""
+    return ('{"model": "%s", "messages": [{"role": "user", "content": "x"}], %s}' % (MODEL_NAME, fields)).encode()
 
 # (case id, request body or raw bytes, extra headers, status, error type, param / code / text to find)
 CASES = [
@@ -122,6 +137,34 @@ CASES = [
     ("completion-token-out-of-vocab", {"model": MODEL_NAME, "prompt": [2, 10**6]}, {}, 400, "invalid_request_error",
      "param=prompt"),
     # -- issue 22 --
+    ("infinity-literal", raw_chat('"temperature": Infinity'), {}, 400, "invalid_request_error", "Infinity"),
+    ("negative-infinity-literal", raw_chat('"temperature": -Infinity'), {}, 400, "invalid_request_error",
+     "-Infinity"),
+    ("nan-in-logit-bias", raw_chat('"logit_bias": {"1": NaN}'), {}, 400, "invalid_request_error", "NaN"),
+    ("lone-surrogate-content", b'{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+     % MODEL_NAME.encode(), {}, 400, "invalid_request_error", "param=messages.0.content"),
+    ("lone-surrogate-model", b'{"model": "\\udc00", "messages": [{"role": "user", "content": "x"}]}', {}, 400,
+     "invalid_request_error", "param=model"),
+    ("lone-surrogate-stop", raw_chat('"stop": ["ok", "\\ud83d"]'), {}, 400,
+     "invalid_request_error", "param=stop.1"),
+    ("lone-surrogate-tool", raw_chat('"tools": [{"type": "function", "function": {"name": "f", "description": '
+                                     '"\\udfff"}}]'), {}, 400, "invalid_request_error",
+     "param=tools.0.function.description"),
+    ("lone-surrogate-as-utf8-bytes", raw_chat('"user": "@"').replace(b"@", b"\xed\xa0\x80"),
+     {}, 400, "invalid_request_error", "UTF-8"),
+    ("completion-lone-surrogate", b'{"model": "%s", "prompt": "\\udfff"}' % MODEL_NAME.encode(), {}, 400,
+     "invalid_request_error", "param=prompt"),
+    ("deep-100k-array", b"[" * 100_000 + b"]" * 100_000, {}, 400, "invalid_request_error", "nested too deeply"),
+    ("deep-100k-in-a-field", raw_chat('"stop": ' + "[" * 100_000 + "]" * 100_000), {}, 400,
+     "invalid_request_error", "nested too deeply"),
+    ("deep-tool-parameters", chat(tools=[{"type": "function", "function": {"name": "f", "parameters": NESTED_200}}]),
+     {}, 400, "invalid_request_error", "nested too deeply"),
+    ("deep-unknown-field", chat(metadata=NESTED_200), {}, 400, "invalid_request_error", "nested too deeply"),
+    ("deep-tool-call-arguments", chat(messages=[
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "f", "arguments": '{"a": ' * 5000 + "1" + "}" * 5000}}]}]), {}, 400, "invalid_request_error",
+     "param=messages.1"),
     ("logit-bias-superscript-digit", chat(logit_bias={"\u00b2": 5}), {}, 400, "invalid_request_error",
      "param=logit_bias"),
     ("logit-bias-arabic-indic-digit", chat(logit_bias={"\u0661": 5}), {}, 400, "invalid_request_error",
@@ -129,6 +172,17 @@ CASES = [
     ("logit-bias-5000-digits", chat(logit_bias={"9" * 5000: 5}), {}, 400, "invalid_request_error",
      "param=logit_bias"),
     ("logit-bias-negative-id", chat(logit_bias={"-1": 5}), {}, 400, "invalid_request_error", "param=logit_bias"),
+    ("logit-bias-value-too-large", chat(logit_bias={"1": 101}), {}, 400, "invalid_request_error",
+     "param=logit_bias.1"),
+    ("max-tokens-5000-digits", raw_chat('"max_tokens": ' + "9" * 5000), {}, 400, "invalid_request_error",
+     "not valid JSON"),
+    ("empty-body", b"", {}, 400, "invalid_request_error", "not valid JSON"),
+    ("utf8-bom", b"\xef\xbb\xbf" + json.dumps(OK_CHAT).encode(), {}, 400, "invalid_request_error",
+     "not valid JSON"),
+    ("prompt-huge-under-body-cap", chat(messages=[{"role": "user", "content": HUGE}]), {}, 400,
+     "invalid_request_error", "code=context_length_exceeded"),
+    ("completion-prompt-huge-under-body-cap", {"model": MODEL_NAME, "prompt": HUGE}, {}, 400,
+     "invalid_request_error", "code=context_length_exceeded"),
 ]
 
 
@@ -173,8 +227,14 @@ def test_oversized_body_is_413(server):
     assert r.status_code == 413
 
 
+UNAUTHORIZED = {"error": {"message": "Invalid or missing API key; send 'Authorization: Bearer <key>'.",
+                           "type": "authentication_error", "param": None, "code": None}}
+
+
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {KEY.lower()}"},
-                                     {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}])
+                                     {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"},
+                                     {"Authorization": f"Bearer {KEY}x"}, {"Authorization": f"Bearer {KEY[:-1]}"},
+                                     {"Authorization": "Bearer"}, {"X-Api-Key": KEY}, {"Api-Key": KEY}])
 def test_api_key_required(server, headers):
     http, _ = server
     url = str(http.base_url)
@@ -182,14 +242,15 @@ def test_api_key_required(server, headers):
                          ("POST", "/v1/completions"), ("GET", "/nope")]:
         r = httpx.request(method, url.rstrip("/") + path, headers=headers, json=OK_CHAT)
         assert r.status_code == 401, (path, r.text)
-        assert r.json()["error"]["type"] == "authentication_error"
+        assert r.json() == UNAUTHORIZED and r.headers["www-authenticate"] == "Bearer"
     assert httpx.get(url.rstrip("/") + "/health", headers=headers).status_code == 200
 
 
-def _raw_request(url, request_line, headers=()):
+def _raw_request(url, request_line, headers=(), host_header=True):
     host, port = url.removeprefix("http://").rstrip("/").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        lines = [request_line, f"Host: {host}:{port}", *headers, "Connection: close", "", ""]
+        lines = [request_line, *([f"Host: {host}:{port}"] if host_header else []), *headers, "Connection: close",
+                 "", ""]
         data = b""
         try:
             s.sendall("\r\n".join(lines).encode("latin-1"))
@@ -200,12 +261,85 @@ def _raw_request(url, request_line, headers=()):
     return data.decode("latin-1")
 
 
+def _parse(response: str) -> tuple[int, dict[str, str], str]:
+    """(status, headers with lower-case names, body) of a raw HTTP/1.1 response."""
+    head, _, body = response.partition("\r\n\r\n")
+    lines = head.split("\r\n")
+    headers = dict((k.strip().lower(), v.strip()) for k, _, v in (line.partition(":") for line in lines[1:]))
+    return int(lines[0].split()[1]), headers, body
+
+
 @pytest.mark.parametrize("path", ["//v1/models", "/v1/../v1/models", "/v1/%2e%2e/v1/models", "/V1/models",
-                                  "/v1/models/", "/v1%2Fmodels", "/health/../v1/models", "/./v1/models"])
+                                  "/v1/models/", "/v1%2Fmodels", "/health/../v1/models", "/./v1/models",
+                                  # issue 22: more tricks around the one public path and the key
+                                  "/health/", "/HEALTH", "/health;/../v1/models", "/health%2F..%2Fv1%2Fmodels",
+                                  "/health/%2e%2e/metrics", "http://127.0.0.1/health", "http://127.0.0.1/v1/models",
+                                  f"/v1/models?api_key={KEY}", "/v1/models?/health", "/%2Fv1/models"])
 def test_auth_bypass_paths_get_401(server, path):
     http, _ = server
-    response = _raw_request(str(http.base_url), f"GET {path} HTTP/1.1")
-    assert response.startswith("HTTP/1.1 401"), response[:200]
+    status, headers, body = _parse(_raw_request(str(http.base_url), f"GET {path} HTTP/1.1"))
+    assert status == 401 and json.loads(body) == UNAUTHORIZED and headers["www-authenticate"] == "Bearer"
+
+
+def test_an_encoded_public_path_is_the_public_path(server):
+    """`/%68ealth` is `/health` to the router and to the key check alike (both read the decoded path)."""
+    http, _ = server
+    status, _, body = _parse(_raw_request(str(http.base_url), "GET /%68ealth HTTP/1.1"))
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+
+
+def test_options_that_is_no_preflight_needs_the_key(server):
+    """OPTIONS with an Origin but no Access-Control-Request-Method is not a CORS preflight: it used to
+    pass the key check and reach the routes (405)."""
+    http, _ = server
+    status, _, body = _parse(_raw_request(str(http.base_url), "OPTIONS /v1/models HTTP/1.1",
+                                          ["Origin: http://localhost:3000"]))
+    assert status == 401 and json.loads(body) == UNAUTHORIZED
+
+
+FOREIGN_HOST = {"error": {"message": "Host header not allowed", "type": "permission_error", "param": None,
+                          "code": None}}
+
+
+@pytest.mark.parametrize("host,allowed", [
+    ("evil.example", False), ("evil.example:8000", False), ("localhost.evil.example", False),
+    ("localhost:80@evil.example", False), ("[::1]evil", False), ("localhost.", False), ("127.0.0.2", False),
+    ("2130706433", False), ("", False),
+    ("LOCALHOST:8000", True), ("[::1]:8000", True), ("127.0.0.1", True)])
+def test_host_header_variants(server, host, allowed):
+    """The Host check (DNS rebinding) takes `name[:port]` only: `localhost:80@evil.example` and
+    `[::1]evil` used to pass as localhost."""
+    http, _ = server
+    url = str(http.base_url).rstrip("/")
+    headers = [f"Host: {host}", f"Authorization: Bearer {KEY}"]
+    status, _, body = _parse(_raw_request(url, "GET /v1/models HTTP/1.1", headers, host_header=False))
+    if allowed:
+        assert status == 200 and json.loads(body)["data"][0]["id"] == MODEL_NAME
+    else:
+        assert status == 403 and json.loads(body) == FOREIGN_HOST
+
+
+@pytest.mark.parametrize("origin,request_headers,refusal", [
+    ("https://evil.example", None, "origin"), ("null", None, "origin"),
+    ("http://localhost.evil.example", None, "origin"), ("http://127.0.0.1.nip.io", None, "origin"),
+    ("http://localhost:3000", "x-evil", "headers"),
+    ("http://localhost:3000", "authorization, content-type", None), ("http://[::1]:8080", None, None),
+    ("https://127.0.0.1", "content-type", None)])
+def test_cors_preflight_variants(server, origin, request_headers, refusal):
+    """Preflights need no key; local pages only, never credentials. A refusal is an OpenAI error body
+    (it was plain text)."""
+    http, _ = server
+    headers = [f"Origin: {origin}", "Access-Control-Request-Method: POST"]
+    if request_headers:
+        headers.append(f"Access-Control-Request-Headers: {request_headers}")
+    status, got, body = _parse(_raw_request(str(http.base_url), "OPTIONS /v1/chat/completions HTTP/1.1", headers))
+    assert "access-control-allow-credentials" not in got
+    if refusal is None:
+        assert status == 200 and body == "OK" and got["access-control-allow-origin"] == origin
+        return
+    assert status == 400 and json.loads(body) == {"error": {
+        "message": f"Disallowed CORS {refusal}", "type": "invalid_request_error", "param": None, "code": None}}
+    assert got.get("access-control-allow-origin") == (origin if refusal != "origin" else None)
 
 
 def test_foreign_host_is_403_and_cors_is_local_only(server):

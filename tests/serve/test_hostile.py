@@ -1,6 +1,11 @@
-"""Hostile clients at the connection level (issue 22), and /metrics that reconcile. The bad-input
-table (one request, one expected error) is test_bad_input.py."""
+"""Hostile clients at the connection level (issue 22): large bodies, half-open and abandoned
+uploads, and /metrics that reconcile. The bad-input table (one request, one expected error) is
+test_bad_input.py."""
 
+import json
+import logging
+import socket
+import threading
 import time
 
 import httpx
@@ -10,19 +15,185 @@ from serve_helpers import MODEL_NAME, make_app, running_server, served
 
 SMALL = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 NO_STOP = {"logit_bias": {str(i): -100 for i in range(17)}}  # no special token: plain text to the limit
+BODY_TIMEOUT = 0.5
 
 
 @pytest.fixture(scope="module")
 def server(loaded):
-    app = make_app(loaded, max_batch=1, max_queue=1)
+    app = make_app(loaded, max_batch=1, max_queue=1, body_timeout=BODY_TIMEOUT)
     with running_server(app) as url:
         yield url, app
+
+
+class Records(logging.Handler):
+    """Every record of the server's loggers (ours propagate to the root; uvicorn's stop at "uvicorn").
+    Attach it once the server runs: uvicorn's Config resets the handlers of its loggers."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def attach(self):
+        self.level_was = logging.getLogger("gemma4").level
+        logging.getLogger("gemma4").setLevel(logging.INFO)  # so the one quiet line is seen too
+        for name in ("", "uvicorn"):
+            logging.getLogger(name).addHandler(self)
+        return self
+
+    def detach(self):
+        for name in ("", "uvicorn"):
+            logging.getLogger(name).removeHandler(self)
+        logging.getLogger("gemma4").setLevel(self.level_was)
+
+    def __enter__(self):
+        return self.attach()
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    def loud(self):
+        return [r for r in self.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def connect(url) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def start_upload(url, sent=b'{"model": ', length=1000) -> socket.socket:
+    """A chat request whose headers promise `length` body bytes, of which only `sent` arrive."""
+    s = connect(url)
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n")
+    s.sendall(head.encode() + sent)
+    return s
+
+
+def read_response(s: socket.socket) -> tuple[int, dict]:
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _length(data):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _length(data: bytes) -> int:
+    for line in data.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
 
 
 def assert_healthy(url):
     assert httpx.get(url + "/health").json() == {"status": "ok"}
     r = httpx.post(url + "/v1/chat/completions", json=SMALL, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+# -- 4: large bodies ------------------------------------------------------------------------------
+
+def _small_chat_while_posting(url, body: bytes, n: int) -> tuple[float, list]:
+    """Seconds a small chat takes while `n` copies of `body` are in flight, and their responses."""
+    answers = []
+
+    def post():
+        answers.append(httpx.post(url + "/v1/chat/completions", content=body, timeout=60,
+                                  headers={"Content-Type": "application/json"}))
+
+    threads = [threading.Thread(target=post) for _ in range(n)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # the big bodies are uploaded and being worked on
+    start = time.monotonic()
+    r = httpx.post(url + "/v1/chat/completions", json=SMALL, timeout=60)
+    elapsed = time.monotonic() - start
+    assert r.status_code == 200
+    for t in threads:
+        t.join()
+    return elapsed, answers
+
+
+def test_large_bodies_do_not_stall_other_requests(server):
+    """Eight ~4 MB chats (just under the cap) used to hold the event loop for seconds each while they
+    were tokenized (a small chat took 12-22 s instead of 0.1 s). A prompt that cannot fit is now refused
+    by its length alone, and tokenizing, when it happens, runs in a thread without the GIL."""
+    url, app = server
+    big = json.dumps({**SMALL, "messages": [{"role": "user", "content": "a b " * 990_000}]}).encode()
+    assert 3_900_000 < len(big) < 4 * 1024 * 1024
+    start = time.monotonic()
+    r = httpx.post(url + "/v1/chat/completions", content=big, headers={"Content-Type": "application/json"})
+    assert time.monotonic() - start < 1.5
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert "maximum context length is 512 tokens" in error["message"] and "at least" in error["message"]
+    elapsed, answers = _small_chat_while_posting(url, big, 8)
+    assert elapsed < 2.0 and [a.status_code for a in answers] == [400] * 8
+
+    # Without the length bound (a tokenizer whose normalizer may shorten text), the prompt is
+    # tokenized, exactly counted, and refused; the small chat still goes through meanwhile.
+    prompts = served(app).prompts
+    bound, prompts.max_token_chars = prompts.max_token_chars, None
+    try:
+        mid = json.dumps({**SMALL, "messages": [{"role": "user", "content": "a b " * 500_000}]}).encode()
+        elapsed, answers = _small_chat_while_posting(url, mid, 3)
+    finally:
+        prompts.max_token_chars = bound
+    assert elapsed < 2.0
+    for a in answers:
+        assert a.status_code == 400 and "you requested 2000017 tokens" in a.json()["error"]["message"]
+    assert_healthy(url)
+
+
+def test_content_length_over_the_cap_is_refused_before_the_body(server):
+    url, _ = server
+    with start_upload(url, sent=b"", length=10**12) as s:  # the body is never sent
+        status, body = read_response(s)
+    assert status == 413 and body["error"]["type"] == "invalid_request_error"
+    assert "too large" in body["error"]["message"]
+
+
+def test_half_open_uploads_get_408_after_the_body_timeout(server):
+    """Uploads that stop halfway were held forever (500 of them, each a connection and a task)."""
+    url, _ = server
+    sockets = [start_upload(url) for _ in range(20)]
+    start = time.monotonic()
+    try:
+        for s in sockets:
+            status, body = read_response(s)
+            assert status == 408 and body["error"]["type"] == "invalid_request_error", body
+            assert body["error"]["message"] == f"the request body did not arrive within {BODY_TIMEOUT:g} s"
+            assert s.recv(1) == b""  # and the server closed the connection
+    finally:
+        for s in sockets:
+            s.close()
+    assert time.monotonic() - start < BODY_TIMEOUT + 3
+    assert_healthy(url)
+
+
+# -- 5: clients that disconnect mid-upload --------------------------------------------------------
+
+def test_disconnect_mid_upload_is_one_quiet_line(server):
+    """It was logged as an unhandled error with two tracebacks each (4.2 MB of log for 500)."""
+    url, _ = server
+    with Records() as log:
+        for _ in range(5):
+            start_upload(url).close()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(log.records) < 5:
+            time.sleep(0.02)
+        time.sleep(0.2)  # anything else they would log
+    assert log.loud() == []
+    assert len(log.records) == 5, [r.getMessage() for r in log.records]
+    assert all(r.levelno == logging.INFO and "disconnected" in r.getMessage() and "\n" not in r.getMessage()
+               for r in log.records)
+    assert_healthy(url)
 
 
 # -- 10: /metrics reconcile -----------------------------------------------------------------------
