@@ -23,6 +23,7 @@ LAYER_TYPES = (SLIDING, FULL)
 # hostile config.json from building 1e8 layers (a hang) or a tensor whose element count overflows
 # int64. Whether the sizes match the weights is the loader's check. None = absent (optional fields).
 MAX_LAYERS = 1024
+_TOKEN_ID = (0, (1 << 31) - 1)
 _INTS: dict[str, tuple[int, int]] = {
     "vocab_size": (1, 1 << 24), "hidden_size": (1, 1 << 20), "intermediate_size": (1, 1 << 20),
     "num_hidden_layers": (1, MAX_LAYERS), "num_attention_heads": (1, 1 << 12), "num_key_value_heads": (1, 1 << 12),
@@ -30,7 +31,7 @@ _INTS: dict[str, tuple[int, int]] = {
     "global_head_dim": (2, 1 << 16), "num_global_key_value_heads": (1, 1 << 12),
     "hidden_size_per_layer_input": (0, 1 << 20), "vocab_size_per_layer_input": (0, 1 << 24),
     "num_kv_shared_layers": (0, MAX_LAYERS - 1), "num_experts": (0, 1 << 12), "top_k_experts": (0, 1 << 12),
-    "moe_intermediate_size": (0, 1 << 20), "pad_token_id": (0, (1 << 31) - 1), "bos_token_id": (0, (1 << 31) - 1),
+    "moe_intermediate_size": (0, 1 << 20), "pad_token_id": _TOKEN_ID, "bos_token_id": _TOKEN_ID,
 }
 _OPTIONAL = ("global_head_dim", "num_global_key_value_heads")
 _FLAGS = ("attention_k_eq_v", "use_double_wide_mlp", "enable_moe_block", "tie_word_embeddings")
@@ -207,7 +208,7 @@ class TextConfig:
         if not isinstance(self.eos_token_id, list) or not self.eos_token_id:
             raise ConfigError(f"eos_token_id is {self.eos_token_id!r:.100}; it must be a token id or a list of them")
         for i in self.eos_token_id:
-            _check_int("eos_token_id", i, *_INTS["pad_token_id"])
+            _check_int("eos_token_id", i, *_TOKEN_ID)
         for name in ("head_dim", "global_head_dim"):
             if (getattr(self, name) or 0) % 2:
                 raise ConfigError(f"{name}={getattr(self, name)} is odd; RoPE rotates pairs, so it must be even")

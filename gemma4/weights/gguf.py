@@ -420,10 +420,11 @@ class GGUFFile:
 
     def _common_config(self) -> dict[str, Any]:
         hidden, n_layers = self._positive("embedding_length"), self._positive("block_count")
-        # Every per-layer list below has block_count entries: each layer must hold tensors in the file
-        # before one is built (block_count = 1e9 in a 71 KB file once built a 1e9-entry list). Tensors
-        # beyond block_count are reported by name in _map_names.
-        held = sum(1 for b in {b[0] for b in map(_block, self.tensor_infos) if b} if b < n_layers)
+        # Every per-layer list below has block_count entries, so each layer must hold tensors in the file
+        # before one is built (block_count = 1e9 in a 71 KB file built 1e9-entry lists). Tensors beyond
+        # block_count are reported by name in _map_names.
+        blocks = {block[0] for block in map(_block, self.tensor_infos) if block}
+        held = sum(1 for i in blocks if i < n_layers)
         if held != n_layers:
             raise GGUFError(f"{self.path}: metadata key '{self.arch}.block_count' is {n_layers}, but the file holds "
                             f"tensors (blk.N.*) for only {held} of those layers; the file is corrupt or was edited. "
