@@ -12,6 +12,11 @@ an asyncio queue per request; `OutputAssembler` turns them into deltas for both 
 (SSE) and the whole response. A client that goes away cancels its request, which frees its slot
 at the scheduler's next step. Errors use OpenAI's body shape (errors.py); after a stream has
 started they are sent in-band as `data: {"error": ...}` followed by `data: [DONE]`.
+
+Shutdown (`_State.drain`, called by `cli.Server` before uvicorn closes connections): new requests
+and /health get 503, uploads in progress end (503), running requests get `shutdown_timeout`
+seconds to finish, and the rest are aborted: a stream ends with an in-band 503 error and
+`[DONE]`, a whole response is a 503 body, and one line is logged.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class ServeConfig:
     max_model_len: int | None = None  # tokens per slot (prompt + completion); default: the model's context
     max_body_bytes: int = 4 * 1024 * 1024
     body_timeout: float = 30.0  # seconds a client has to send its whole request body (408 after)
+    shutdown_timeout: float = 10.0  # seconds running requests get to finish when the server stops
     prefill_chunk: int = PREFILL_CHUNK
     mode: str = "eager"  # the decode step: "eager", "compile", "reduce-overhead" (CUDA graphs)
     compile_options: dict | None = None  # for torch.compile (tests trace with {"backend": "aot_eager"})
@@ -104,15 +110,46 @@ class _State:
     config: ServeConfig
     metrics: Metrics
     served: ServedModel | None = None
-    status: str = "loading"  # loading | ready | failed
+    status: str = "loading"  # loading | ready | failed | stopping
     started: int = field(default_factory=lambda: int(time.time()))
+    uploads: set = field(default_factory=set)  # the asyncio.Timeout of each body being read
 
     def ready(self) -> ServedModel:
         if self.status == "loading":
             raise APIError(503, "the model is still loading", retry_after=5)
+        if self.status == "stopping":
+            raise _shutting_down()
         if self.served is None or self.status != "ready" or self.served.scheduler.dead is not None:
             raise APIError(503, "the engine is not available")
         return self.served
+
+    async def drain(self) -> None:
+        """Stop taking requests, let the running ones finish for up to `shutdown_timeout` seconds,
+        then abort the rest (each still gets its answer: see `_Context`)."""
+        self.status = "stopping"
+        now = asyncio.get_running_loop().time()
+        for upload in list(self.uploads):  # a request still uploading would be refused anyway
+            upload.reschedule(now)
+        scheduler = self.served.scheduler if self.served is not None else None
+        if scheduler is None:
+            return
+        timeout = self.config.shutdown_timeout
+        deadline = time.monotonic() + timeout
+        while (busy := _busy(scheduler)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if busy:
+            log.warning("shutting down: aborting %d request(s) still running after --shutdown-timeout %gs",
+                        _busy(scheduler), timeout)
+            await asyncio.to_thread(scheduler.stop)
+
+
+def _busy(scheduler) -> int:
+    stats = scheduler.stats()
+    return stats.running + stats.waiting
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", retry_after=5)
 
 
 ConstraintHook = Callable[[object, list[int]], list]
@@ -203,8 +240,16 @@ def build_app(
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    async def body(request: Request) -> bytes:
+        try:
+            return await read_body(request, config.max_body_bytes, config.body_timeout, state.uploads)
+        except APIError as error:
+            if error.status == 408 and state.status == "stopping":  # cut short by `drain`
+                raise APIError(503, "the server is shutting down", close=True) from None
+            raise
+
     async def prepare(fn, request: Request, served: ServedModel) -> checks.Prepared:
-        raw = await read_body(request, config.max_body_bytes, config.body_timeout)
+        raw = await body(request)
         if len(raw) < LARGE_BODY:
             return await asyncio.to_thread(fn, raw, served, config)
         return await asyncio.get_running_loop().run_in_executor(large_bodies, fn, raw, served, config)
@@ -246,6 +291,8 @@ def build_app(
 async def _run(request: Request, state: _State, req, gen: GenerationRequest, assembler: OutputAssembler,
                *, chat: bool):
     served = state.served
+    if state.status == "stopping":  # prepared while `drain` began: the engine takes nothing new
+        raise _shutting_down()
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
     try:
@@ -356,6 +403,10 @@ class _Context:
                         yield self.chunk(_delta_dict(d), logprobs=self.take_logprobs())
                     else:
                         yield self.chunk(None, text=d.text, logprobs=self.take_logprobs())
+            if self.out.finish_reason == "abort":  # the server aborted it (shutdown): say so in-band
+                yield f"data: {json.dumps(_shutting_down().body())}\n\n"
+                yield "data: [DONE]\n\n"
+                return
             yield self.chunk({}, finish=self.out.finish_reason, logprobs=self.take_logprobs())
             if self.req.stream_options and self.req.stream_options.include_usage:
                 yield self.chunk(None, usage=self.usage(), choices=False)
@@ -385,8 +436,8 @@ class _Context:
             self.close()
         if self.error is not None:
             raise APIError(500, self.error)
-        if self.out.finish_reason == "abort":
-            raise APIError(503, "the request was aborted (the server is shutting down)")
+        if self.out.finish_reason == "abort":  # a client that is gone reads nothing; else: shutdown
+            raise _shutting_down()
         body = {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.req.model, "usage": self.usage()}
         merged = _merge_logprobs(logprobs, self.chat) if self.gen.logprobs is not None else None

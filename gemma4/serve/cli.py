@@ -2,7 +2,9 @@
 
 Every flag has a `GEMMA4_*` environment twin (the flag wins); the API key is read from
 `--api-key` or `GEMMA4_API_KEY` and never printed. The server binds 127.0.0.1 unless told
-otherwise, and uvicorn's limits bound header sizes, keep-alive and graceful shutdown.
+otherwise, and uvicorn's limits bound header sizes and keep-alive. `Server` drains the app before
+uvicorn's own shutdown (see app.py): left to itself, uvicorn cancels the requests still running
+after its graceful timeout, which cuts streams without a word and answers a plain-text 500.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import argparse
 import logging
 import os
 import signal
+
+import uvicorn
 
 from .app import PREFIX_CACHE_TOKENS, ServeConfig, build_app
 
@@ -59,7 +63,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p("--body-timeout", type=float, default=float(env("GEMMA4_BODY_TIMEOUT", "30")),
       help="seconds a client has to send its whole request body; slower uploads get 408 (default 30)")
     p("--shutdown-timeout", type=float, default=float(env("GEMMA4_SHUTDOWN_TIMEOUT", "10")),
-      help="seconds to let running requests finish on SIGTERM")
+      help="seconds to let running requests finish on SIGTERM; the rest end with a 503 error (default 10)")
     return parser
 
 
@@ -77,10 +81,24 @@ def load_checkpoint(path: str | None, dtype=None, device=None, adapter: str | No
     return model, tokenizer, chat_format
 
 
+FLUSH_SECONDS = 5.0  # after the drain: for the last responses to reach their clients before uvicorn cancels
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server; on shutdown the app (`app.state.gemma4`) drains first, while connections
+    are still open, so every request still running gets its answer."""
+
+    async def shutdown(self, sockets=None) -> None:
+        for server in self.servers:
+            server.close()  # no new connections while draining
+        state = getattr(getattr(self.config.app, "state", None), "gemma4", None)
+        if state is not None:
+            await state.drain()
+        await super().shutdown(sockets)
+
+
 def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
     """Run the server until interrupted (the lead wires this to `gemma4 serve`)."""
-    import uvicorn
-
     if not isinstance(args, argparse.Namespace):
         args = add_serve_arguments(argparse.ArgumentParser(prog="gemma4 serve")).parse_args(args)
     if args.threads:
@@ -100,6 +118,7 @@ def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
         max_model_len=args.max_model_len,
         max_body_bytes=args.max_body_bytes,
         body_timeout=args.body_timeout,
+        shutdown_timeout=args.shutdown_timeout,
         mode=_compile_mode(args),
         prefix_cache_tokens=args.prefix_cache_tokens,
     )
@@ -112,9 +131,10 @@ def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
     app = build_app(config=config, loader=lambda: load_checkpoint(args.model, dtype=args.dtype, device=args.device,
                                                                     adapter=args.adapter, quantize=args.quantize,
                                                                     exact=args.exact))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_keep_alive=15,
-                timeout_graceful_shutdown=args.shutdown_timeout, h11_max_incomplete_event_size=64 * 1024)
-    return 0
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_keep_alive=15,
+                                   timeout_graceful_shutdown=FLUSH_SECONDS, h11_max_incomplete_event_size=64 * 1024))
+    server.run()
+    return 0 if server.started else 3  # 3: uvicorn's exit status for a server that could not start
 
 
 def _compile_mode(args) -> str:

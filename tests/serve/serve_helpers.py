@@ -122,12 +122,15 @@ class ScriptHook:
 
 @contextlib.contextmanager
 def running_server(app):
-    """Serve `app` with uvicorn on 127.0.0.1, port 0, in a thread; yields the base URL."""
+    """Serve `app` with the server `gemma4 serve` runs (uvicorn, draining the app on shutdown) on
+    127.0.0.1, port 0, in a thread; yields the base URL. Leaving the block shuts the server down."""
     import uvicorn
+
+    from gemma4.serve.cli import Server
 
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=2,
                             h11_max_incomplete_event_size=64 * 1024)
-    server = uvicorn.Server(config)
+    server = Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -146,7 +149,7 @@ def make_app(loaded, **config):
     from gemma4.serve import ServeConfig, build_app
 
     model, tokenizer, fmt = loaded
-    config = {"model_name": MODEL_NAME, "max_model_len": 512, "max_tokens_default": 32} | config
+    config = {"model_name": MODEL_NAME, "max_model_len": 512, "max_tokens_default": 32, "shutdown_timeout": 2} | config
     return build_app(model, tokenizer, chat_format=fmt, config=ServeConfig(**config),
                      constraint_hook=ScriptHook(tokenizer))
 

@@ -1,6 +1,6 @@
 """Hostile clients at the connection level (issue 22): large bodies, half-open and abandoned
-uploads, and /metrics that reconcile. The bad-input table (one request, one expected error) is
-test_bad_input.py."""
+uploads, a shutdown that outlasts --shutdown-timeout, and /metrics that reconcile. The bad-input
+table (one request, one expected error) is test_bad_input.py."""
 
 import json
 import logging
@@ -238,3 +238,61 @@ def test_started_requests_reconcile_with_their_outcomes(server):
     assert (started, success, aborted, failed, rejected) == (4, 2, 2, 0, 1)
     assert started == success + aborted + failed
     assert_healthy(url)
+
+
+# -- 6: shutdown past --shutdown-timeout ----------------------------------------------------------
+
+def test_shutdown_past_the_timeout_answers_every_request(loaded):
+    """Past uvicorn's graceful timeout, streams were cut without an error or [DONE], whole requests got
+    a plain-text 500, and tracebacks were logged. Now: an in-band 503 error and [DONE], a 503 JSON body,
+    and one line."""
+    model = loaded[0]
+    app = make_app(loaded, shutdown_timeout=0.5)
+    real = type(model).forward
+
+    def slow(self, *args, **kwargs):  # 400 tokens take ~10 s: far past the timeout
+        time.sleep(0.025)
+        return real(self, *args, **kwargs)
+
+    body = {**SMALL, "max_tokens": 400, **NO_STOP}
+    out = {}
+
+    def stream(url):
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30) as r:
+            out["stream"] = r.status_code, [line for line in r.iter_lines() if line]
+
+    def whole(url):
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        out["whole"] = r.status_code, r.headers["content-type"], r.json()
+
+    log = Records()
+    model.forward = slow.__get__(model)
+    try:
+        with running_server(app) as url:
+            threads = [threading.Thread(target=f, args=(url,)) for f in (stream, whole)]
+            for t in threads:
+                t.start()
+            sched = served(app).scheduler
+            deadline = time.monotonic() + 10
+            while sched.stats().running < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert sched.stats().running == 2
+            log.attach()
+            start = time.monotonic()
+        stopped = time.monotonic() - start  # leaving the block shut the server down
+        for t in threads:
+            t.join(10)
+    finally:
+        log.detach()
+        del model.forward
+    assert stopped < 3
+    status, lines = out["stream"]
+    assert status == 200 and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2].removeprefix("data: ")) == {"error": {
+        "message": "the server is shutting down", "type": "service_unavailable", "param": None, "code": None}}
+    status, ctype, error = out["whole"]
+    assert (status, ctype) == (503, "application/json")
+    assert error["error"]["type"] == "service_unavailable" and error["error"]["message"] == "the server is shutting down"
+    assert log.loud() == []
+    ours = [r.getMessage() for r in log.records if r.name.startswith("gemma4")]
+    assert ours == ["shutting down: aborting 2 request(s) still running after --shutdown-timeout 0.5s"]
