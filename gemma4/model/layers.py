@@ -149,10 +149,13 @@ class Experts(nn.Module):
     def _auto(self, x: torch.Tensor) -> str:
         if type(self.gate_up_proj) not in _PLAIN or type(self.down_proj) not in _PLAIN:
             return "loop"
-        ok = _GROUPED_OK.get((x.device, x.dtype))  # a dict hit, also inside a compiled step
+        # torch._grouped_mm needs rows of whole 16-byte multiples (an expert width of 6 in fp32 fails).
+        E, I2, D = self.gate_up_proj.shape
+        aligned = (D * x.element_size()) % 16 == 0 and (I2 // 2 * x.element_size()) % 16 == 0
+        ok = aligned and _GROUPED_OK.get((x.device, x.dtype))  # a dict hit, also inside a compiled step
         if torch.compiler.is_compiling():
             return "grouped" if ok and x.dtype == torch.bfloat16 else "gather"
-        return "grouped" if (ok if ok is not None else grouped_mm_works(x.device, x.dtype)) else "loop"
+        return "grouped" if aligned and (ok if ok is not None else grouped_mm_works(x.device, x.dtype)) else "loop"
 
     def forward_loop(self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The reference: loops over the experts that received tokens."""

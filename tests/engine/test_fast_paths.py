@@ -253,6 +253,17 @@ def test_fused_moe_equals_the_loop(impl, N):
         torch.testing.assert_close(ex(x, weights, index), ex.forward_loop(x, weights, index), rtol=0, atol=1e-5)
 
 
+def test_auto_experts_skip_grouped_mm_for_widths_it_cannot_take():
+    """torch._grouped_mm wants rows of whole 16-byte multiples: an expert width of 6 in fp32 (24
+    bytes) used to load and then crash in the forward; "auto" takes the loop for it."""
+    ex = _experts(E=4, D=32, I=6)
+    gen = torch.Generator().manual_seed(0)
+    x, index = torch.randn(5, 32, generator=gen), torch.randint(0, 4, (5, 2), generator=gen)
+    weights = torch.rand(5, 2, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(ex(x, weights, index), ex.forward_loop(x, weights, index), rtol=0, atol=0)
+
+
 def test_moe_model_same_logits_with_every_expert_impl():
     """Every expert implementation gives the loop's logits: in float64 (they agree to ~1e-15, so a
     wiring slip shows) where it runs, and grouped_mm, which has no float64, in fp32. In fp32 the
