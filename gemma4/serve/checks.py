@@ -58,7 +58,7 @@ def prepare_chat(raw: bytes, served: ServedModel, config: ServeConfig) -> Prepar
     requested = req.requested_max_tokens
     try:
         ids, text = served.prompts.chat(messages, tools, req.enable_thinking,
-                                        limit=served.context - (requested or 1))
+                                        limit=served.context - (requested or 1), context=served.context)
     except PromptTooLong as error:
         raise too_long(error, requested, served) from None
     except (ValueError, TypeError, ChatTemplateError, ToolDefinitionError) as error:
@@ -76,7 +76,7 @@ def prepare_completion(raw: bytes, served: ServedModel, config: ServeConfig) -> 
         raise bad_request(f"prompt token ids must be below the vocabulary size {served.vocab}", param="prompt")
     requested = req.requested_max_tokens
     try:
-        ids = served.prompts.completion(prompt, limit=served.context - (requested or 1))
+        ids = served.prompts.completion(prompt, limit=served.context - (requested or 1), context=served.context)
     except PromptTooLong as error:
         raise too_long(error, requested, served) from None
     if not ids:

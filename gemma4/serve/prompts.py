@@ -9,13 +9,13 @@ tokenized normally and each sentinel is tokenized as plain characters by a secon
 does not match special tokens. The stream parser likewise only ever sees generated text.
 
 A prompt is the one part of a request whose cost grows with the body (4 MB of text is seconds of
-tokenizing and a list of millions of ids), so with a token `limit`:
-- a text longer than `limit` times the longest vocabulary entry cannot fit, whatever it says, and
-  is refused before tokenizing (`PromptTooLong(exact=False)`, a lower bound). This holds when the
-  tokenizer's normalizer never shortens text (Gemma's only swaps " " for "▁"); otherwise the check
-  is skipped;
+tokenizing and a list of millions of ids), so
+- a text longer than the `context` times the longest vocabulary entry cannot fit, whatever it says,
+  and is refused before tokenizing (`PromptTooLong(exact=False)`, a lower bound). This holds when
+  the tokenizer's normalizer never shortens text (Gemma's only swaps " " for "▁"); otherwise the
+  check is skipped. Any shorter text costs no more than a prompt that fits, and is counted exactly;
 - tokenizing uses `encode_batch_fast`, which releases the GIL, so other requests keep being served
-  meanwhile, and the count is checked before the ids become a Python list.
+  meanwhile, and the count is checked against `limit` before the ids become a Python list.
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ class PromptBuilder:
         self.max_token_chars = max(map(len, backend.get_vocab())) if _keeps_length(backend.normalizer) else None
 
     def chat(self, messages: list[dict], tools: list[dict] | None, enable_thinking: bool,
-             limit: int | None = None) -> tuple[list[int], str]:
+             limit: int | None = None, context: int | None = None) -> tuple[list[int], str]:
         """(prompt ids, rendered prompt with sentinels) for OpenAI-style messages and tools;
-        PromptTooLong when the prompt has more than `limit` tokens."""
+        PromptTooLong when the prompt has more than `limit` tokens, or its length alone shows that
+        it has more than `context`."""
         literals: list[str] = []
 
         def protect(text: str) -> str:
@@ -70,7 +71,7 @@ class PromptBuilder:
         text = self.format.render(messages, tools, enable_thinking=enable_thinking)
         pieces = _SENTINEL.split(text)  # template text, literal index, template text, ...
         texts, kept = pieces[0::2], [literals[int(i)] for i in pieces[1::2]]
-        self._check_length(sum(map(len, texts)), len(kept), limit)
+        self._check_length(sum(map(len, texts)), len(kept), context)
         encoded = self.tokenizer.backend.encode_batch_fast(texts, add_special_tokens=False)
         plain = self.plain.encode_batch_fast(kept, add_special_tokens=False) if kept else []
         self._check_count(sum(map(len, encoded)) + sum(map(len, plain)), limit)
@@ -81,12 +82,13 @@ class PromptBuilder:
                 ids += plain[i].ids
         return ids, text
 
-    def completion(self, prompt: str | list[int], limit: int | None = None) -> list[int]:
-        """A raw completion prompt: the caller writes the whole text, markers included."""
+    def completion(self, prompt: str | list[int], limit: int | None = None, context: int | None = None) -> list[int]:
+        """A raw completion prompt: the caller writes the whole text, markers included (`limit` and
+        `context` as for `chat`)."""
         if isinstance(prompt, list):
             self._check_count(len(prompt), limit)
             return list(prompt)
-        self._check_length(len(prompt), 0, limit)
+        self._check_length(len(prompt), 0, context)
         encoding = self.tokenizer.backend.encode_batch_fast([prompt], add_special_tokens=False)[0]
         self._check_count(len(encoding), limit)
         ids = encoding.ids
@@ -95,12 +97,12 @@ class PromptBuilder:
             self._check_count(len(ids), limit)
         return ids
 
-    def _check_length(self, chars: int, literals: int, limit: int | None) -> None:
+    def _check_length(self, chars: int, literals: int, context: int | None) -> None:
         """Refuse by length alone: each literal is at least one token, and `chars` of other text at
         least chars / max_token_chars."""
-        if limit is not None and self.max_token_chars:
+        if context is not None and self.max_token_chars:
             at_least = -(-chars // self.max_token_chars) + literals
-            if at_least > limit:
+            if at_least > context:
                 raise PromptTooLong(at_least, exact=False)
 
     @staticmethod

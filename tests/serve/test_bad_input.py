@@ -183,6 +183,8 @@ CASES = [
      "invalid_request_error", "code=context_length_exceeded"),
     ("completion-prompt-huge-under-body-cap", {"model": MODEL_NAME, "prompt": HUGE}, {}, 400,
      "invalid_request_error", "code=context_length_exceeded"),
+    ("max-tokens-over-context-exact-count", chat(max_tokens=1000), {}, 400, "invalid_request_error",
+     " in the messages, 1000 in the completion)"),  # the exact count, not a bound
 ]
 
 
