@@ -10,7 +10,8 @@ a legacy completion, and chat with logprobs. Before the soak, every greedy promp
 alone; during it, every greedy reply must equal that reply (batching must not change tokens).
 
 Reported: requests and errors by kind, mismatched greedy replies, tokens/s, TTFT and end-to-end
-latency percentiles, the server's RSS after warm-up and at the end (a server this script started),
+latency percentiles, the server's RSS after warm-up (each greedy prompt alone, then one wave of
+N requests at once) and at the end (a server this script started),
 and /metrics reconciled: requests the server started = finished + aborted + failed, and every
 request the clients saw counted. tests/serve/test_soak.py runs a short soak in the suite.
 """
@@ -102,6 +103,10 @@ async def soak(url: str, model: str, streams: int = 8, seconds: float = 30.0, ma
         for prompt in PROMPTS:  # the reference replies, each request alone (also the warm-up)
             for kind in ("whole", "completion"):
                 alone[_greedy_key(kind, prompt)] = (await _request(client, model, kind, prompt, max_tokens, 0))["text"]
+        # One wave at full concurrency first, so the start of the memory reading is after the
+        # engine's buffers have grown to the batch (its KV cache doubles as rows lengthen).
+        await asyncio.gather(*(_request(client, model, "whole", PROMPTS[i % len(PROMPTS)], max_tokens, 0)
+                               for i in range(streams)))
         rss_start = rss() if rss else None
         metrics_before = _metrics(await client.get("/metrics"))
         rng = random.Random(seed)

@@ -133,23 +133,31 @@ class Engine:
     @torch.inference_mode()
     def prefill(self, budget: int | None = None) -> list[tuple[Sequence, TokenEvent]]:
         """Feed prompt tokens of prefilling rows, a contiguous run of rows per forward, in chunks of
-        at most `prefill_chunk` tokens per row; sample the first token of each finished prompt."""
+        at most `prefill_chunk` tokens per row; sample the first token of each finished prompt.
+
+        `budget` caps the tokens of one call (None: every prompt whole). A row's chunk is never cut
+        to fit what is left of it (the row waits for the next call), and a forward batches only rows
+        whose chunks have the same length (no padding): a prompt is prefilled in the chunks, and with
+        the shapes, it would get alone, so batching does not move its numbers (a greedy near-tie of
+        the real gemma-3-270m flipped 4 times in 1,300 requests of a 32-stream soak before this)."""
         events: list[tuple[Sequence, TokenEvent]] = []
-        while budget is None or budget > 0:
-            pending = [s for s in self.slots if s is not None and s.prefilling]
-            if not pending:
-                break
-            run = [pending[0]]
-            for s in pending[1:]:
-                if s.row != run[-1].row + 1:
+        left = budget
+        while left is None or left > 0:
+            run: list[Sequence] = []
+            for s in (s for s in self.slots if s is not None and s.prefilling):
+                n = min(self.prefill_chunk, s.prompt_len - s.fed)
+                if run and (s.row != run[-1].row + 1 or n != T or (left is not None and T * (len(run) + 1) > left)):
                     break
+                if not run:
+                    if left is not None and n > left and left != budget:
+                        break  # a chunk that does not fit what is left waits for the next call
+                    T = n if left is None else min(n, left)  # only a chunk longer than the budget is cut
                 run.append(s)
-            T = min(self.prefill_chunk, max(s.prompt_len - s.fed for s in run))
-            if budget is not None:
-                T = min(T, max(1, budget // len(run)))
+            if not run:
+                break
             fed = self._prefill_run(run, T, events)
-            if budget is not None:
-                budget -= fed
+            if left is not None:
+                left -= fed
         return events
 
     def _prefill_run(self, run: list[Sequence], T: int, events) -> int:

@@ -192,3 +192,31 @@ def test_one_bad_row_ends_alone():
     assert [e.token for e in events[1]] == _generate(Engine(model, max_len=64), [prompts[1]], 16)[0][0]
     assert sched.stats().alive
     sched.stop()
+
+
+def test_prefill_batches_only_equal_chunks_and_never_cuts_a_chunk_to_the_budget():
+    """Rows prefill in the chunks they would get alone: a forward holds rows whose chunks have the
+    same length (no padding position), and a chunk that does not fit what is left of a call's
+    budget waits for the next call instead of being cut."""
+    model = random_model("tiny-gemma-3-270m")
+    engine = Engine(model, rows=4, max_len=64, prefill_chunk=8)
+    seen = []
+    real = model.decode
+
+    def spy(ids, **kwargs):
+        seen.append(kwargs["positions"].tolist())
+        return real(ids, **kwargs)
+
+    model.decode = spy
+    try:
+        for n in (5, 5, 12, 5):
+            engine.add(engine.new_sequence(GenerationRequest(_tokens(128, n, n), 2)))
+        engine.prefill(budget=12)  # rows 0-1 (5 + 5); row 2's chunk of 8 does not fit the 2 left
+        first = list(seen)
+        engine.prefill(budget=12)  # row 2 in its chunks alone, 8 then 4; row 3's 5 do not fit the 0 left
+        second = seen[len(first):]
+    finally:
+        del model.decode
+    assert first == [[list(range(5)), list(range(5))]]
+    assert second == [[list(range(8))], [list(range(8, 12))]]
+    assert all(p >= 0 for forward in seen for row in forward for p in row)
