@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer, _ = gemma4.load()
+    loaded = gemma4.load()
+    model, tokenizer = loaded[0], loaded[1]  # (model, tokenizer) before 2026-12-07, with the chat format since
     speed_up(model)
     prompts = [tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(args.batch)]
     n = args.tokens
