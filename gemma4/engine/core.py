@@ -27,6 +27,7 @@ import torch
 from ..config import check_context
 from ..model.layers import grouped_mm_works
 from .cache import DEFAULT_HEADROOM, KVCache
+from .media import EncoderCache, resumable
 from .prefix import PrefixCache
 from .sequence import Sequence, TokenEvent
 
@@ -50,13 +51,14 @@ class Engine:
     model's context); prefix_cache: tokens of K/V kept for reuse by later prompts (0 = off);
     vocab_limit: tokens at or past it are never sampled (a tokenizer smaller than the table);
     compile_options: passed to torch.compile (e.g. {"backend": "aot_eager"}); initial_len: the
-    cache's first capacity (it doubles as rows grow; each capacity is traced once when compiled).
+    cache's first capacity (it doubles as rows grow; each capacity is traced once when compiled);
+    encoder_cache: bytes of soft tokens kept by content, so an image sent again is encoded once.
     """
 
     def __init__(self, model, *, rows: int = 1, max_len: int | None = None, mode: str = "eager",
                  prefill_chunk: int = PREFILL_CHUNK, headroom: int = DEFAULT_HEADROOM, prefix_cache: int = 0,
                  vocab_limit: int | None = None, compile_options: dict | None = None,
-                 ple_on_host: bool | None = None, initial_len: int | None = None):
+                 ple_on_host: bool | None = None, initial_len: int | None = None, encoder_cache: int = 256 << 20):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         cfg = model.config
@@ -73,6 +75,7 @@ class Engine:
         self.prefix = PrefixCache(self.cache, prefix_cache) if prefix_cache else None
         if self.prefix is not None:  # a chunk must not push a block's sliding K/V out of a ring before it is saved
             self.prefill_chunk = min(prefill_chunk, self.prefix.max_chunk())
+        self.encoders = EncoderCache(encoder_cache)
         self.steps = 0  # decode forwards so far
         self._step_fn = None
         self._graphs: dict[tuple[int, int], tuple] = {}
@@ -100,7 +103,9 @@ class Engine:
         self.cache.reset(row)
         seq.row, self.slots[row] = row, seq
         if self.prefix is not None:
-            seq.cached = seq.fed = self.prefix.load(row, seq.tokens, limit=seq.prompt_len - 1)
+            spans = seq.request.media
+            seq.cached = seq.fed = self.prefix.load(row, seq.keyed(seq.prompt_len), limit=seq.prompt_len - 1,
+                                                    resumable=(lambda n: resumable(spans, n)) if spans else None)
 
     def release(self, seq: Sequence) -> None:
         """Free `seq`'s row (its K/V go to the prefix cache first)."""
@@ -108,7 +113,7 @@ class Engine:
         if row is None:
             return
         if self.prefix is not None and seq.fed:
-            self.prefix.save(row, seq.tokens[: seq.fed])
+            self.prefix.save(row, seq.keyed(seq.fed))
         self.cache.reset(row)
         self.slots[row], seq.row = None, None
         heapq.heappush(self._free, row)
@@ -145,13 +150,13 @@ class Engine:
         while left is None or left > 0:
             run: list[Sequence] = []
             for s in (s for s in self.slots if s is not None and s.prefilling):
-                n = min(self.prefill_chunk, s.prompt_len - s.fed)
+                n = s.chunk(self.prefill_chunk)
                 if run and (s.row != run[-1].row + 1 or n != T or (left is not None and T * (len(run) + 1) > left)):
                     break
                 if not run:
                     if left is not None and n > left and left != budget:
                         break  # a chunk that does not fit what is left waits for the next call
-                    T = n if left is None else min(n, left)  # only a chunk longer than the budget is cut
+                    T = n if left is None or n <= left else s.chunk(left)  # only a chunk longer than the budget is cut
                 run.append(s)
             if not run:
                 break
@@ -176,7 +181,8 @@ class Engine:
         ends = [s.fed + min(T, s.prompt_len - s.fed) for s in run]
         keep = sorted(set(last.values())) or [T - 1]
         try:
-            hidden = self._forward(lo, hi, ids, pos, max(ends), keep)
+            media = self._media_inputs(run, lo, ids) if any(s.request.media for s in run) else {}
+            hidden = self._forward(lo, hi, ids, pos, max(ends), keep, **media)
         except Exception as error:  # noqa: BLE001 - e.g. out of memory: these rows fail, the engine goes on
             log.exception("a prefill forward failed")
             for s in run:
@@ -248,14 +254,37 @@ class Engine:
         return out
 
     # -- forwards -----------------------------------------------------------------------------------
-    def _forward(self, lo: int, hi: int, ids, pos, end: int, keep: list[int] | None) -> torch.Tensor:
-        """Hidden states [hi - lo, len(keep) or T, D] of an eager forward over rows [lo, hi)."""
+    def _forward(self, lo: int, hi: int, ids, pos, end: int, keep: list[int] | None, **media) -> torch.Tensor:
+        """Hidden states [hi - lo, len(keep) or T, D] of an eager forward over rows [lo, hi);
+        `media`: inputs_embeds (and groups) of a chunk holding soft tokens."""
         check_context(self.context, end)
         self.cache.ensure(end)
         keep_t = torch.tensor(keep, device=self.device) if keep is not None else None
         out = self.model.decode(ids.to(self.device), positions=pos.to(self.device),
-                                cache=self.cache.view(lo, hi, end), logits_to_keep=keep_t)
+                                cache=self.cache.view(lo, hi, end), logits_to_keep=keep_t, **media)
         return out.hidden
+
+    def _media_inputs(self, run: list[Sequence], lo: int, ids: torch.Tensor) -> dict:
+        """The chunk's input embeddings with each span's soft tokens in place of its placeholders
+        (which become id 0, as the reference looks them up), and the groups of its image blocks
+        (-1: text), for the model's bidirectional attention. Encoders run here, once per content."""
+        T = ids.shape[1]
+        spans = [(s, sp) for s in run for sp in s.request.media if sp.start < s.fed + T and sp.end > s.fed]
+        for s, sp in spans:
+            ids[s.row - lo, max(sp.start, s.fed) - s.fed : min(sp.end, s.fed + T) - s.fed] = 0
+        ids = ids.to(self.device)
+        embeds = self.model.model.embed(ids)
+        groups = torch.full(ids.shape, -1, dtype=torch.long)
+        for g, (s, sp) in enumerate(spans):
+            a, b = max(sp.start, s.fed), min(sp.end, s.fed + T)
+            soft = self.encoders.get(sp)
+            embeds[s.row - lo, a - s.fed : b - s.fed] = soft[a - sp.start : b - sp.start].to(embeds)
+            if sp.block:
+                groups[s.row - lo, a - s.fed : b - s.fed] = g
+        media = {"inputs_embeds": embeds}
+        if bool((groups >= 0).any()):
+            media["groups"] = groups.to(self.device)
+        return media
 
     @torch.inference_mode()
     def step_logits(self, lo: int, hi: int, ids: torch.Tensor, pos: torch.Tensor, end: int | None = None

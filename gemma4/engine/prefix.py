@@ -99,9 +99,10 @@ class PrefixCache:
         return max((spec.window for spec, layer in zip(self.cache.config.layers, self.cache.layers)
                     if layer is not None and layer.ring), default=0)
 
-    def load(self, row: int, tokens: list[int], limit: int) -> int:
+    def load(self, row: int, tokens: list[int], limit: int, resumable=None) -> int:
         """Copy the K/V of the longest reusable cached prefix of `tokens` (at most `limit` tokens)
-        into `row` (empty); return its length m (the row then holds positions 0..m-1)."""
+        into `row` (empty); return its length m (the row then holds positions 0..m-1).
+        `resumable(m)`: whether the prompt may go on from m (not inside an image)."""
         self.queries += limit
         self._ring_from[row] = 0
         B, W = self.block, self._window()
@@ -109,7 +110,7 @@ class PrefixCache:
         m = 0
         for j in range(len(chain), 0, -1):  # the longest prefix whose last window has sliding K/V
             first = max(0, j * B - W + 1) // B if W else j
-            if all(b.ring for b in chain[first:j]):
+            if all(b.ring for b in chain[first:j]) and (resumable is None or resumable(j * B)):
                 m = j * B
                 break
         if not m:

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from .media import MediaSpan, check_spans, cut, keyed_tokens
 from .sampling import Sampler, SamplingParams
 from .stops import StopMatcher
 
@@ -44,6 +45,7 @@ class GenerationRequest:
     logit_bias: dict[int, float] | None = None
     stop: list[str] | None = None  # stop strings: end the output, cut from the text (need `tokenizer`)
     tokenizer: object | None = None  # with a `detokenizer()`: events then carry text pieces
+    media: tuple[MediaSpan, ...] = ()  # images, frames, audio: their placeholder runs in `prompt`
 
 
 @dataclass
@@ -73,7 +75,9 @@ class Sequence:
             raise ValueError("empty prompt: give at least one token (e.g. <bos>)")
         self.request = request
         self.prompt_len = len(request.prompt)
+        check_spans(request.media, self.prompt_len)
         self.tokens = list(request.prompt)
+        self._keyed = keyed_tokens(self.tokens, request.media)
         self.limit = min(request.max_tokens, context - self.prompt_len)
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < vocab_size else None
         self.sampler = Sampler(request.sampling, request.prompt, vocab_size, device)
@@ -84,6 +88,18 @@ class Sequence:
         self._detok = request.tokenizer.detokenizer() if request.tokenizer is not None else None
         self._stops = StopMatcher(request.stop)
         self._stop_hit = False
+
+    def chunk(self, size: int) -> int:
+        """Prompt tokens in the next prefill chunk: at most `size`, unless a media span starting
+        here is longer (an image is never split across forwards)."""
+        end = min(self.fed + size, self.prompt_len)
+        return cut(self.request.media, self.fed, end) - self.fed
+
+    def keyed(self, n: int) -> list[int]:
+        """The first n tokens as the prefix cache knows them (media positions keyed by content)."""
+        if not self.request.media:
+            return self.tokens[:n]
+        return self._keyed[:n] + self.tokens[self.prompt_len : n]
 
     @property
     def produced(self) -> int:

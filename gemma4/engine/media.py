@@ -1,0 +1,106 @@
+"""Soft tokens in a prompt: images, video frames and audio clips as the engine sees them.
+
+The processor (gemma4.media) expands each image in a prompt into a run of placeholder tokens; a
+`MediaSpan` says where that run is, which content fills it (a digest of the input) and how to
+compute its soft tokens (the model's encoder, run when prefill reaches the span). The engine
+then keeps three rules in one place:
+
+- a prefill chunk never splits a span, so the tokens of one image see each other in one forward
+  (the model's bidirectional image blocks; `Sequence.chunk`);
+- the prefix cache keys a span's positions by its content, not by the placeholder id that every
+  image shares (`keyed_tokens`), and never resumes inside a span;
+- an input sent again (same digest) is encoded once (`EncoderCache`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class MediaSpan:
+    """`length` soft tokens at prompt indices [start, start + length), from one input.
+
+    key: a digest of the input and its processing (same key = same soft tokens); encode: computes
+    the soft tokens [length, hidden] in the text model's width; block: the model attends among
+    them both ways (an image or a video frame; an audio clip is causal)."""
+
+    start: int
+    length: int
+    key: str
+    encode: Callable[[], torch.Tensor]
+    block: bool = True
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+def check_spans(spans: Sequence[MediaSpan], prompt_len: int) -> None:
+    """Spans must lie inside the prompt, in order, without overlap."""
+    at = 0
+    for s in spans:
+        if s.length <= 0 or s.start < at or s.end > prompt_len:
+            raise ValueError(f"media span [{s.start}, {s.end}) is empty, overlaps another or leaves the "
+                             f"{prompt_len}-token prompt: spans must be ordered runs of placeholder tokens")
+        at = s.end
+
+
+def cut(spans: Sequence[MediaSpan], start: int, end: int) -> int:
+    """The end of a chunk [start, end) moved so that it splits no span: back to a span's start,
+    or, when the span begins the chunk, on to its end (a chunk holds a whole image)."""
+    for s in spans:
+        if s.start < end < s.end:
+            return s.start if s.start > start else s.end
+    return end
+
+
+def resumable(spans: Sequence[MediaSpan], n: int) -> bool:
+    """Whether a prompt may be resumed at n (its first n tokens from the prefix cache): not inside a span."""
+    return not any(s.start < n < s.end for s in spans)
+
+
+def keyed_tokens(tokens: list[int], spans: Sequence[MediaSpan]) -> list[int]:
+    """`tokens` with each span's placeholders replaced by ids from its content key (negative, so
+    never a real token): equal prefixes then mean equal text and equal media."""
+    if not spans:
+        return tokens
+    out = list(tokens)
+    for s in spans:
+        base = int.from_bytes(hashlib.blake2b(s.key.encode(), digest_size=7).digest(), "big")
+        out[s.start : s.end] = [-1 - ((base + i) % (1 << 60)) for i in range(s.length)]
+    return out
+
+
+class EncoderCache:
+    """Soft tokens by content key, least recently used first out, at most `max_bytes` held."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, span: MediaSpan) -> torch.Tensor:
+        soft = self._items.get(span.key)
+        if soft is not None:
+            self._items.move_to_end(span.key)
+            self.hits += 1
+            return soft
+        self.misses += 1
+        soft = span.encode()
+        if soft.dim() != 2 or soft.shape[0] != span.length:
+            raise ValueError(f"an encoder gave soft tokens of shape {tuple(soft.shape)} for a span of "
+                             f"{span.length} placeholders: the processor and the model disagree on the count")
+        size = soft.numel() * soft.element_size()
+        if size <= self.max_bytes:
+            self._items[span.key] = soft
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= old.numel() * old.element_size()
+        return soft
