@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP app: routes, request checks, streaming, lifecycle.
 
     POST /v1/chat/completions   POST /v1/completions   GET /v1/models   GET /health   GET /metrics
+    GET /   the chat page (ui/; off with `ui=False`)
 
 A request is checked completely (shape, limits, model id, tools, context length, grammar) before
 anything is allocated; what costs CPU in proportion to the body (parsing, validation, the prompt)
@@ -43,12 +44,12 @@ from ..chat import ChatFormat
 from ..config import ContextLengthError
 from ..engine.core import PREFILL_CHUNK
 from ..engine.scheduler import GenerationRequest, QueueFullError, Scheduler, SchedulerClosedError, TokenEvent
-from . import checks
+from . import checks, ui
 from .errors import APIError, context_length_error
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .output import Delta, OutputAssembler, logprob_entry
 from .prompts import PromptBuilder
-from .security import CORSMiddleware, GateMiddleware, allowed_hosts_for, cors_options, read_body
+from .security import PUBLIC_PATHS, CORSMiddleware, GateMiddleware, allowed_hosts_for, cors_options, read_body
 from .structured import Grammars
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class ServeConfig:
     prefix_cache_tokens: int = PREFIX_CACHE_TOKENS  # K/V kept for prompts that start alike; 0 = off
     grammar_timeout: float = 5.0
     poll_interval: float = 0.25  # how often a non-streaming request checks that its client is still there
+    ui: bool = True  # serve the chat page at `/`
 
 
 class ServedModel:
@@ -103,6 +105,11 @@ class ServedModel:
     @property
     def context(self) -> int:
         return self.scheduler.max_len
+
+    @property
+    def capabilities(self) -> dict:
+        """What requests may use, for clients such as the chat page (`/v1/models`)."""
+        return {"image": False, "audio": False, "thinking": self.format.family == "gemma4", "tools": self.has_tools}
 
 
 @dataclass
@@ -202,7 +209,10 @@ def build_app(
     app.state.gemma4 = state
     app.add_middleware(CORSMiddleware, **cors_options(config.cors_origins))
     app.add_middleware(GateMiddleware, api_key=config.api_key,
-                       allowed_hosts=allowed_hosts_for(config.host, config.allowed_hosts))
+                       allowed_hosts=allowed_hosts_for(config.host, config.allowed_hosts),
+                       public_paths=PUBLIC_PATHS | ui.PATHS if config.ui else PUBLIC_PATHS)
+    if config.ui:
+        ui.add_routes(app)
 
     @app.exception_handler(APIError)
     async def _api_error(request, error: APIError):
@@ -234,7 +244,8 @@ def build_app(
     async def models():
         served = state.ready()
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": state.started,
-                                            "owned_by": "gemma4", "max_model_len": served.context}]}
+                                            "owned_by": "gemma4", "max_model_len": served.context,
+                                            "capabilities": served.capabilities}]}
 
     @app.get("/metrics")
     async def metrics():

@@ -64,6 +64,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="seconds a client has to send its whole request body; slower uploads get 408 (default 30)")
     p("--shutdown-timeout", type=float, default=float(env("GEMMA4_SHUTDOWN_TIMEOUT", "10")),
       help="seconds to let running requests finish on SIGTERM; the rest end with a 503 error (default 10)")
+    p("--no-ui", action="store_true", default=env("GEMMA4_NO_UI", "") not in ("", "0"),
+      help="do not serve the chat page at / (env GEMMA4_NO_UI=1); the API is unchanged")
     return parser
 
 
@@ -121,9 +123,12 @@ def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
         shutdown_timeout=args.shutdown_timeout,
         mode=_compile_mode(args),
         prefix_cache_tokens=args.prefix_cache_tokens,
+        ui=not args.no_ui,
     )
     shown = {k: v for k, v in vars(config).items() if k != "api_key"} | {"api_key": "***" if config.api_key else None}
     log.info("serving with %s", shown)
+    if config.ui:
+        log.info("chat page: http://%s:%d/ (--no-ui turns it off)", _url_host(args.host), args.port)
     # uvicorn re-raises the signal that stopped it once it has shut down; a handler that ignores it
     # lets a drained server exit with status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -142,6 +147,12 @@ def _compile_mode(args) -> str:
         return "eager"
     device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     return "reduce-overhead" if str(device).startswith("cuda") else "compile"
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def _split(value: str | None) -> list[str] | None:

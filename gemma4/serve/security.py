@@ -2,7 +2,8 @@
 
 - `GateMiddleware` (pure ASGI, outermost): refuses a foreign or malformed `Host` header with 403
   (DNS rebinding: a page on evil.example resolving to 127.0.0.1 must not reach a local server), then
-  demands the API key on every path except an explicit public allowlist (`/health`). The decision is
+  demands the API key on every path except an explicit public allowlist (`/health`, and the chat
+  page's files when it is on). The decision is
   made on `scope["path"]` as the server received it, default-deny: `//v1/...`, `/v1/../v1/...`,
   encoded slashes and unknown routes all need the key. Keys are compared in constant time,
   case-sensitive. CORS preflights (OPTIONS with Origin and Access-Control-Request-Method) pass to
@@ -68,8 +69,10 @@ def _host_name(header: str) -> str | None:
 
 
 class GateMiddleware:
-    def __init__(self, app, *, api_key: str | None, allowed_hosts: frozenset[str] | None):
+    def __init__(self, app, *, api_key: str | None, allowed_hosts: frozenset[str] | None,
+                 public_paths: frozenset[str] = PUBLIC_PATHS):
         self.app = app
+        self.public_paths = public_paths
         self.api_key = api_key.encode() if api_key else None
         self.allowed_hosts = allowed_hosts
 
@@ -85,7 +88,7 @@ class GateMiddleware:
                 return await APIError(403, "Host header not allowed").response()(scope, receive, send)
         preflight = (scope["method"] == "OPTIONS" and "origin" in headers
                      and "access-control-request-method" in headers)
-        if self.api_key is not None and scope["path"] not in PUBLIC_PATHS and not preflight:
+        if self.api_key is not None and scope["path"] not in self.public_paths and not preflight:
             scheme, _, token = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key):
                 error = APIError(401, "Invalid or missing API key; send 'Authorization: Bearer <key>'.")
