@@ -127,8 +127,9 @@ def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
     )
     shown = {k: v for k, v in vars(config).items() if k != "api_key"} | {"api_key": "***" if config.api_key else None}
     log.info("serving with %s", shown)
-    if config.ui:
-        log.info("chat page: http://%s:%d/ (--no-ui turns it off)", _url_host(args.host), args.port)
+    if config.ui:  # port 0: uvicorn's line below names the port it got
+        page = f"http://{_url_host(args.host)}:{args.port}/" if args.port else "/"
+        log.info("chat page: %s (--no-ui turns it off)", page)
     # uvicorn re-raises the signal that stopped it once it has shut down; a handler that ignores it
     # lets a drained server exit with status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -364,6 +364,8 @@ def test_screenshot(page, tmp_path):
     wait(page, lambda d: d.find_element("id", "model-name").text == MODEL_NAME)
     wait(page, lambda d: d.find_elements("css selector", "#messages .code-block"))
     page.find_element("css selector", "#messages details.thinking summary").click()
+    page.set_window_size(1280, 1180)
+    page.execute_script("document.getElementById('messages').scrollTop = 0")
     target = os.environ.get("GEMMA4_UI_SCREENSHOT") or str(tmp_path / "chat-page.png")
     assert page.save_screenshot(target)
     assert os.path.getsize(target) > 10_000
