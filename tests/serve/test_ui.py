@@ -11,6 +11,7 @@ Without Chromium (Debian's `chromium` and `chromium-driver`) these tests skip, e
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -184,8 +185,6 @@ def test_no_ui_serves_no_page(loaded):
     from gemma4.serve import ServeConfig, build_app
     from gemma4.serve.cli import add_serve_arguments
 
-    import argparse
-
     assert add_serve_arguments(argparse.ArgumentParser()).parse_args(["--no-ui"]).no_ui
     model, tokenizer, fmt = loaded
     app = build_app(model, tokenizer, chat_format=fmt, config=ServeConfig(model_name=MODEL_NAME, ui=False))
@@ -355,6 +354,37 @@ SHOWCASE = {"version": 1, "current": "s1", "chats": [
         {"id": "a3", "role": "assistant", "content": "It is sunny in Paris, 21 °C.",
          "meta": {"model": MODEL_NAME, "tokens": 11, "tps": 41.7, "finish": "stop"}}]},
     {"id": "s2", "title": "Hello there", "created": 0, "messages": []}]}
+
+
+MARKDOWN = {
+    "**b** and *i* and ~~s~~": "<p><strong>b</strong> and <em>i</em> and <del>s</del></p>",
+    "snake_case_name and 2 * 3 * 4": "<p>snake_case_name and 2 * 3 * 4</p>",
+    "`<x>` <script>alert(1)</script>": "<p><code>&lt;x&gt;</code> &lt;script&gt;alert(1)&lt;/script&gt;</p>",
+    "[t](javascript:alert(1)) [u](https://a.org/x)": '<p>t (javascript:alert(1)) <a href="https://a.org/x" '
+                                                     'target="_blank" rel="noopener noreferrer">u</a></p>',
+    "see https://a.org/b.": '<p>see <a href="https://a.org/b" target="_blank" rel="noopener noreferrer">'
+                            "https://a.org/b</a>.</p>",
+    "# H *x*\n\ntext\nmore": "<h1>H <em>x</em></h1><p>text<br>more</p>",
+    "1. a\n2. b\n\n- c\n  - d": "<ol><li>a</li><li>b</li></ol><ul><li><p>c</p><ul><li>d</li></ul></li></ul>",
+    "> q\n\n---": "<blockquote><p>q</p></blockquote><hr>",
+    "| a | b |\n|---|:-:|\n| 1 | `2` |": '<div class="table-wrap"><table><thead><tr><th>a</th><th>b</th></tr></thead>'
+                                          "<tbody><tr><td>1</td><td><code>2</code></td></tr></tbody></table></div>",
+}
+
+
+def test_markdown_renderer(page):
+    rendered = page.execute_async_script(
+        "const [cases, done] = [arguments[0], arguments[arguments.length - 1]];"
+        "import('/ui/markdown.js').then((md) => done(cases.map((text) => {"
+        "  const box = document.createElement('div'); box.append(md.render(text)); return box.innerHTML; })));",
+        list(MARKDOWN))
+    assert dict(zip(MARKDOWN, rendered)) == MARKDOWN
+    code = page.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "import('/ui/markdown.js').then((md) => { const box = document.createElement('div');"
+        "  box.append(md.render('```py\\nx = 1\\n<b>')); done([box.querySelector('code').className,"
+        "  box.querySelector('code').textContent, box.querySelector('.code-lang').textContent]); });")
+    assert code == ["language-py", "x = 1\n<b>", "py"]  # an unclosed fence (still streaming) runs to the end
 
 
 def test_screenshot(page, tmp_path):
