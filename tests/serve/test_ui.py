@@ -297,10 +297,12 @@ def test_streamed_html_stays_text(page):
     _no_html_ran(page)
 
 
-def test_reload_finds_the_conversations(page):
+def test_reload_finds_the_conversations(page, server):
     titles = [c["title"] for c in stored(page)["chats"]]
     page.refresh()
     wait(page, lambda d: d.find_element("id", "model-name").text == MODEL_NAME)
+    fetched = page.execute_script("return performance.getEntriesByType('resource').map((e) => e.name)")
+    assert fetched and all(u.startswith(server[0] + "/") for u in fetched), fetched  # nothing beyond the server
     listed = [b.text for b in page.find_elements("css selector", "#chat-list .chat-title")]
     assert listed == titles and "Hello there" in listed
     page.find_elements("css selector", "#chat-list .chat-title")[listed.index("Hello there")].click()
