@@ -70,7 +70,8 @@ def _open(source: Any, max_pixels: int):
         try:
             image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as e:
-            raise MediaError(f"{name}: too many pixels ({e}); the limit is {max_pixels:,} pixels") from None
+            raise MediaError(f"{name} is too large to decode safely ({e}); the limit is {max_pixels:,} pixels: "
+                             "downscale it first") from None
         except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ValueError...
             raise MediaError(f"{name} is not a readable image ({type(e).__name__}: {e})") from None
     _check_size(image.size, max_pixels, name)
