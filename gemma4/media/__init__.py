@@ -2,7 +2,8 @@
 
 Layers: `decode` (Pillow; any input -> RGB uint8), `resize` (torchvision's uint8 resize without
 torchvision), `gemma4_image` / `gemma3_image` / `video` (pixels, positions, counts under the reference's
-output names), `prompt` (placeholders -> tokens, ids and per-image spans). `process_prompt` runs them all
+output names), `prompt` (placeholders -> tokens, ids and per-image spans), `messages` (media parts of chat messages in
+placeholder order, data URLs). `process_prompt` runs them all
 for one rendered chat prompt. Pillow is the optional extra `image`, PyAV the extra `video`; both are
 imported only when media are decoded. Every bad input raises `MediaError` (a ValueError).
 """
@@ -20,6 +21,7 @@ from .decode import DEFAULT_MAX_PIXELS, load_image, to_rgb_tensor
 from .errors import MediaError
 from .gemma3_image import GEMMA3_SOFT_TOKENS, gemma3_image_inputs, pan_and_scan_crops
 from .gemma4_image import DEFAULT_BUDGET, SOFT_TOKEN_BUDGETS, VIDEO_BUDGET, gemma4_image_inputs, target_size
+from .messages import data_url_bytes, media_parts
 from .prompt import FAMILIES, Expansion, MediaSpan, expand_prompt
 from .video import DEFAULT_NUM_FRAMES, Video, gemma4_video_inputs, load_video, sample_frame_indices
 
@@ -27,7 +29,7 @@ __all__ = [
     "MediaError", "MediaSpan", "Expansion", "MultimodalPrompt", "Video",
     "load_image", "to_rgb_tensor", "load_video", "sample_frame_indices",
     "gemma4_image_inputs", "gemma3_image_inputs", "gemma4_video_inputs", "pan_and_scan_crops", "target_size",
-    "expand_prompt", "process_prompt", "media_key",
+    "expand_prompt", "process_prompt", "media_key", "media_parts", "data_url_bytes",
     "DEFAULT_MAX_PIXELS", "DEFAULT_BUDGET", "VIDEO_BUDGET", "SOFT_TOKEN_BUDGETS", "DEFAULT_NUM_FRAMES",
     "GEMMA3_SOFT_TOKENS", "FAMILIES",
 ]

@@ -35,10 +35,10 @@ _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 
 def _pil():
     try:
-        from PIL import Image, ImageFile, ImageOps
+        from PIL import Image, ImageOps
     except ImportError:
         raise MediaError("reading images needs Pillow: pip install 'gemma4[image]'") from None
-    return Image, ImageFile, ImageOps
+    return Image, ImageOps
 
 
 def load_image(source: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
@@ -47,7 +47,7 @@ def load_image(source: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Te
 
 
 def _open(source: Any, max_pixels: int):
-    Image, _, _ = _pil()
+    Image, _ = _pil()
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, (str, os.PathLike)):
@@ -79,7 +79,7 @@ def _open(source: Any, max_pixels: int):
 
 
 def _from_array(array: np.ndarray | torch.Tensor, max_pixels: int):
-    Image, _, _ = _pil()
+    Image, _ = _pil()
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu().numpy()
     if array.dtype != np.uint8:
@@ -103,7 +103,7 @@ def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
 
 def to_rgb_tensor(image, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """A PIL image (first frame, EXIF-oriented, composited on white) as an RGB uint8 tensor (3, H, W)."""
-    Image, _, ImageOps = _pil()
+    Image, ImageOps = _pil()
     _check_size(image.size, max_pixels, "image")
     try:
         if getattr(image, "n_frames", 1) > 1:

@@ -106,24 +106,23 @@ def _expand_gemma4(text, image_tokens, video_tokens, timestamps):
     pieces = _split(text, (IMAGE, VIDEO))
     _check_count(pieces.count(IMAGE), len(image_tokens), IMAGE, "image")
     _check_count(pieces.count(VIDEO), len(video_tokens), VIDEO, "video")
-    out, plan, images, videos, image_row, video_row = [], [], iter(image_tokens), iter(zip(video_tokens, timestamps)), 0, 0
+    images, videos = iter(enumerate(image_tokens)), iter(enumerate(zip(video_tokens, timestamps)))
+    out, plan, frame_row = [], [], 0  # plan: (kind, item, part, row, soft tokens) per span, in order
     for piece in pieces:
         if piece == IMAGE:
-            n = int(next(images))
-            out.append(IMAGE_OPEN + IMAGE * n + IMAGE_CLOSE)
-            plan.append(("image", image_row, 0, image_row, n))
-            image_row += 1
+            item, n = next(images)
+            out.append(IMAGE_OPEN + IMAGE * int(n) + IMAGE_CLOSE)
+            plan.append(("image", item, 0, item, int(n)))
         elif piece == VIDEO:
-            n, stamps = next(videos)
+            item, (n, stamps) = next(videos)
             if not stamps:
                 raise MediaError("a video needs at least one frame")
-            item = len({p[1] for p in plan if p[0] == "video"})
             frames = []
             for frame, seconds in enumerate(stamps):
                 frames.append(f"{int(seconds // 60):02d}:{int(seconds % 60):02d} "
                               + IMAGE_OPEN + VIDEO * int(n) + IMAGE_CLOSE)
-                plan.append(("video", item, frame, video_row, int(n)))
-                video_row += 1
+                plan.append(("video", item, frame, frame_row, int(n)))
+                frame_row += 1
             out.append(" ".join(frames))
         else:
             out.append(piece)
