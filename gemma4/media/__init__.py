@@ -83,7 +83,7 @@ def process_prompt(
         if decoded:
             image_inputs = gemma4_image_inputs(decoded, max_soft_tokens, unified=unified)
         if clips:
-            video_inputs = gemma4_video_inputs(clips, video_soft_tokens)
+            video_inputs = gemma4_video_inputs(clips, video_soft_tokens, unified=unified)
         expansion = expand_prompt(
             text, family,
             image_tokens=image_inputs["num_soft_tokens_per_image"] if decoded else (),
@@ -92,7 +92,7 @@ def process_prompt(
             tokenizer=tokenizer,
         )
     keys = [media_key(x, f"{family}:{max_soft_tokens}:{unified}:{pan_and_scan}") for x in decoded]
-    keys += [media_key(v.frames, f"video:{video_soft_tokens}:{v.indices}") for v in clips]
+    keys += [media_key(v.frames, f"video:{video_soft_tokens}:{unified}:{v.indices}") for v in clips]
     return MultimodalPrompt(expansion.text, expansion.ids, expansion.spans, expansion.mm_token_type_ids,
                             image_inputs, video_inputs, keys)
 

@@ -8,7 +8,7 @@ them (the reference raises there). Passing `fps` instead samples that many frame
 the prompt writes it as `mm:ss`.
 
 Each frame is resized and patchified like an image with the video budget (70 soft tokens per frame by
-default), and rescaled the way the reference's video path does it: `x / 255` (a division, which can
+default; 48-px patches for the 12B unified model, as its video processor merges them), and rescaled the way the reference's video path does it: `x / 255` (a division, which can
 differ from the image path's `x * (1/255)` in the last float32 bit).
 """
 
@@ -123,23 +123,26 @@ def _count_frames(container) -> int:
     return count
 
 
-def gemma4_video_inputs(videos: Sequence[Video], max_soft_tokens: int = VIDEO_BUDGET) -> dict:
-    """The reference video processor's outputs: `pixel_values_videos` float32 (frames, 9*budget, 768),
-    `video_position_ids` int64 (frames, 9*budget, 2), `num_frames_per_video`, `num_soft_tokens_per_video`
-    (soft tokens per frame) and `timestamps` (seconds, per video) for the prompt."""
+def gemma4_video_inputs(videos: Sequence[Video], max_soft_tokens: int = VIDEO_BUDGET, *,
+                        unified: bool = False) -> dict:
+    """The reference video processor's outputs: `pixel_values_videos` float32 (frames, 9*budget, 768)
+    [12B unified: (frames, budget, 6912), 48-px patches as for its images], `video_position_ids` int64
+    (frames, rows, 2), `num_frames_per_video`, `num_soft_tokens_per_video` (soft tokens per frame) and
+    `timestamps` (seconds, per video) for the prompt."""
     budget = check_budget(max_soft_tokens)
+    patch, length = (PATCH * KERNEL, budget) if unified else (PATCH, budget * KERNEL**2)
     pixels, positions, frames, per_frame, stamps = [], [], [], [], []
     for video in videos:
         if not isinstance(video, Video) or video.frames.ndim != 4 or video.frames.shape[0] == 0:
             raise MediaError("a video needs at least one decoded frame (use gemma4.media.load_video)")
         x = resized(video.frames, budget).float() / 255.0
-        rows, cols = x.shape[-2] // PATCH, x.shape[-1] // PATCH
+        rows, cols = x.shape[-2] // patch, x.shape[-1] // patch
         pos = grid_positions(rows, cols).expand(x.shape[0], -1, -1)
-        values, pos = pad_rows(patchify(x, PATCH), pos, budget * KERNEL**2)
+        values, pos = pad_rows(patchify(x, patch), pos, length)
         pixels.append(values)
         positions.append(pos)
         frames.append(x.shape[0])
-        per_frame.append(rows * cols // KERNEL**2)
+        per_frame.append(rows * cols if unified else rows * cols // KERNEL**2)
         stamps.append(video.timestamps)
     if not pixels:
         raise MediaError("no videos given")

@@ -55,6 +55,24 @@ def test_video_pixels_equal_reference_helpers(clip):
     assert torch.equal(out["video_position_ids"], positions)
 
 
+def test_unified_video_equals_reference_patch_merge(clip):
+    """The 12B's video input: the reference's unified video processor merges 3x3 groups of 16-px patches."""
+    ref = reference_functions("models/gemma4_unified/video_processing_gemma4_unified.py",
+                              {"convert_video_to_patches", "patches_merge", "pad_to_max_patches"})
+    video = load_video(clip)
+    out = gemma4_video_inputs([video], unified=True)
+    from gemma4.media.gemma4_image import resized
+
+    x = resized(video.frames, 70).float() / 255
+    rows, cols = x.shape[-2] // 16, x.shape[-1] // 16
+    grid = torch.stack(torch.meshgrid(torch.arange(cols), torch.arange(rows), indexing="xy"), -1).reshape(-1, 2)
+    merged, positions = ref["patches_merge"](ref["convert_video_to_patches"](x, 16), grid[None].repeat(32, 1, 1), 63)
+    values, positions = ref["pad_to_max_patches"](merged, positions, 70)
+    assert out["num_soft_tokens_per_video"] == [63] and out["pixel_values_videos"].shape == (32, 70, 6912)
+    assert torch.equal(out["pixel_values_videos"], values)
+    assert torch.equal(out["video_position_ids"], positions)
+
+
 def test_video_prompt_equals_reference(clip):
     _, metadata = reference_read(clip)
     processor = reference_gemma4_processor(tiny_backend())
@@ -96,3 +114,16 @@ def test_video_bit_exact_with_torchvision_reference(clip):
     assert torch.equal(out["video_position_ids"], ref["video_position_ids"])
     assert out["num_soft_tokens_per_video"] == ref["num_soft_tokens_per_video"].tolist()
     assert np.array_equal(out["num_frames_per_video"], ref["num_frames_per_video"])
+
+
+@pytest.mark.skipif(not torchvision_available(), reason="torchvision not installed (optional)")
+def test_unified_video_bit_exact_with_torchvision_reference(clip):
+    from transformers.models.gemma4_unified.video_processing_gemma4_unified import Gemma4UnifiedVideoProcessor
+
+    frames, metadata = reference_read(clip)
+    ref = Gemma4UnifiedVideoProcessor(max_soft_tokens=70, num_frames=32)(
+        [frames], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt")
+    out = gemma4_video_inputs([load_video(clip)], unified=True)
+    assert torch.equal(out["pixel_values_videos"], ref["pixel_values_videos"])
+    assert torch.equal(out["video_position_ids"], ref["video_position_ids"])
+    assert out["num_soft_tokens_per_video"] == ref["num_soft_tokens_per_video"].tolist()
