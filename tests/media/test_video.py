@@ -127,3 +127,9 @@ def test_unified_video_bit_exact_with_torchvision_reference(clip):
     assert torch.equal(out["pixel_values_videos"], ref["pixel_values_videos"])
     assert torch.equal(out["video_position_ids"], ref["video_position_ids"])
     assert out["num_soft_tokens_per_video"] == ref["num_soft_tokens_per_video"].tolist()
+
+
+def test_container_without_frame_count_is_counted(tmp_path):
+    """Matroska stores no frame count (PyAV reports 0): the frames are counted by decoding."""
+    video = load_video(write_clip(tmp_path / "clip.mkv", frames=40, fps=10))
+    assert video.indices == [i * 40 // 32 for i in range(32)] and video.fps == 10
