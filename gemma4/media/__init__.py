@@ -1,10 +1,10 @@
 """Images and video -> model inputs and expanded prompts, equal to transformers' Gemma 3 / Gemma 4 processors.
 
-Layers: `decode` (Pillow; any input -> RGB uint8), `resize` (torchvision's uint8 resize without
+Modules: `decode` (Pillow; any input -> RGB uint8), `resize` (torchvision's uint8 resize without
 torchvision), `gemma4_image` / `gemma3_image` / `video` (pixels, positions, counts under the reference's
-output names), `prompt` (placeholders -> tokens, ids and per-image spans), `messages` (media parts of chat messages in
-placeholder order, data URLs). `process_prompt` runs them all
-for one rendered chat prompt. Pillow is the optional extra `image`, PyAV the extra `video`; both are
+output names), `prompt` (placeholders -> tokens, ids and per-image spans), `messages` (media parts of
+chat messages in placeholder order, data URLs). `process_prompt` runs them all for one rendered chat
+prompt; docs/multimodal.md ("Processor") has the rules and the deliberate differences from the reference. Pillow is the optional extra `image`, PyAV the extra `video`; both are
 imported only when media are decoded. Every bad input raises `MediaError` (a ValueError).
 """
 
@@ -45,7 +45,9 @@ class MultimodalPrompt:
     mm_token_type_ids: list[int] | None
     image_inputs: dict | None = None
     video_inputs: dict | None = None
-    media_keys: list[str] = field(default_factory=list)  # one per image / video, for an encoder cache
+    # Content hashes for an encoder cache: image_keys[span.item] for image spans, video_keys[span.item] for frames.
+    image_keys: list[str] = field(default_factory=list)
+    video_keys: list[str] = field(default_factory=list)
 
 
 def process_prompt(
@@ -91,10 +93,10 @@ def process_prompt(
             timestamps=video_inputs["timestamps"] if clips else (),
             tokenizer=tokenizer,
         )
-    keys = [media_key(x, f"{family}:{max_soft_tokens}:{unified}:{pan_and_scan}") for x in decoded]
-    keys += [media_key(v.frames, f"video:{video_soft_tokens}:{unified}:{v.indices}") for v in clips]
+    image_keys = [media_key(x, f"{family}:{max_soft_tokens}:{unified}:{pan_and_scan}") for x in decoded]
+    video_keys = [media_key(v.frames, f"video:{video_soft_tokens}:{unified}:{v.indices}") for v in clips]
     return MultimodalPrompt(expansion.text, expansion.ids, expansion.spans, expansion.mm_token_type_ids,
-                            image_inputs, video_inputs, keys)
+                            image_inputs, video_inputs, image_keys, video_keys)
 
 
 def media_key(pixels: torch.Tensor, settings: str = "") -> str:

@@ -89,4 +89,4 @@ def test_same_image_same_key():
     a = process_prompt("<|image|>", family="gemma4", images=[IMAGES["rgb_97x131"]])
     b = process_prompt("<|image|>", family="gemma4", images=[data_url_bytes(data_url(IMAGES["rgb_97x131"]))])
     c = process_prompt("<|image|>", family="gemma4", images=[IMAGES["rgb_97x131"]], max_soft_tokens=70)
-    assert a.media_keys == b.media_keys != c.media_keys
+    assert a.image_keys == b.image_keys != c.image_keys
