@@ -1,7 +1,7 @@
 """Soft tokens in a prompt: images, video frames and audio clips as the engine sees them.
 
 The processor (gemma4.media) expands each image in a prompt into a run of placeholder tokens; a
-`MediaSpan` says where that run is, which content fills it (a digest of the input) and how to
+`MediaInput` says where that run is, which content fills it (a digest of the input) and how to
 compute its soft tokens (the model's encoder, run when prefill reaches the span). The engine
 then keeps three rules in one place:
 
@@ -23,7 +23,7 @@ import torch
 
 
 @dataclass(frozen=True)
-class MediaSpan:
+class MediaInput:
     """`length` soft tokens at prompt indices [start, start + length), from one input.
 
     key: a digest of the input and its processing (same key = same soft tokens); encode: computes
@@ -41,7 +41,7 @@ class MediaSpan:
         return self.start + self.length
 
 
-def check_spans(spans: Sequence[MediaSpan], prompt_len: int) -> None:
+def check_spans(spans: Sequence[MediaInput], prompt_len: int) -> None:
     """Spans must lie inside the prompt, in order, without overlap."""
     at = 0
     for s in spans:
@@ -51,7 +51,7 @@ def check_spans(spans: Sequence[MediaSpan], prompt_len: int) -> None:
         at = s.end
 
 
-def cut(spans: Sequence[MediaSpan], start: int, end: int) -> int:
+def cut(spans: Sequence[MediaInput], start: int, end: int) -> int:
     """The end of a chunk [start, end) moved so that it splits no span: back to a span's start,
     or, when the span begins the chunk, on to its end (a chunk holds a whole image)."""
     for s in spans:
@@ -60,12 +60,12 @@ def cut(spans: Sequence[MediaSpan], start: int, end: int) -> int:
     return end
 
 
-def resumable(spans: Sequence[MediaSpan], n: int) -> bool:
+def resumable(spans: Sequence[MediaInput], n: int) -> bool:
     """Whether a prompt may be resumed at n (its first n tokens from the prefix cache): not inside a span."""
     return not any(s.start < n < s.end for s in spans)
 
 
-def keyed_tokens(tokens: list[int], spans: Sequence[MediaSpan]) -> list[int]:
+def keyed_tokens(tokens: list[int], spans: Sequence[MediaInput]) -> list[int]:
     """`tokens` with each span's placeholders replaced by ids from its content key (negative, so
     never a real token): equal prefixes then mean equal text and equal media."""
     if not spans:
@@ -85,7 +85,7 @@ class EncoderCache:
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.hits = self.misses = 0
 
-    def get(self, span: MediaSpan) -> torch.Tensor:
+    def get(self, span: MediaInput) -> torch.Tensor:
         soft = self._items.get(span.key)
         if soft is not None:
             self._items.move_to_end(span.key)

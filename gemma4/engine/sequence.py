@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from .media import MediaSpan, check_spans, cut, keyed_tokens
+from .media import MediaInput, check_spans, cut, keyed_tokens
 from .sampling import Sampler, SamplingParams
 from .stops import StopMatcher
 
@@ -45,7 +45,7 @@ class GenerationRequest:
     logit_bias: dict[int, float] | None = None
     stop: list[str] | None = None  # stop strings: end the output, cut from the text (need `tokenizer`)
     tokenizer: object | None = None  # with a `detokenizer()`: events then carry text pieces
-    media: tuple[MediaSpan, ...] = ()  # images, frames, audio: their placeholder runs in `prompt`
+    media: tuple[MediaInput, ...] = ()  # images, frames, audio: their placeholder runs in `prompt`
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from testing_utils import random_model
 
 from gemma4.engine.core import Engine
-from gemma4.engine.media import MediaSpan, cut, keyed_tokens
+from gemma4.engine.media import MediaInput, cut, keyed_tokens
 from gemma4.engine.sampling import SamplingParams
 from gemma4.engine.sequence import GenerationRequest, Sequence
 
@@ -34,7 +34,7 @@ class _Encoder:
         def encode():
             self.calls.append(key)
             return _soft(key, n, self.d)
-        return MediaSpan(start, n, key, encode, block=False)
+        return MediaInput(start, n, key, encode, block=False)
 
 
 def _prompt(vocab, n, seed, spans):
@@ -121,10 +121,10 @@ def test_prefix_cache_keys_media_by_content_and_never_resumes_inside_a_span():
 
 
 def test_span_helpers():
-    s = MediaSpan(4, 6, "k", lambda: None)
+    s = MediaInput(4, 6, "k", lambda: None)
     assert cut([s], 0, 8) == 4 and cut([s], 4, 6) == 10 and cut([s], 0, 3) == 3 and cut([s], 0, 10) == 10
     keyed = keyed_tokens([1] * 12, [s])
     assert keyed[:4] == [1] * 4 and keyed[10:] == [1, 1] and all(t < 0 for t in keyed[4:10])
-    assert keyed_tokens([1] * 12, [MediaSpan(4, 6, "other", lambda: None)])[4:10] != keyed[4:10]
+    assert keyed_tokens([1] * 12, [MediaInput(4, 6, "other", lambda: None)])[4:10] != keyed[4:10]
     with pytest.raises(ValueError, match="overlaps"):
-        Sequence(GenerationRequest([1] * 12, 2, media=(s, MediaSpan(8, 2, "x", lambda: None))), 100, 64)
+        Sequence(GenerationRequest([1] * 12, 2, media=(s, MediaInput(8, 2, "x", lambda: None))), 100, 64)
