@@ -14,6 +14,7 @@ then keeps three rules in one place:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -104,3 +105,27 @@ class EncoderCache:
                 _, old = self._items.popitem(last=False)
                 self.bytes -= old.numel() * old.element_size()
         return soft
+
+
+def media_inputs(model, processed) -> tuple[MediaInput, ...]:
+    """The engine's inputs for a processed prompt (`gemma4.media.process_prompt`): one per image,
+    crop or video frame, whose soft tokens `model.embed_media` computes from its own row of pixels
+    when prefill reaches it, keyed by the processor's content hash."""
+    out = []
+    for sp in processed.spans or ():
+        if sp.kind == "image":
+            inputs, keys, name = processed.image_inputs, processed.image_keys, "image"
+            pixels = inputs["pixel_values"][sp.row]
+        else:
+            inputs, keys, name = processed.video_inputs, processed.video_keys, "video"
+            pixels = inputs["pixel_values_videos"][sp.row]
+        pos = inputs.get(f"{name}_position_ids")
+        encode = functools.partial(_encode, model, pixels, None if pos is None else pos[sp.row])
+        out.append(MediaInput(sp.start, sp.length, f"{sp.kind}:{keys[sp.item]}:{sp.part}", encode))
+    return tuple(out)
+
+
+def _encode(model, pixels: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    param = next(model.parameters())
+    pixels = pixels.to(param.device, param.dtype if param.is_floating_point() else torch.float32)
+    return model.embed_media(pixels, None if positions is None else positions.to(param.device))
