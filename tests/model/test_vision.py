@@ -1,0 +1,104 @@
+"""Images through the production loader against transformers 5.23 in float32 (tiny random layouts
+of tests/model/vision_refs.py): soft tokens, whole-model logits with one and two images, and cached
+decode after a multimodal prefill."""
+
+import pytest
+import torch
+from vision_refs import LAYOUTS, hf_multimodal, images, prompt, reference_logits
+
+from gemma4.engine.cache import KVCache
+from gemma4.weights import load_model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """layout -> (reference model, our model loaded from its save_pretrained output), built once."""
+    out = {}
+    for layout in LAYOUTS:
+        ref = hf_multimodal(layout)
+        path = tmp_path_factory.mktemp(layout)
+        ref.save_pretrained(path)
+        out[layout] = (ref, load_model(path, dtype=torch.float32))
+    return out
+
+
+def _soft(model, layout, media, which=slice(None)):
+    if layout == "gemma3":
+        return model.embed_media(media["pixel_values"][which])
+    return model.embed_media(media["pixel_values"][which], media["image_position_ids"][which])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_soft_tokens_match_reference(checkpoints, layout):
+    ref, ours = checkpoints[layout]
+    media = images(layout)
+    kwargs = {} if layout == "gemma3" else {"image_position_ids": media["image_position_ids"]}
+    with torch.no_grad():
+        out = ref.model.get_image_features(media["pixel_values"], **kwargs).pooler_output
+        expected = torch.cat(list(out)) if isinstance(out, (tuple, list)) else out.flatten(0, 1)
+        got = _soft(ours, layout, media)
+        one = _soft(ours, layout, media, slice(1, 2))  # an image alone gives its own tokens
+    assert got.shape == (sum(media["counts"]), ours.config.hidden_size) == expected.shape
+    assert expected.abs().max() > 0.1
+    assert (got - expected).abs().max().item() <= 1e-4
+    torch.testing.assert_close(one, got[media["counts"][0]:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_logits_with_images_match_reference(checkpoints, layout, n_images):
+    ref, ours = checkpoints[layout]
+    media = images(layout)
+    media = {k: v[:n_images] for k, v in media.items()}
+    ids = prompt(media["counts"])
+    expected = reference_logits(ref, layout, ids, media)
+    with torch.no_grad():
+        inputs = ours.media_inputs(ids, [_soft(ours, layout, media)])
+        got = ours(**inputs)
+        causal = ours(**{k: v for k, v in inputs.items() if k != "groups"})
+    assert (got - expected).abs().max().item() <= 1e-4
+    if ours.config.vision_block_types:  # the image blocks change the result where the reference has them
+        assert (causal - expected).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("layout", ["31b", "gemma3", "e2b"])
+def test_cached_decode_after_image_prefill_equals_full_forward(checkpoints, layout):
+    """Prefill [text | image block | text] in chunks that never split the block (the engine's rule),
+    then decode token by token: equal to one full forward. float64, as tests/engine/test_cache.py."""
+    _, ours = checkpoints[layout]
+    model = ours.double()
+    try:
+        media = {k: (v[:1].double() if v.is_floating_point() else v[:1]) for k, v in images(layout).items()}
+        ids = torch.cat([prompt(media["counts"]), torch.randint(1, 120, (1, 4))], 1)
+        T = ids.shape[1]
+        with torch.no_grad():
+            inputs = model.media_inputs(ids, [_soft(model, layout, media)])
+            full = model(**inputs)
+            cache = KVCache(model.config, rows=1, max_len=T, dtype=torch.float64, headroom=1)
+            first_image_end = 3 + 1 + media["counts"][0]  # 3 text tokens, BOI, the first image
+            pieces = []
+            for a, b in [(0, 2), (2, first_image_end), *((t, t + 1) for t in range(first_image_end, T))]:
+                chunk = {k: v[:, a:b] for k, v in inputs.items()}
+                pieces.append(model(**chunk, cache=cache))
+        torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
+    finally:
+        ours.float()
+
+
+def test_counts_must_match(checkpoints):
+    _, ours = checkpoints["31b"]
+    media = images("31b")
+    ids = prompt(media["counts"][:1])
+    with pytest.raises(ValueError, match="placeholder tokens but 1 images gave 7 soft tokens"):
+        ours.media_inputs(ids, [_soft(ours, "31b", media)])
+
+
+def test_bad_pixel_shapes_are_clear_errors(checkpoints):
+    _, ours = checkpoints["e2b"]
+    with pytest.raises(ValueError, match=r"\[N, patches, 768\]"):
+        ours.embed_media(torch.zeros(1, 63, 100), torch.zeros(1, 63, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="position_ids"):
+        ours.embed_media(torch.zeros(1, 63, 768))
+    _, g3 = checkpoints["gemma3"]
+    with pytest.raises(ValueError, match=r"\[N, 3, 56, 56\]"):
+        g3.embed_media(torch.zeros(1, 3, 64, 64))

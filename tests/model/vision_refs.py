@@ -1,0 +1,116 @@
+"""Tiny random multimodal reference models (transformers 5.23) and their inputs, for the vision tests.
+
+Each layout switches on what its released model has: E2B-like (PLE, KV sharing, clipped linears,
+GQA in the tower, causal image tokens), 31B-like (standardize, bidirectional sliding layers), the
+12B's patch embedder, Gemma 3's SigLIP (bidirectional on all layers). Placeholder ids are moved
+into the tiny vocabulary (127 image, 126 video, 125 BOI, 124 EOI) so the reference can embed them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gemma4.variants import variant_hf_config
+
+IMAGE, VIDEO, BOI, EOI = 127, 126, 125, 124
+_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, boi_token_id=BOI, eoi_token_id=EOI)
+_G4_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, position_embedding_size=64)
+LAYOUTS = {
+    "e2b": ("tiny-e2b", dict(_G4_VISION, use_clipped_linears=True)),
+    "31b": ("tiny-31b", dict(_G4_VISION, standardize=True)),
+    "12b": ("tiny-12b", dict(mm_embed_dim=48, mm_posemb_size=16, output_proj_dims=48)),
+    "gemma3": ("tiny-gemma-3-4b", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=56, patch_size=14, vision_use_head=False)),
+}
+
+
+def _text(name: str, bidirectional: bool) -> dict:
+    raw = variant_hf_config(name)
+    raw.pop("model_type")
+    if bidirectional:
+        raw["use_bidirectional_attention"] = "vision"
+    return raw
+
+
+def hf_multimodal(layout: str, seed: int = 0):
+    """A transformers multimodal model with random weights (norms, clip ranges and standardize too)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma4Config, Gemma4ForConditionalGeneration
+    from transformers.models.gemma4_unified import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
+
+    text, vision = LAYOUTS[layout]
+    if layout == "gemma3":
+        cfg = Gemma3Config(text_config=_text(text, False), vision_config=vision, mm_tokens_per_image=4,
+                           image_token_index=IMAGE, boi_token_index=BOI, eoi_token_index=EOI)
+        cls = Gemma3ForConditionalGeneration
+    elif layout == "12b":
+        cfg = Gemma4UnifiedConfig(text_config=_text(text, True), vision_config=vision, audio_config=None, **_IDS)
+        cls = Gemma4UnifiedForConditionalGeneration
+    else:
+        cfg = Gemma4Config(text_config=_text(text, layout == "31b"), vision_config=vision, audio_config=None, **_IDS)
+        cls = Gemma4ForConditionalGeneration
+    cfg._attn_implementation = "eager"
+    cfg.get_text_config()._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                zero_centred = layout == "gemma3" and name.endswith("norm.weight") and "language_model" in name
+                p.uniform_(-0.5, 0.5) if zero_centred or name.endswith("bias") else p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.5 / p.shape[-1] ** 0.5 if "embed_tokens" not in name else 0.3)
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.uniform_(0.5, 1.5)
+            elif name.endswith(("input_max", "output_max")):
+                b.fill_(torch.empty(()).uniform_(0.3, 1.0).item())
+            elif name.endswith(("input_min", "output_min")):
+                b.fill_(-torch.empty(()).uniform_(0.3, 1.0).item())
+            elif name.endswith("std_bias"):
+                b.uniform_(-0.5, 0.5)
+            elif name.endswith("std_scale"):
+                b.uniform_(0.5, 1.5)
+    return model
+
+
+def images(layout: str, seed: int = 1) -> dict:
+    """Two images as the layout's processor would give them, and their soft-token counts.
+
+    Gemma 4: a 96x144 image (6x9 patches -> 2x3 soft tokens) and a 48x48 one (1 token), both padded
+    to 63 patches; the 12B: merged 48x48 patches of the same two images; Gemma 3: two 56x56 images."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "gemma3":
+        return {"pixel_values": torch.randn(2, 3, 56, 56, generator=g), "counts": [4, 4]}
+    side = 16 if layout != "12b" else 48
+    grids, total = ([(6, 9), (3, 3)], 63) if layout != "12b" else ([(2, 3), (1, 1)], 7)
+    pixels = torch.zeros(2, total, 3 * side * side)
+    pos = torch.full((2, total, 2), -1, dtype=torch.long)
+    for i, (rows, cols) in enumerate(grids):
+        n = rows * cols
+        pixels[i, :n] = torch.rand(n, 3 * side * side, generator=g)
+        pos[i, :n, 0] = torch.arange(n) % cols
+        pos[i, :n, 1] = torch.arange(n) // cols
+    counts = [r * c // (9 if layout != "12b" else 1) for r, c in grids]
+    return {"pixel_values": pixels, "image_position_ids": pos, "counts": counts}
+
+
+def prompt(counts: list[int], seed: int = 2, tail: int = 5) -> torch.Tensor:
+    """[1, T]: text, then per image BOI + placeholders + EOI with text between; text ids in 1..119."""
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randint(1, 120, (3,), generator=g)]
+    for n in counts:
+        parts += [torch.tensor([BOI] + [IMAGE] * n + [EOI]), torch.randint(1, 120, (tail,), generator=g)]
+    return torch.cat(parts)[None]
+
+
+def reference_logits(model, layout: str, ids: torch.Tensor, media: dict) -> torch.Tensor:
+    """The reference's logits for ids with the images of `media` (its first len(counts) images)."""
+    kwargs = {"pixel_values": media["pixel_values"]}
+    if layout == "gemma3":
+        kwargs["token_type_ids"] = (ids == IMAGE).long()
+    else:
+        kwargs["image_position_ids"] = media["image_position_ids"]
+        kwargs["mm_token_type_ids"] = (ids == IMAGE).long()
+    with torch.no_grad():
+        return model(input_ids=ids, **kwargs).logits
