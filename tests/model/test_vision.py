@@ -28,14 +28,18 @@ def _soft(model, layout, media, which=slice(None)):
     return model.embed_media(media["pixel_values"][which], media["image_position_ids"][which])
 
 
+def _reference_soft(ref, layout, media):
+    kwargs = {} if layout == "gemma3" else {"image_position_ids": media["image_position_ids"]}
+    out = ref.model.get_image_features(media["pixel_values"], **kwargs).pooler_output
+    return torch.cat(list(out)) if isinstance(out, (tuple, list)) else out.flatten(0, 1)
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_soft_tokens_match_reference(checkpoints, layout):
     ref, ours = checkpoints[layout]
     media = images(layout)
-    kwargs = {} if layout == "gemma3" else {"image_position_ids": media["image_position_ids"]}
     with torch.no_grad():
-        out = ref.model.get_image_features(media["pixel_values"], **kwargs).pooler_output
-        expected = torch.cat(list(out)) if isinstance(out, (tuple, list)) else out.flatten(0, 1)
+        expected = _reference_soft(ref, layout, media)
         got = _soft(ours, layout, media)
         one = _soft(ours, layout, media, slice(1, 2))  # an image alone gives its own tokens
     assert got.shape == (sum(media["counts"]), ours.config.hidden_size) == expected.shape
@@ -47,18 +51,28 @@ def test_soft_tokens_match_reference(checkpoints, layout):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("n_images", [1, 2])
 def test_logits_with_images_match_reference(checkpoints, layout, n_images):
+    """Same pixel_values and ids to both. With the reference's soft tokens our logits agree within
+    3e-4 (exactly up to 16 tokens, where both attend with matmuls; past that our SDPA's fp32 order
+    differs: these random models give 1.5e-4 on 25 text-only tokens): merge, PLE and image-block
+    masks are the reference's. From our own
+    tower: our soft tokens differ by ~1e-6 (SDPA vs the reference's eager attention: fp32 op order;
+    with eager attention they are bit-equal), which these random models amplify up to ~700x, so
+    end to end the bound is 2e-3. Without the blocks the result differs wherever the reference uses them."""
     ref, ours = checkpoints[layout]
-    media = images(layout)
-    media = {k: v[:n_images] for k, v in media.items()}
+    media = {k: v[:n_images] for k, v in images(layout).items()}
     ids = prompt(media["counts"])
     expected = reference_logits(ref, layout, ids, media)
     with torch.no_grad():
+        exact = ours(**ours.media_inputs(ids, [_reference_soft(ref, layout, media)]))
         inputs = ours.media_inputs(ids, [_soft(ours, layout, media)])
         got = ours(**inputs)
         causal = ours(**{k: v for k, v in inputs.items() if k != "groups"})
-    assert (got - expected).abs().max().item() <= 1e-4
-    if ours.config.vision_block_types:  # the image blocks change the result where the reference has them
-        assert (causal - expected).abs().max().item() > 1e-3
+    assert (exact - expected).abs().max().item() <= 3e-4
+    assert (got - expected).abs().max().item() <= 2e-3
+    if ours.config.vision_block_types:
+        assert (causal - expected).abs().max().item() > 0.1
+    else:  # E2B/E4B: purely causal, groups change nothing
+        assert (causal - got).abs().max().item() == 0
 
 
 @pytest.mark.parametrize("layout", ["31b", "gemma3", "e2b"])
@@ -68,7 +82,7 @@ def test_cached_decode_after_image_prefill_equals_full_forward(checkpoints, layo
     _, ours = checkpoints[layout]
     model = ours.double()
     try:
-        media = {k: (v[:1].double() if v.is_floating_point() else v[:1]) for k, v in images(layout).items()}
+        media = {k: v[:1].double() if k == "pixel_values" else v[:1] for k, v in images(layout).items()}
         ids = torch.cat([prompt(media["counts"]), torch.randint(1, 120, (1, 4))], 1)
         T = ids.shape[1]
         with torch.no_grad():
@@ -102,3 +116,11 @@ def test_bad_pixel_shapes_are_clear_errors(checkpoints):
     _, g3 = checkpoints["gemma3"]
     with pytest.raises(ValueError, match=r"\[N, 3, 56, 56\]"):
         g3.embed_media(torch.zeros(1, 3, 64, 64))
+
+
+def test_groups_change_nothing_without_images(checkpoints):
+    """groups of all -1 (or None) is the plain causal path."""
+    _, ours = checkpoints["gemma3"]
+    ids = torch.randint(1, 120, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, groups=torch.full_like(ids, -1)), ours(ids), rtol=0, atol=0)
