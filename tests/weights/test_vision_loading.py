@@ -107,3 +107,16 @@ def test_bad_vision_config_is_a_checkpoint_error(saved, tmp_path):
     (path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="vision_config.head_dim"):
         load_model(path)
+
+
+def test_save_writes_the_text_model_of_a_multimodal_one(saved, tmp_path):
+    """config.json of a saved model describes the text model, so the vision side is left out."""
+    from gemma4.weights import save
+
+    (tmp_path / "in").mkdir()
+    model = load_model(_write(saved, "31b", tmp_path / "in", lambda s: None))
+    out = save(tmp_path / "out", model)
+    again = load_model(out)
+    ids = torch.randint(1, 120, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), model(ids), rtol=0, atol=0)
