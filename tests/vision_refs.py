@@ -114,3 +114,25 @@ def reference_logits(model, layout: str, ids: torch.Tensor, media: dict) -> torc
         kwargs["mm_token_type_ids"] = (ids == IMAGE).long()
     with torch.no_grad():
         return model(input_ids=ids, **kwargs).logits
+
+
+def video(layout: str, frames: int = 2, seed: int = 3) -> dict:
+    """A video as the Gemma 4 / 12B video processor gives it: `frames` frames of 48x96 (3x6 patches ->
+    1x2 soft tokens), padded to 27 patches (the 12B: 2 merged patches padded to 3)."""
+    g = torch.Generator().manual_seed(seed)
+    side, (rows, cols), total = (48, (1, 2), 3) if layout == "12b" else (16, (3, 6), 27)
+    n = rows * cols
+    pixels = torch.zeros(frames, total, 3 * side * side)
+    pixels[:, :n] = torch.rand(frames, n, 3 * side * side, generator=g)
+    pos = torch.full((frames, total, 2), -1, dtype=torch.long)
+    pos[:, :n, 0], pos[:, :n, 1] = torch.arange(n) % cols, torch.arange(n) // cols
+    return {"pixel_values_videos": pixels, "video_position_ids": pos, "counts": [2] * frames}
+
+
+def video_prompt(counts: list[int], seed: int = 4) -> torch.Tensor:
+    """[1, T]: per frame a 2-token timestamp, BOI, video placeholders, EOI (the chat template's shape)."""
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randint(1, 120, (2,), generator=g)]
+    for n in counts:
+        parts += [torch.randint(1, 120, (2,), generator=g), torch.tensor([BOI] + [VIDEO] * n + [EOI])]
+    return torch.cat(parts + [torch.randint(1, 120, (3,), generator=g)])[None]

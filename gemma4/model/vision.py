@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
-from .attention import attend
 from .layers import RMSNorm, apply_rope, gelu, rope_cos_sin
 
 
@@ -81,13 +80,15 @@ class VisionAttention(nn.Module):
         self.k_norm = RMSNorm(d, c.rms_norm_eps)
         self.v_norm = RMSNorm(d, c.rms_norm_eps, with_weight=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """x: [1, T, D], the valid patches of one image: no mask, so SDPA may take its fused kernels."""
         N, T, _ = x.shape
         shape = (N, T, -1, self.head_dim)
         q = apply_rope_2d(self.q_norm(self.q_proj(x).view(shape)), rope).transpose(1, 2)
         k = apply_rope_2d(self.k_norm(self.k_proj(x).view(shape)), rope).transpose(1, 2)
         v = self.v_norm(self.v_proj(x).view(shape)).transpose(1, 2)
-        return self.o_proj(attend(q, k, v, mask, 1.0).transpose(1, 2).reshape(N, T, -1))
+        out = F.scaled_dot_product_attention(q, k, v, scale=1.0, enable_gqa=k.shape[1] != q.shape[1])
+        return self.o_proj(out.transpose(1, 2).reshape(N, T, -1))
 
 
 class VisionLayer(nn.Module):
@@ -103,24 +104,23 @@ class VisionLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, eps)
         self.post_feedforward_layernorm = RMSNorm(c.hidden_size, eps)
 
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), rope, mask))
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), rope))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
 class PatchEmbedder(nn.Module):
-    """input_proj(2(x - 0.5)) + T[0][col] + T[1][row]; padding patches get no position term."""
+    """input_proj(2(x - 0.5)) + T[0][col] + T[1][row] (valid patches only)."""
 
     def __init__(self, c: VisionConfig):
         super().__init__()
         self.input_proj = nn.Linear(3 * c.patch_size**2, c.hidden_size, bias=False)
         self.position_embedding_table = nn.Parameter(torch.empty(2, c.position_embedding_size, c.hidden_size))
 
-    def forward(self, pixels: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         h = self.input_proj((2 * (pixels - 0.5)).to(self.input_proj.weight.dtype))
-        p = pos.clamp(min=0)
         table = self.position_embedding_table
-        return h + (table[0][p[..., 0]] + table[1][p[..., 1]]).masked_fill(pad[..., None], 0.0)
+        return h + table[0][pos[..., 0]] + table[1][pos[..., 1]]
 
 
 class Encoder(nn.Module):
@@ -148,42 +148,42 @@ class VisionTower(nn.Module):
         return (*rope_cos_sin(inv_freq, pos[..., 0], dtype), *rope_cos_sin(inv_freq, pos[..., 1], dtype))
 
     def forward(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, T, 3*p*p], position_ids [N, T, 2] -> soft tokens [n, D] of the N images.
+
+        Each image runs alone on its valid patches: attending over them alone is what the
+        reference's padding mask computes, and without a mask SDPA may use its fused kernels
+        (with one, CUDA's math path would materialise T x T scores per head: GBs at 1120 tokens)."""
+        return torch.cat([self.encode(x, pos) for x, pos in zip(pixel_values, position_ids)])
+
+    def encode(self, pixels: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         c = self.config
-        pad = (position_ids == -1).all(dim=-1)  # [N, T]
-        h = self.patch_embedder(pixel_values, position_ids, pad)
-        mask = torch.zeros(pad.shape, dtype=h.dtype, device=h.device).masked_fill_(pad, float("-inf"))
-        mask = mask[:, None, None, :].expand(-1, 1, pad.shape[1], -1)  # padding keys unseen; every row has a key
-        rope = self.rope(position_ids, h.dtype)
+        valid = ~(pos == -1).all(dim=-1)
+        pixels, pos = pixels[valid][None], pos[valid][None]
+        if pos.shape[1] == 0 or bool((pos < 0).any()) or int(pos.max()) >= c.position_embedding_size:
+            raise ValueError(f"image patch positions must be in [0, {c.position_embedding_size}) with at least "
+                             "one valid patch ((-1, -1) marks padding): position_ids do not fit this model")
+        h = self.patch_embedder(pixels, pos)
+        rope = self.rope(pos, h.dtype)
         for layer in self.encoder.layers:
-            h = layer(h, rope, mask)
-        soft = pool(h.masked_fill(pad[..., None], 0.0), position_ids, c.pooling_kernel_size)
-        soft = soft * c.hidden_size**0.5  # in fp32: the scaled values can pass the fp16 range
+            h = layer(h, rope)
+        soft = pool(h[0], pos[0], c.pooling_kernel_size) * c.hidden_size**0.5  # fp32: can pass the fp16 range
         if c.standardize:
             soft = (soft - self.std_bias.float()) * self.std_scale.float()
         return soft.to(h.dtype)
 
 
 def pool(h: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
-    """Average each k x k group of patches (by position) into one soft token, in fp32; groups in
-    row-major order of the pooled grid, images one after another, empty (padding) groups dropped.
+    """Average each k x k group of patches (by position) into one soft token, in fp32, groups in
+    row-major order of the pooled grid (empty ones dropped). h: [T, D]; pos: [T, 2] (column, row).
 
-    h: [N, T, D] with padding rows zeroed; pos: [N, T, 2]. The group of a patch is
-    x//k + (W/k) * (y//k), where W = 1 + the largest column of its image.
-    """
-    N, T, D = h.shape
-    if T % (k * k):
-        raise ValueError(f"{T} patches per image do not pool by {k}x{k}: the processor pads to a multiple of {k * k}")
-    L = T // (k * k)
-    p = pos.clamp(min=0)
-    width = p[..., 0].amax(dim=-1, keepdim=True) + 1
-    group = p[..., 0] // k + (width // k) * (p[..., 1] // k)  # [N, T]
-    if int(group.max()) >= L:
-        raise ValueError("patch positions lie outside the padded patch grid: position_ids and pixel_values disagree")
-    flat = (group + L * torch.arange(N, device=h.device)[:, None]).flatten()
-    sums = torch.zeros(N * L, D, dtype=torch.float32, device=h.device).index_add_(0, flat, h.float().reshape(-1, D))
-    filled = torch.zeros(N * L, dtype=torch.bool, device=h.device)
-    filled[flat[~(pos == -1).all(-1).flatten()]] = True
-    return sums[filled] / (k * k)
+    The group of a patch is x//k + (W/k) * (y//k), W = 1 + the largest column; the sum is divided
+    by k*k whatever the group's count, as the reference."""
+    width = int(pos[:, 0].max()) + 1
+    group = pos[:, 0] // k + (width // k) * (pos[:, 1] // k)
+    L = int(group.max()) + 1
+    sums = torch.zeros(L, h.shape[-1], dtype=torch.float32, device=h.device).index_add_(0, group, h.float())
+    counts = torch.zeros(L, dtype=torch.long, device=h.device).index_add_(0, group, torch.ones_like(group))
+    return sums[counts > 0] / (k * k)
 
 
 class MultimodalEmbedder(nn.Module):

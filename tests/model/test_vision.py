@@ -4,7 +4,7 @@ decode after a multimodal prefill."""
 
 import pytest
 import torch
-from vision_refs import LAYOUTS, hf_multimodal, images, prompt, reference_logits
+from vision_refs import LAYOUTS, VIDEO, hf_multimodal, images, prompt, reference_logits, video, video_prompt
 
 from gemma4.engine.cache import KVCache
 from gemma4.weights import load_model
@@ -55,9 +55,10 @@ def test_logits_with_images_match_reference(checkpoints, layout, n_images):
     3e-4 (exactly up to 16 tokens, where both attend with matmuls; past that our SDPA's fp32 order
     differs: these random models give 1.5e-4 on 25 text-only tokens): merge, PLE and image-block
     masks are the reference's. From our own
-    tower: our soft tokens differ by ~1e-6 (SDPA vs the reference's eager attention: fp32 op order;
-    with eager attention they are bit-equal), which these random models amplify up to ~700x, so
-    end to end the bound is 2e-3. Without the blocks the result differs wherever the reference uses them."""
+    tower: our soft tokens differ by ~2e-6 (SDPA vs the reference's eager attention: fp32 op order;
+    with eager attention they are bit-equal), which these random models amplify up to ~1000x
+    (tiny-31b: 1.9e-6 -> 2.1e-3), so end to end the bound is 5e-3. Without the blocks the result
+    differs wherever the reference uses them."""
     ref, ours = checkpoints[layout]
     media = {k: v[:n_images] for k, v in images(layout).items()}
     ids = prompt(media["counts"])
@@ -68,7 +69,7 @@ def test_logits_with_images_match_reference(checkpoints, layout, n_images):
         got = ours(**inputs)
         causal = ours(**{k: v for k, v in inputs.items() if k != "groups"})
     assert (exact - expected).abs().max().item() <= 3e-4
-    assert (got - expected).abs().max().item() <= 2e-3
+    assert (got - expected).abs().max().item() <= 5e-3
     if ours.config.vision_block_types:
         assert (causal - expected).abs().max().item() > 0.1
     else:  # E2B/E4B: purely causal, groups change nothing
@@ -124,3 +125,20 @@ def test_groups_change_nothing_without_images(checkpoints):
     ids = torch.randint(1, 120, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, groups=torch.full_like(ids, -1)), ours(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["31b", "12b"])
+def test_logits_with_a_video_match_reference(checkpoints, layout):
+    """A video: its frames through the same encoder, each frame its own block (BOI/EOI between)."""
+    ref, ours = checkpoints[layout]
+    clip = video(layout)
+    ids = video_prompt(clip["counts"])
+    with torch.no_grad():
+        expected = ref(input_ids=ids, pixel_values_videos=clip["pixel_values_videos"],
+                       video_position_ids=clip["video_position_ids"], num_frames_per_video=torch.tensor([2]),
+                       mm_token_type_ids=(ids == VIDEO).long() * 2).logits
+        soft = [ours.embed_media(clip["pixel_values_videos"][i], clip["video_position_ids"][i]) for i in range(2)]
+        inputs = ours.media_inputs(ids, soft)
+        got = ours(**inputs)
+    assert inputs["groups"].max() == 1  # two frames, two blocks
+    assert (got - expected).abs().max().item() <= 5e-3
