@@ -1,36 +1,19 @@
 """Tiny random multimodal reference models (transformers 5.23) and their inputs, for the vision tests.
 
-Each layout switches on what its released model has: E2B-like (PLE, KV sharing, clipped linears,
-GQA in the tower, causal image tokens), 31B-like (standardize, bidirectional sliding layers), the
-12B's patch embedder, Gemma 3's SigLIP (bidirectional on all layers). Placeholder ids are moved
-into the tiny vocabulary (127 image, 126 video, 125 BOI, 124 EOI) so the reference can embed them.
+Each layout is a tiny multimodal variant (gemma4.variants.MULTIMODAL) and switches on what its
+released model has: E2B-like (PLE, KV sharing, clipped linears, GQA in the tower, causal image
+tokens), 31B-like (standardize, bidirectional sliding layers), the 12B's patch embedder (blocks on
+every layer), Gemma 3's SigLIP (bidirectional on all layers).
 """
 
 from __future__ import annotations
 
 import torch
 
-from gemma4.variants import variant_hf_config
+from gemma4.variants import multimodal_hf_config
 
-IMAGE, VIDEO, BOI, EOI = 127, 126, 125, 124
-_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, boi_token_id=BOI, eoi_token_id=EOI)
-_G4_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, position_embedding_size=64)
-LAYOUTS = {
-    "e2b": ("tiny-e2b", dict(_G4_VISION, use_clipped_linears=True)),
-    "31b": ("tiny-31b", dict(_G4_VISION, standardize=True)),
-    "12b": ("tiny-12b", dict(mm_embed_dim=48, mm_posemb_size=16, output_proj_dims=48)),
-    "gemma3": ("tiny-gemma-3-4b", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=56, patch_size=14, vision_use_head=False)),
-}
-
-
-def _text(name: str, bidirectional: bool) -> dict:
-    raw = variant_hf_config(name)
-    raw.pop("model_type")
-    if bidirectional:
-        raw["use_bidirectional_attention"] = "vision"
-    return raw
+IMAGE, VIDEO, BOI, EOI = 127, 126, 125, 124  # the tiny variants' placeholder ids (gemma4.variants.MULTIMODAL)
+LAYOUTS = {"e2b": "tiny-e2b", "31b": "tiny-31b", "12b": "tiny-12b", "gemma3": "tiny-gemma-3-4b"}
 
 
 def hf_multimodal(layout: str, seed: int = 0):
@@ -38,17 +21,12 @@ def hf_multimodal(layout: str, seed: int = 0):
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma4Config, Gemma4ForConditionalGeneration
     from transformers.models.gemma4_unified import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
 
-    text, vision = LAYOUTS[layout]
-    if layout == "gemma3":
-        cfg = Gemma3Config(text_config=_text(text, False), vision_config=vision, mm_tokens_per_image=4,
-                           image_token_index=IMAGE, boi_token_index=BOI, eoi_token_index=EOI)
-        cls = Gemma3ForConditionalGeneration
-    elif layout == "12b":
-        cfg = Gemma4UnifiedConfig(text_config=_text(text, True), vision_config=vision, audio_config=None, **_IDS)
-        cls = Gemma4UnifiedForConditionalGeneration
-    else:
-        cfg = Gemma4Config(text_config=_text(text, layout == "31b"), vision_config=vision, audio_config=None, **_IDS)
-        cls = Gemma4ForConditionalGeneration
+    raw = multimodal_hf_config(LAYOUTS[layout])
+    kind = raw.pop("model_type")
+    cls, cfg_cls = {"gemma3": (Gemma3ForConditionalGeneration, Gemma3Config),
+                    "gemma4": (Gemma4ForConditionalGeneration, Gemma4Config),
+                    "gemma4_unified": (Gemma4UnifiedForConditionalGeneration, Gemma4UnifiedConfig)}[kind]
+    cfg = cfg_cls(**raw)
     cfg._attn_implementation = "eager"
     cfg.get_text_config()._attn_implementation = "eager"
     torch.manual_seed(seed)

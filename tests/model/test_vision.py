@@ -9,6 +9,8 @@ from vision_refs import LAYOUTS, VIDEO, hf_multimodal, images, prompt, reference
 from gemma4.engine.cache import KVCache
 from gemma4.weights import load_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster on a busy machine
+
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):

@@ -11,6 +11,8 @@ from vision_refs import LAYOUTS, hf_multimodal
 
 from gemma4.weights import CheckpointError, load_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster on a busy machine
+
 # One tower tensor per layout, as transformers 5.23 writes it.
 TOWER = {
     "e2b": "model.vision_tower.encoder.layers.1.self_attn.k_proj.input_max",
@@ -120,3 +122,52 @@ def test_save_writes_the_text_model_of_a_multimodal_one(saved, tmp_path):
     ids = torch.randint(1, 120, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(again(ids), model(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["vision_config"].update(num_hidden_layers=10**6), "vision_config.num_hidden_layers"),
+    (lambda r: r["vision_config"].update(use_clipped_linears="yes"), "vision_config.use_clipped_linears"),
+    (lambda r: r["vision_config"].update(rope_parameters={"rope_type": "default"}), "only axial RoPE"),
+    (lambda r: r["vision_config"].update(head_dim=18), "multiple of 4"),
+    (lambda r: r["vision_config"].update(num_key_value_heads=3), "not a multiple of num_key_value_heads"),
+    (lambda r: r["vision_config"].update(hidden_activation="relu"), "only gelu_pytorch_tanh"),
+    (lambda r: r.update(vision_config=[1]), "vision_config is \\[1\\]"),
+    (lambda r: r.update(image_token_id=-1), "vision_config.image_token_id"),
+])
+def test_hostile_vision_configs_are_refused(edit, message):
+    from gemma4.config import ConfigError, TextConfig, VisionConfig
+    from gemma4.variants import multimodal_hf_config
+
+    raw = multimodal_hf_config("tiny-31b")
+    edit(raw)
+    with pytest.raises(ConfigError, match=message):
+        VisionConfig.from_hf_dict(raw, TextConfig.from_hf_dict(raw))
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("tiny-12b", lambda v: v.update(output_proj_dims=7), "must equal mm_embed_dim"),
+    ("tiny-gemma-3-4b", lambda v: v.update(image_size=60), "do not pool evenly"),
+])
+def test_inconsistent_vision_geometry_is_refused(name, edit, message):
+    from gemma4.config import ConfigError, TextConfig, VisionConfig
+    from gemma4.variants import multimodal_hf_config
+
+    raw = multimodal_hf_config(name)
+    edit(raw["vision_config"])
+    with pytest.raises(ConfigError, match=message):
+        VisionConfig.from_hf_dict(raw, TextConfig.from_hf_dict(raw))
+
+
+def test_released_vision_geometry_builds_on_meta():
+    """Every released multimodal variant builds with its image side (names and shapes, no memory)."""
+    from gemma4.config import TextConfig, VisionConfig
+    from gemma4.model import Gemma
+    from gemma4.variants import MULTIMODAL, multimodal_hf_config
+
+    for name in (n for n in MULTIMODAL if not n.startswith("tiny")):
+        raw = multimodal_hf_config(name)
+        text = TextConfig.from_hf_dict(raw)
+        with torch.device("meta"):
+            model = Gemma(text, VisionConfig.from_hf_dict(raw, text))
+        tower = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("model.", "lm_head")))
+        assert tower > 1e8 or name == "gemma-4-12b", (name, tower)
