@@ -131,7 +131,7 @@ _G4_LARGE = dict(model_type="gemma4_vision", hidden_size=1152, intermediate_size
 _SIGLIP = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
                num_attention_heads=16, image_size=896, patch_size=14, vision_use_head=False)
 _TINY_G4 = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, position_embedding_size=64,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, position_embedding_size=10240,
                 rope_parameters=_AXIAL)
 
 # name -> (text variant, config.json model_type, vision_config, top-level ids, text_config overrides)
@@ -150,7 +150,7 @@ MULTIMODAL: dict[str, tuple[str, str, dict[str, Any], dict[str, Any], dict[str, 
     "tiny-31b": ("tiny-31b", "gemma4", dict(_TINY_G4, standardize=True), _TINY_IDS,
                  {"use_bidirectional_attention": "vision"}),
     "tiny-12b": ("tiny-12b", "gemma4_unified", dict(model_type="gemma4_unified_vision", mm_embed_dim=48,
-                                                    mm_posemb_size=16, output_proj_dims=48), _TINY_IDS,
+                                                    mm_posemb_size=1120, output_proj_dims=48), _TINY_IDS,
                  {"model_type": "gemma4_unified_text", "use_bidirectional_attention": "vision"}),
     "tiny-gemma-3-4b": ("tiny-gemma-3-4b", "gemma3", dict(_SIGLIP, hidden_size=32, intermediate_size=48,
                                                           num_hidden_layers=2, num_attention_heads=2, image_size=56),

@@ -144,3 +144,24 @@ def test_logits_with_a_video_match_reference(checkpoints, layout):
         got = ours(**inputs)
     assert inputs["groups"].max() == 1  # two frames, two blocks
     assert (got - expected).abs().max().item() <= 5e-3
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_processor_outputs_plug_in(checkpoints, layout):
+    """gemma4.media's outputs go straight into embed_media, one row per image, with its soft-token count."""
+    from gemma4.media import gemma3_image_inputs, gemma4_image_inputs
+
+    _, ours = checkpoints[layout]
+    g = torch.Generator().manual_seed(5)
+    pics = [torch.randint(0, 256, (3, 100, 170), dtype=torch.uint8, generator=g),
+            torch.randint(0, 256, (3, 300, 40), dtype=torch.uint8, generator=g)]
+    with torch.no_grad():
+        if layout == "gemma3":
+            inputs = gemma3_image_inputs(pics, size=56)
+            counts = [ours.embed_media(inputs["pixel_values"][i]).shape[0] for i in range(2)]
+            assert counts == [4, 4]
+            return
+        inputs = gemma4_image_inputs(pics, 70, unified=layout == "12b")
+        counts = [ours.embed_media(inputs["pixel_values"][i], inputs["image_position_ids"][i]).shape[0]
+                  for i in range(2)]
+    assert counts == [int(n) for n in inputs["num_soft_tokens_per_image"]]
