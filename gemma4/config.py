@@ -33,6 +33,8 @@ _INTS: dict[str, tuple[int, int]] = {
     "num_kv_shared_layers": (0, MAX_LAYERS - 1), "num_experts": (0, 1 << 12), "top_k_experts": (0, 1 << 12),
     "moe_intermediate_size": (0, 1 << 20), "pad_token_id": _TOKEN_ID, "bos_token_id": _TOKEN_ID,
 }
+_UNIFIED_TEXT_DEFAULTS = dict(hidden_size_per_layer_input=0, sliding_window=1024, max_position_embeddings=262_144,
+                              use_bidirectional_attention="vision")
 _OPTIONAL = ("global_head_dim", "num_global_key_value_heads")
 _FLAGS = ("attention_k_eq_v", "use_double_wide_mlp", "enable_moe_block", "tie_word_embeddings")
 
@@ -126,6 +128,7 @@ class TextConfig:
     tie_word_embeddings: bool = True
     hidden_activation: str = "gelu_pytorch_tanh"
     use_bidirectional_attention: str | None = None  # "vision" on 12B/26B/31B (multimodal prefill)
+    unified: bool = False  # the 12B's text config (gemma4_unified_text): its own image-block rule
     pad_token_id: int = 0
     bos_token_id: int = 2
     eos_token_id: list[int] = field(default_factory=lambda: [1])
@@ -152,6 +155,26 @@ class TextConfig:
     @property
     def v_norm(self) -> bool:
         return self.family == "gemma4"
+
+    @property
+    def vision_block_types(self) -> frozenset[str]:
+        """Layer types on which the tokens of one image attend to each other both ways in prefill
+        (spec 1.11): Gemma 3 all; Gemma 4 with use_bidirectional_attention "vision" (12B/26B/31B)
+        sliding layers only; E2B/E4B none (purely causal, as the reference)."""
+        if self.family == "gemma3":
+            return frozenset(LAYER_TYPES)
+        if self.use_bidirectional_attention != "vision":
+            return frozenset()
+        # The reference gives the 12B the generic block overlay: every layer, and not bounded by the
+        # window (see vision_blocks_windowed); 26B/31B: sliding layers, the window bounding the block.
+        return frozenset(LAYER_TYPES) if self.unified else frozenset({SLIDING})
+
+    @property
+    def vision_blocks_windowed(self) -> bool:
+        """Whether a sliding layer's window also bounds a query's view of its own image block
+        (allowed = (causal | block) & window), or the block is added after it (12B:
+        allowed = (causal & window) | block), as the reference's masks do."""
+        return not self.unified
 
     @property
     def first_shared_layer(self) -> int:
@@ -283,16 +306,20 @@ class TextConfig:
             if not isinstance(raw["text_config"] or {}, dict):
                 raise ConfigError(f"text_config is {raw['text_config']!r:.200}; it must be an object")
             text = dict(raw["text_config"] or {})
-            text.setdefault("model_type", "gemma4_text" if model_type.startswith("gemma4") else "gemma3_text")
+            text.setdefault("model_type", {"gemma4": "gemma4_text", "gemma3": "gemma3_text"}.get(model_type,
+                                                                                                 "gemma4_unified_text"))
             for key in ("eos_token_id", "bos_token_id", "pad_token_id", "tie_word_embeddings"):
                 if key in raw and key not in text:
                     text[key] = raw[key]
             return cls.from_hf_dict(text)
+        if model_type == "gemma4_unified_text":
+            # The 12B's own text config class: no PLE, and other defaults for absent keys.
+            return dataclasses.replace(cls._from_gemma4(_UNIFIED_TEXT_DEFAULTS | raw), unified=True)
         if model_type == "gemma4_text":
             return cls._from_gemma4(raw)
         if model_type == "gemma3_text":
             return cls._from_gemma3(raw)
-        known = "gemma4, gemma4_text, gemma4_unified, gemma3, gemma3_text"
+        known = "gemma4, gemma4_text, gemma4_unified, gemma4_unified_text, gemma3, gemma3_text"
         raise ConfigError(f"unsupported model_type {model_type!r} in config.json; gemma4 runs: {known}")
 
     @classmethod
@@ -370,11 +397,12 @@ class TextConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json for this model that transformers and `from_hf_dict` both read."""
         out: dict[str, Any] = {
-            "model_type": f"{self.family}_text",
-            "architectures": ["Gemma4ForCausalLM" if self.family == "gemma4" else "Gemma3ForCausalLM"],
+            "model_type": "gemma4_unified_text" if self.unified else f"{self.family}_text",
+            "architectures": ["Gemma4UnifiedForCausalLM" if self.unified else
+                              "Gemma4ForCausalLM" if self.family == "gemma4" else "Gemma3ForCausalLM"],
         }
         for f in dataclasses.fields(self):
-            if f.name in ("family", "layers"):
+            if f.name in ("family", "layers", "unified"):
                 continue
             out[f.name] = getattr(self, f.name)
         if self.family == "gemma3":
@@ -474,3 +502,131 @@ def _common(raw: dict[str, Any], layer_types: list[str], sliding_window: int) ->
         eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else [eos if eos is not None else 1],
     )
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Vision (spec 6.1, 6.4; Gemma 3's SigLIP). Field names follow config.json's `vision_config`.
+VISION_KINDS = ("gemma4", "unified", "siglip")  # encoder (E2B..31B), 12B patch embedder, Gemma 3 SigLIP
+_VISION_INTS: dict[str, tuple[int, int]] = {
+    "hidden_size": (1, 1 << 16), "intermediate_size": (1, 1 << 18), "num_hidden_layers": (0, 256),
+    "num_attention_heads": (1, 1 << 10), "num_key_value_heads": (1, 1 << 10), "head_dim": (4, 1 << 12),
+    "patch_size": (1, 1 << 10), "pooling_kernel_size": (1, 64), "position_embedding_size": (1, 1 << 20),
+    "image_size": (0, 1 << 16), "mm_tokens_per_image": (0, 1 << 20), "text_hidden_size": (1, 1 << 20),
+    "image_token_id": _TOKEN_ID,
+}
+
+
+@dataclass
+class VisionConfig:
+    """The image side of a multimodal checkpoint: which encoder, its geometry, the placeholder ids.
+
+    kind "gemma4": the encoder of E2B/E4B (clipped linears) and 26B/31B (standardize);
+    "unified": the 12B's 48x48 patch embedder (hidden_size = mm_embed_dim,
+    position_embedding_size = mm_posemb_size); "siglip": Gemma 3's tower and projector.
+    """
+
+    kind: str
+    text_hidden_size: int
+    image_token_id: int
+    video_token_id: int | None = None
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    head_dim: int = 64
+    patch_size: int = 16
+    pooling_kernel_size: int = 3
+    position_embedding_size: int = 10240
+    rope_theta: float = 100.0
+    use_clipped_linears: bool = False
+    standardize: bool = False
+    rms_norm_eps: float = 1e-6
+    layer_norm_eps: float = 1e-6  # siglip's LayerNorms and the projector's RMSNorm
+    image_size: int = 0  # siglip: square input side
+    mm_tokens_per_image: int = 0  # siglip: soft tokens per image (a square number)
+    vision_use_head: bool = False  # siglip: a pooling head Gemma 3 never uses (its tensors are ignored)
+
+    def __post_init__(self) -> None:
+        if self.kind not in VISION_KINDS:
+            raise ConfigError(f"unknown vision kind {self.kind!r:.40}; expected one of {VISION_KINDS}")
+        for name, (lo, hi) in _VISION_INTS.items():
+            _check_int(f"vision_config.{name}", getattr(self, name), lo, hi)
+        if self.video_token_id is not None:
+            _check_int("video_token_id", self.video_token_id, *_TOKEN_ID)
+        for name in ("use_clipped_linears", "standardize", "vision_use_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"vision_config.{name} is {getattr(self, name)!r:.40}; it must be true or false")
+        for name in ("rope_theta", "rms_norm_eps", "layer_norm_eps"):
+            _number(getattr(self, name), f"vision_config.{name}")
+        if self.kind == "gemma4":
+            if self.head_dim % 4:
+                raise ConfigError(f"vision_config.head_dim={self.head_dim} must be a multiple of 4 (2-D RoPE pairs)")
+            if self.num_attention_heads % self.num_key_value_heads:
+                raise ConfigError(f"vision_config.num_attention_heads={self.num_attention_heads} is not a multiple "
+                                  f"of num_key_value_heads={self.num_key_value_heads}")
+        if self.kind == "siglip":
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(f"vision_config.hidden_size={self.hidden_size} is not a multiple of "
+                                  f"num_attention_heads={self.num_attention_heads}")
+            side = self.image_size // self.patch_size
+            per_side = math.isqrt(self.mm_tokens_per_image)
+            if not (self.image_size % self.patch_size == 0 and side and per_side ** 2 == self.mm_tokens_per_image
+                    and per_side and side % per_side == 0):
+                raise ConfigError(f"vision_config.image_size={self.image_size}, patch_size={self.patch_size} and "
+                                  f"mm_tokens_per_image={self.mm_tokens_per_image} do not pool evenly: the patch grid "
+                                  "side must be a multiple of sqrt(mm_tokens_per_image)")
+
+    @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        """Token ids the processor writes where soft tokens go (image, then video if any)."""
+        return (self.image_token_id,) + (() if self.video_token_id is None else (self.video_token_id,))
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any], text: TextConfig) -> VisionConfig | None:
+        """The vision config of a multimodal config.json; None for a text-only checkpoint."""
+        model_type = raw.get("model_type")
+        vision = raw.get("vision_config")
+        if model_type not in ("gemma4", "gemma4_unified", "gemma3") or vision is None:
+            return None
+        if not isinstance(vision, dict):
+            raise ConfigError(f"vision_config is {vision!r:.200}; it must be an object")
+        g = vision.get
+        common = dict(text_hidden_size=text.hidden_size)
+        if model_type == "gemma3":
+            return cls(kind="siglip", **common, image_token_id=raw.get("image_token_index", 262_144),
+                       hidden_size=g("hidden_size", 768), intermediate_size=g("intermediate_size", 3072),
+                       num_hidden_layers=g("num_hidden_layers", 12), num_attention_heads=g("num_attention_heads", 12),
+                       num_key_value_heads=g("num_attention_heads", 12), patch_size=g("patch_size", 16),
+                       image_size=g("image_size", 224), layer_norm_eps=g("layer_norm_eps", 1e-6),
+                       mm_tokens_per_image=raw.get("mm_tokens_per_image", 256),
+                       vision_use_head=g("vision_use_head", True), **_activation(vision, "hidden_act"))
+        ids = dict(image_token_id=raw.get("image_token_id", 258_880), video_token_id=raw.get("video_token_id", 258_884))
+        if model_type == "gemma4_unified":
+            width = g("mm_embed_dim", 3840)
+            if g("output_proj_dims", width) != width:
+                raise ConfigError(f"vision_config.output_proj_dims={g('output_proj_dims')} must equal mm_embed_dim="
+                                  f"{width}: the projection reads the embedder's output")
+            return cls(kind="unified", **common, **ids, hidden_size=width, num_hidden_layers=0,
+                       patch_size=g("patch_size", 16), pooling_kernel_size=g("pooling_kernel_size", 3),
+                       position_embedding_size=g("mm_posemb_size", 1120), rms_norm_eps=g("rms_norm_eps", 1e-6))
+        rope = g("rope_parameters") or {}
+        if not isinstance(rope, dict) or rope.get("rope_type", "axial") != "axial":
+            raise ConfigError(f"vision_config.rope_parameters is {rope!r:.100}; only axial RoPE is supported")
+        return cls(kind="gemma4", **common, **ids, hidden_size=g("hidden_size", 768),
+                   intermediate_size=g("intermediate_size", 3072), num_hidden_layers=g("num_hidden_layers", 16),
+                   num_attention_heads=g("num_attention_heads", 12), num_key_value_heads=g("num_key_value_heads", 12),
+                   head_dim=g("head_dim", 64), patch_size=g("patch_size", 16),
+                   pooling_kernel_size=g("pooling_kernel_size", 3),
+                   position_embedding_size=g("position_embedding_size", 10240),
+                   rope_theta=rope.get("rope_theta", 100.0), use_clipped_linears=g("use_clipped_linears", False),
+                   standardize=g("standardize", False), rms_norm_eps=g("rms_norm_eps", 1e-6),
+                   **_activation(vision, "hidden_activation"))
+
+
+def _activation(vision: dict[str, Any], key: str) -> dict[str, Any]:
+    """Every released tower uses gelu-tanh; anything else is refused rather than silently replaced."""
+    act = vision.get(key) or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ConfigError(f"vision_config.{key} is {act!r:.40}; only gelu_pytorch_tanh is supported")
+    return {}

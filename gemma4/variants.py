@@ -112,3 +112,63 @@ def variant_hf_config(name: str) -> dict[str, Any]:
 
 def variant(name: str) -> TextConfig:
     return TextConfig.from_hf_dict(variant_hf_config(name))
+
+
+# ---- Multimodal: a text variant plus its image side, as a whole config.json -----------------------
+# Real vision geometry from the spec (6.1, 6.4; Gemma 3's SigLIP so400m); the tiny ones switch on the
+# same features (clipped linears, GQA in the tower, standardize, the 12B embedder, SigLIP pooling) and
+# move the placeholder ids into the tiny vocabulary (127 image, 126 video, 125 BOI, 124 EOI).
+_G4_IDS = dict(image_token_id=258_880, video_token_id=258_884, audio_token_id=258_881, boi_token_id=255_999,
+               eoi_token_id=258_882)
+_TINY_IDS = dict(image_token_id=127, video_token_id=126, audio_token_id=123, boi_token_id=125, eoi_token_id=124)
+_G3_IDS = dict(image_token_index=262_144, boi_token_index=255_999, eoi_token_index=256_000, mm_tokens_per_image=256)
+_AXIAL = {"rope_type": "axial", "rope_theta": 100.0}
+_G4_SMALL = dict(model_type="gemma4_vision", hidden_size=768, intermediate_size=3072, num_hidden_layers=16,
+                 num_attention_heads=12, num_key_value_heads=12, head_dim=64, use_clipped_linears=True,
+                 rope_parameters=_AXIAL)
+_G4_LARGE = dict(model_type="gemma4_vision", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                 num_attention_heads=16, num_key_value_heads=16, head_dim=72, standardize=True, rope_parameters=_AXIAL)
+_SIGLIP = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+               num_attention_heads=16, image_size=896, patch_size=14, vision_use_head=False)
+_TINY_G4 = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, position_embedding_size=10240,
+                rope_parameters=_AXIAL)
+
+# name -> (text variant, config.json model_type, vision_config, top-level ids, text_config overrides)
+MULTIMODAL: dict[str, tuple[str, str, dict[str, Any], dict[str, Any], dict[str, Any]]] = {
+    "gemma-4-e2b": ("gemma-4-e2b", "gemma4", _G4_SMALL, _G4_IDS, {}),
+    "gemma-4-e4b": ("gemma-4-e4b", "gemma4", _G4_SMALL, _G4_IDS, {}),
+    "gemma-4-12b": ("gemma-4-12b", "gemma4_unified", dict(model_type="gemma4_unified_vision", mm_embed_dim=3840,
+                                                          mm_posemb_size=1120, output_proj_dims=3840),
+                    _G4_IDS, {"model_type": "gemma4_unified_text"}),
+    "gemma-4-26b-a4b": ("gemma-4-26b-a4b", "gemma4", _G4_LARGE, _G4_IDS, {}),
+    "gemma-4-31b": ("gemma-4-31b", "gemma4", _G4_LARGE, _G4_IDS, {}),
+    "gemma-3-4b": ("gemma-3-4b", "gemma3", _SIGLIP, _G3_IDS, {}),
+    "gemma-3-12b": ("gemma-3-12b", "gemma3", _SIGLIP, _G3_IDS, {}),
+    "gemma-3-27b": ("gemma-3-27b", "gemma3", _SIGLIP, _G3_IDS, {}),
+    "tiny-e2b": ("tiny-e2b", "gemma4", dict(_TINY_G4, use_clipped_linears=True), _TINY_IDS, {}),
+    "tiny-31b": ("tiny-31b", "gemma4", dict(_TINY_G4, standardize=True), _TINY_IDS,
+                 {"use_bidirectional_attention": "vision"}),
+    "tiny-12b": ("tiny-12b", "gemma4_unified", dict(model_type="gemma4_unified_vision", mm_embed_dim=48,
+                                                    mm_posemb_size=1120, output_proj_dims=48), _TINY_IDS,
+                 {"model_type": "gemma4_unified_text", "use_bidirectional_attention": "vision"}),
+    "tiny-gemma-3-4b": ("tiny-gemma-3-4b", "gemma3", dict(_SIGLIP, hidden_size=32, intermediate_size=48,
+                                                          num_hidden_layers=2, num_attention_heads=2, image_size=56),
+                        dict(image_token_index=127, boi_token_index=125, eoi_token_index=124, mm_tokens_per_image=4),
+                        {}),
+}
+
+
+def multimodal_hf_config(name: str) -> dict[str, Any]:
+    """The whole config.json dict of a named multimodal variant: text_config, vision_config and the
+    placeholder ids (audio towers are left out: audio_config null)."""
+    try:
+        text_name, model_type, vision, ids, text_overrides = MULTIMODAL[name]
+    except KeyError:
+        raise KeyError(f"unknown multimodal variant {name!r}; known: {', '.join(MULTIMODAL)}") from None
+    text = variant_hf_config(text_name) | text_overrides
+    out = {"model_type": model_type, "text_config": text, "vision_config": dict(vision), **ids,
+           "tie_word_embeddings": True}
+    if model_type != "gemma3":
+        out["audio_config"] = None
+    return out

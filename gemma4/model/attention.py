@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import LayerSpec, TextConfig
 from .layers import RMSNorm, apply_rope
+from .merge import BLOCKS
 
 KV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys, values [B, Hkv, S, d]; key positions [B, S]
 
@@ -28,19 +29,28 @@ class LayerCache(Protocol):
         ...
 
 
-def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, dtype: torch.dtype,
+                   blocks: torch.Tensor | None = None, blocks_windowed: bool = True) -> torch.Tensor:
     """Additive mask [B, 1, Tq, S] (0 or -inf): a key is visible iff it exists, is not in the
     future, and is in the window. Additive rather than boolean: PyTorch's CPU attention takes a
     much slower path for boolean masks with grouped KV heads.
 
     Sliding layers see W keys including the query itself: q - W < k <= q. Padding queries
     (position -1) see every key, so their (unused) rows stay finite.
+    blocks [2, B, Tq] (gemma4.model.merge.block_bounds): a query also sees the future keys of its
+    image block, positions lo..hi. `blocks_windowed`: the window bounds the block too (on the
+    left only, as the reference: (causal | block) & window); else (causal & window) | block.
     """
     q = q_pos[:, :, None]
     k = k_pos[:, None, :]
     allowed = (k >= 0) & (k <= q)
+    block = None if blocks is None else (k >= blocks[0][:, :, None]) & (k <= blocks[1][:, :, None])
+    if block is not None and blocks_windowed:
+        allowed |= block
     if window is not None:
         allowed &= k > q - window
+    if block is not None and not blocks_windowed:
+        allowed |= block
     allowed |= q < 0
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))[:, None]
 
@@ -91,6 +101,8 @@ class Attention(nn.Module):
         d, heads, dim = spec.head_dim, config.num_attention_heads, config.hidden_size
         self.spec = spec
         self.scale = config.attn_scale
+        self.vision_blocks = spec.type in config.vision_block_types  # image tokens attend both ways in prefill
+        self.blocks_windowed = config.vision_blocks_windowed
         self.q_proj = nn.Linear(dim, heads * d, bias=False)
         self.q_norm = RMSNorm(d, config.rms_norm_eps, config.norm_offset)
         if not spec.shares_kv:  # KV-shared layers read their producer's K/V: no k/v weights at all
@@ -134,7 +146,8 @@ class Attention(nn.Module):
 
         Layers that compute K/V may write them to `cache`; KV-shared layers are handed `kv`.
         `masks` holds one mask per layer type for this forward: layers of a type see the same
-        key positions, so the first one builds it and the rest reuse it.
+        key positions, so the first one builds it and the rest reuse it. Its BLOCKS entry, when
+        present, holds the image-block bounds of the queries (gemma4.model.merge).
         """
         B, T, _ = x.shape
         q, raw = self.project(x)
@@ -144,6 +157,8 @@ class Attention(nn.Module):
             kv = (k, v, q_pos) if cache is None else cache.update(k, v, q_pos)
         mask = masks.get(self.spec.type)
         if mask is None:
-            mask = masks[self.spec.type] = attention_mask(q_pos, kv[2], self.spec.window, q.dtype)
+            blocks = masks.get(BLOCKS) if self.vision_blocks else None
+            mask = masks[self.spec.type] = attention_mask(q_pos, kv[2], self.spec.window, q.dtype, blocks,
+                                                          self.blocks_windowed)
         out = attend(q, kv[0], kv[1], mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), kv

@@ -18,9 +18,12 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..config import LayerSpec, TextConfig, check_context
+from ..config import LayerSpec, TextConfig, VisionConfig, check_context
 from .attention import KV, Attention, LayerCache
 from .layers import MLP, Experts, RMSNorm, Router, gelu, rope_cos_sin, rope_inv_freq
+from .merge import BLOCKS, block_bounds, merge, vision_groups
+from .siglip import Projector, SiglipTower
+from .vision import MultimodalEmbedder, UnifiedEmbedder, VisionTower
 
 
 class ModelCache(Protocol):
@@ -173,18 +176,22 @@ class TextModel(nn.Module):
         cache: ModelCache | None = None,
         keep: torch.Tensor | None = None,
         ple_tokens: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
     ) -> DecoderOutput:
         """Run the stack. `keep` (indices along T) lets the KV-shared tail skip unneeded rows.
 
         input_ids carry the token identity for PLE even when `inputs_embeds` (e.g. with merged
         image/audio soft tokens) are given; placeholder ids should then be the pad id 0.
         `ple_tokens`: the PLE table rows of input_ids if already looked up (`per_layer_tokens`).
+        `groups`: image-block ids of the tokens (see `Gemma.decode`).
         """
         c = self.config
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         ple = self.per_layer_inputs(input_ids, h, ple_tokens) if c.hidden_size_per_layer_input else None
         rope = {t: rope_cos_sin(getattr(self, f"inv_freq_{t}"), positions, h.dtype) for t in set(c.layer_types)}
         masks: dict[str, torch.Tensor] = {}
+        if groups is not None and c.vision_block_types and bool((groups >= 0).any()):
+            masks[BLOCKS] = block_bounds(groups.to(positions.device), positions)
         # Latest K/V per layer type; by the first KV-shared layer these are the producers' (spec 1.5).
         shared_kv: dict[str, KV] = {}
         q_pos = positions
@@ -194,7 +201,8 @@ class TextModel(nn.Module):
                 h, q_pos = h[:, keep], q_pos[:, keep]
                 ple = ple[:, keep] if ple is not None else None
                 rope = {t: (cos[:, keep], sin[:, keep]) for t, (cos, sin) in rope.items()}
-                masks, keep = {}, None
+                masks = {BLOCKS: masks[BLOCKS][:, :, keep]} if BLOCKS in masks else {}
+                keep = None
             cos, sin = rope[spec.type]
             h, kv = layer(
                 h,
@@ -213,13 +221,81 @@ class TextModel(nn.Module):
 
 
 class Gemma(nn.Module):
-    """Gemma causal LM: `model` (the decoder) plus the tied LM head and final soft-cap."""
+    """Gemma causal LM: `model` (the decoder) plus the tied LM head and final soft-cap; with a
+    `vision` config also the image side under the checkpoint's names (gemma4.model.vision):
+    `vision_tower` + `embed_vision` (Gemma 4), `vision_embedder` + `embed_vision` (12B),
+    `vision_tower` + `multi_modal_projector` (Gemma 3).
 
-    def __init__(self, config: TextConfig):
+    Images, as the engine drives them: `embed_media` turns one image's (or video frame's)
+    processor outputs into soft tokens; `media_inputs` (or the engine itself) places them over the
+    prompt's placeholders; `decode(..., inputs_embeds=, groups=)` runs the prefill.
+    """
+
+    def __init__(self, config: TextConfig, vision: VisionConfig | None = None):
         super().__init__()
         self.config = config
+        self.vision_config = vision
         self.model = TextModel(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, False)
+        if vision is not None:
+            if vision.text_hidden_size != config.hidden_size:
+                raise ValueError(f"vision config projects to width {vision.text_hidden_size}, the text model is "
+                                 f"{config.hidden_size} wide")
+            if vision.kind == "siglip":
+                self.vision_tower = SiglipTower(vision)
+                self.multi_modal_projector = Projector(vision)
+            else:
+                if vision.kind == "gemma4":
+                    self.vision_tower = VisionTower(vision)
+                else:
+                    self.vision_embedder = UnifiedEmbedder(vision)
+                self.embed_vision = MultimodalEmbedder(vision.hidden_size, config.hidden_size, vision.rms_norm_eps)
+
+    # -- images ---------------------------------------------------------------------------------------
+    def embed_media(self, pixel_values: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft tokens [n, D_text] of one image or video frame (or of N, concatenated in order).
+
+        Takes the reference processor's outputs: Gemma 4 and 12B `pixel_values` [N, max_patches,
+        3*p*p] in [0, 1] (the 12B: p = 48) with `position_ids` [N, max_patches, 2] (the processor's
+        image_position_ids / video_position_ids: (column, row), -1 at padding), N may be left out;
+        Gemma 3 `pixel_values` [N, 3, S, S] and no position ids. n = the image's placeholder
+        count: valid patches / 9 (Gemma 4), valid patches (12B), mm_tokens_per_image (Gemma 3).
+        """
+        v = self.vision_config
+        if v is None:
+            raise ValueError("this model has no vision tower (a text-only checkpoint, or loaded with text_only=True); "
+                             "send text only, or load a multimodal checkpoint without text_only")
+        if v.kind == "siglip":
+            x = pixel_values[None] if pixel_values.dim() == 3 else pixel_values
+            if x.dim() != 4 or tuple(x.shape[1:]) != (3, v.image_size, v.image_size):
+                raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: this Gemma 3 model takes "
+                                 f"[N, 3, {v.image_size}, {v.image_size}] from its processor")
+            return self.multi_modal_projector(self.vision_tower(x)).flatten(0, 1)
+        x, pos = (pixel_values[None], position_ids) if pixel_values.dim() == 2 else (pixel_values, position_ids)
+        side = v.patch_size * (v.pooling_kernel_size if v.kind == "unified" else 1)
+        if pos is not None and pos.dim() == 2:
+            pos = pos[None]
+        if x.dim() != 3 or x.shape[-1] != 3 * side * side or pos is None or tuple(pos.shape) != (*x.shape[:2], 2):
+            raise ValueError(f"pixel_values {tuple(pixel_values.shape)} and position_ids "
+                             f"{None if position_ids is None else tuple(position_ids.shape)}: this model takes "
+                             f"[N, patches, {3 * side * side}] and [N, patches, 2] from its processor")
+        pos = pos.to(x.device, torch.long)
+        soft = self.vision_tower(x, pos) if v.kind == "gemma4" else self.vision_embedder(x, pos)
+        return self.embed_vision(soft)
+
+    def media_inputs(self, input_ids: torch.Tensor, soft_tokens: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keyword arguments of `decode` for a prompt with images: input_ids (placeholders -> the pad
+        id), inputs_embeds (soft tokens over the placeholders, in order) and groups (each run of
+        placeholders one block). soft_tokens: `embed_media` outputs in prompt order (batch rows in
+        order). Raises ValueError when the counts differ."""
+        v = self.vision_config
+        placeholders = v.placeholder_ids if v is not None else ()
+        ids, embeds = merge(self.model.embed, input_ids, soft_tokens, placeholders, self.config.pad_token_id)
+        out = {"input_ids": ids, "inputs_embeds": embeds}
+        groups = vision_groups(input_ids, placeholders) if placeholders else None
+        if groups is not None:
+            out["groups"] = groups
+        return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # A tied model may be given an lm_head, a repacked copy of the table (gemma4.engine.cpu).
@@ -239,6 +315,7 @@ class Gemma(nn.Module):
         cache: ModelCache | None = None,
         logits_to_keep: int | torch.Tensor | None = None,
         ple_tokens: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
     ) -> DecoderOutput:
         """Hidden states (final-normed) for the kept positions, plus the producers' K/V.
 
@@ -246,6 +323,14 @@ class Gemma(nn.Module):
         what the cache holds, or to `attention_mask.cumsum(-1) - 1` (left padding takes no
         position). logits_to_keep: an int n keeps the last n positions; a tensor keeps those
         indices; None keeps all. ple_tokens: the PLE table rows of input_ids, if already looked up.
+
+        inputs_embeds [B, T, D]: input embeddings with soft tokens merged (`media_inputs`); input_ids
+        must then hold the pad id at the placeholders (PLE reads them). groups [B, T] long, for a
+        prefill with images: -1 for text, one id >= 0 per image or video frame; tokens of one
+        block attend to each other both ways within this forward on the layer types where the
+        reference does (Gemma 3 all; Gemma 4 12B/26B/31B sliding only; E2B/E4B none: ignored),
+        everything else stays causal / sliding. A block must not be split across forwards.
+        Decode steps pass no groups. None costs nothing.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -265,7 +350,7 @@ class Gemma(nn.Module):
         elif isinstance(logits_to_keep, torch.Tensor):
             keep = logits_to_keep.to(input_ids.device)
         return self.model(input_ids, positions, inputs_embeds=inputs_embeds, cache=cache, keep=keep,
-                          ple_tokens=ple_tokens)
+                          ple_tokens=ple_tokens, groups=groups)
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits [B, T', V] (soft-capped); keyword arguments as in `decode`."""

@@ -44,7 +44,7 @@ def quantize_checkpoint(
     entries = list(requantizing(ckpt.entries(torch.float32), qconfig["tensors"]))
     device = torch.device(device or "cpu")
     return build(ckpt.config, entries, parse_dtype(dtype, device), device, str(ckpt.source), qconfig,
-                 prepare_quantized)
+                 prepare_quantized, text_only=True)  # the quantized model is the text model
 
 
 def requantizing(entries, tensors: dict[str, dict]):

@@ -2,9 +2,11 @@
 
 The model is built on the meta device (no memory), then every parameter is assigned a tensor
 from the checkpoint (memory-mapped, converted only when the dtype or device differs). Loading is
-strict: a missing, unexpected or mis-shaped tensor is an error naming it. The only exceptions
-are explicit: the towers of multimodal checkpoints (not supported yet, skipped with a notice),
-the tied LM head, and the unused K/V weights that released checkpoints ship for KV-shared layers.
+strict: a missing, unexpected or mis-shaped tensor is an error naming it, vision towers included.
+The only exceptions are explicit: audio towers (not supported yet, skipped with a notice), the
+vision side when loading `text_only` (skipped on purpose, one log line), the tied LM head, the
+unused K/V weights that released checkpoints ship for KV-shared layers, and a SigLIP pooling
+head that Gemma 3 does not use.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ConfigError, TextConfig
+from ..config import ConfigError, TextConfig, VisionConfig
 from ..model import Gemma
 from .errors import CheckpointError
 from .hub import resolve
@@ -28,10 +30,21 @@ from .safetensors import open_tensors, read_config, shard_files
 
 log = logging.getLogger(__name__)
 
-TEXT_PREFIXES = ("model.language_model.", "model.")  # multimodal, then text-only layout
-# Parts of multimodal checkpoints that the text model does not use (yet).
-TOWER_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
-                  "model.vision_embedder.")
+TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")  # multimodal (v5, v4), text-only
+# Checkpoint prefix -> our module's (the released layouts and what transformers 5 writes; first match wins).
+VISION_PREFIXES = (
+    ("model.vision_tower.vision_model.", "vision_tower."), ("vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower."), ("vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."), ("multi_modal_projector.", "multi_modal_projector."),
+    # The 12B: on disk vision_embedder.* and embed_vision.embedding_projection; transformers' in-memory
+    # names (embed_vision.patch_ln1, embed_vision.multimodal_embedder.*) are accepted too.
+    ("model.vision_embedder.", "vision_embedder."), ("model.embed_vision.multimodal_embedder.", "embed_vision."),
+    *((f"model.embed_vision.{n}", f"vision_embedder.{n}") for n in ("patch_ln1", "patch_dense", "patch_ln2",
+                                                                   "pos_embedding", "pos_norm")),
+    ("model.embed_vision.", "embed_vision."),
+)
+# Audio towers: not supported yet (another issue); skipped with a notice.
+AUDIO_PREFIXES = ("model.audio_tower.", "model.embed_audio.")
 Entry = tuple[str, Callable[[], torch.Tensor], tuple[int, ...]]  # (checkpoint name, lazy getter, shape)
 # Swaps the weights a `quantization_config` lists for quantized placeholders on the meta model and
 # returns the names of the tensors to assign as stored (gemma4.quant.prepare_quantized). A hook, so
@@ -73,12 +86,23 @@ def ignored_keys(config: TextConfig) -> set[str]:
 
 
 def canonical_name(name: str) -> str | None:
-    """Checkpoint name -> our parameter name; None for tower tensors we skip."""
-    if name.startswith(TOWER_PREFIXES):
+    """Checkpoint name -> our parameter name; None for the audio tensors we skip."""
+    if name.startswith(AUDIO_PREFIXES):
         return None
-    if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model."):]
+    for theirs, ours in VISION_PREFIXES:
+        if name.startswith(theirs):
+            return ours + name[len(theirs):]
+    if name == "language_model.lm_head.weight":
+        return "lm_head.weight"
+    for prefix in TEXT_PREFIXES[:2]:
+        if name.startswith(prefix):
+            return "model." + name[len(prefix):]
     return name
+
+
+def is_vision(name: str) -> bool:
+    """Whether one of our parameter names belongs to the image side (skipped by text_only)."""
+    return name.startswith(("vision_tower.", "vision_embedder.", "embed_vision.", "multi_modal_projector."))
 
 
 @dataclass
@@ -92,6 +116,7 @@ class Checkpoint:
     raw: dict  # config.json (or the GGUF metadata as config.json keys)
     _tensors: Callable[[torch.dtype], list[Entry]]
     gguf: Any = None
+    vision: VisionConfig | None = None  # the image side of a multimodal checkpoint
 
     def entries(self, gguf_dtype: torch.dtype = torch.float32) -> list[Entry]:
         """Lazy tensors: memory-mapped safetensors, or GGUF tensors dequantized to `gguf_dtype` one
@@ -109,13 +134,17 @@ def load_model(
     device: torch.device | str | None = None,
     revision: str | None = None,
     prepare: Prepare | None = None,
+    text_only: bool = False,
 ) -> Gemma:
-    """Load a Gemma 3/4 text model from a local checkpoint, a .gguf file, a Hub id or an opened
-    `Checkpoint`. A quantized checkpoint needs `prepare` (`gemma4.load_model` passes gemma4.quant's)."""
+    """Load a Gemma 3/4 model from a local checkpoint, a .gguf file, a Hub id or an opened
+    `Checkpoint`: the text model, and the image side of a multimodal checkpoint unless `text_only`
+    (which skips it on purpose, to save memory). A quantized checkpoint needs `prepare`
+    (`gemma4.load_model` passes gemma4.quant's)."""
     device = torch.device(device or "cpu")
     dtype = parse_dtype(dtype, device)
     ckpt = path_or_id if isinstance(path_or_id, Checkpoint) else open_checkpoint(path_or_id, revision)
-    return build(ckpt.config, ckpt.entries(dtype), dtype, device, str(ckpt.source), ckpt.quantization, prepare)
+    return build(ckpt.config, ckpt.entries(dtype), dtype, device, str(ckpt.source), ckpt.quantization, prepare,
+                 vision=ckpt.vision, text_only=text_only)
 
 
 def open_checkpoint(path_or_id: str | Path, revision: str | None = None) -> Checkpoint:
@@ -140,13 +169,14 @@ def open_checkpoint(path_or_id: str | Path, revision: str | None = None) -> Chec
             return found
     try:
         config = TextConfig.from_hf_dict(raw)
+        vision = VisionConfig.from_hf_dict(raw, config)
     except ConfigError as e:
         fix = ("Download or convert the file again" if gguf is not None
                else "Fix config.json, or use the one that came with these weights")
         raise CheckpointError(f"{source}: {str(e).rstrip('.')}. {fix}.") from None
     if gguf is None:  # a GGUF file checks its block_count against its blk.N tensors itself
         _check_layer_count(config, found, source)
-    return Checkpoint(source, config, raw, tensors, gguf)
+    return Checkpoint(source, config, raw, tensors, gguf, vision)
 
 
 def _check_layer_count(config: TextConfig, entries: list[Entry], source: Path) -> None:
@@ -178,14 +208,17 @@ def build(
     source: str = "checkpoint",
     quantization: dict | None = None,
     prepare: Prepare | None = None,
+    vision: VisionConfig | None = None,
+    text_only: bool = False,
 ) -> Gemma:
     """Build on meta and assign checkpoint tensors, strictly (see module docstring).
 
     `quantization`: a gemma4.quant `quantization_config`; `prepare` swaps its quantized weights in on
     meta first, and their tensors are assigned as stored (no dtype cast, no re-quantization).
+    `vision`: the image side to build and load; `text_only` skips it (and its tensors) on purpose.
     """
     with torch.device("meta"):
-        model = Gemma(config)
+        model = Gemma(config, None if text_only else vision)
     as_stored: set[str] = set()
     if quantization is not None:
         if prepare is None:
@@ -197,16 +230,23 @@ def build(
             raise CheckpointError(f"{source}: {e}") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     ignore = ignored_keys(config)
+    # A SigLIP config may declare a pooling head (transformers' default) that Gemma 3 never runs.
+    ignore_prefix = ("vision_tower.head.",) if vision is not None and vision.vision_use_head else ()
     found: dict[str, tuple[Callable[[], torch.Tensor], tuple[int, ...]]] = {}
-    skipped = 0
+    audio = unused_vision = 0
     for name, get, shape in entries:
         ours = canonical_name(name)
         if ours is None:
-            skipped += 1
-        elif ours not in ignore:
+            audio += 1
+        elif text_only and is_vision(ours):
+            unused_vision += 1
+        elif ours not in ignore and not ours.startswith(ignore_prefix or ("\0",)):
             found[ours] = (get, shape)
-    if skipped:
-        log.warning("%s: skipped %d vision/audio tensors (only the text model is supported so far)", source, skipped)
+    if audio:
+        log.warning("%s: skipped %d audio tensors (audio input is not supported yet)", source, audio)
+    if unused_vision:
+        log.warning("%s: text_only: skipped the %d vision tensors (images cannot be sent to this model)",
+                 source, unused_vision)
     _check(expected, found, source)
 
     state = {}
