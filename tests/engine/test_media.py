@@ -128,3 +128,56 @@ def test_span_helpers():
     assert keyed_tokens([1] * 12, [MediaInput(4, 6, "other", lambda: None)])[4:10] != keyed[4:10]
     with pytest.raises(ValueError, match="overlaps"):
         Sequence(GenerationRequest([1] * 12, 2, media=(s, MediaInput(8, 2, "x", lambda: None))), 100, 64)
+
+
+@pytest.fixture(scope="module")
+def vision_models(tmp_path_factory):
+    """Our tiny multimodal models (31B-like: image blocks on sliding layers; Gemma 3: on all), loaded
+    from transformers' save_pretrained output, in float64."""
+    from vision_refs import hf_multimodal
+
+    from gemma4.weights import load_model
+
+    out = {}
+    for layout in ("31b", "gemma3"):
+        path = tmp_path_factory.mktemp(layout)
+        hf_multimodal(layout).save_pretrained(path)
+        out[layout] = load_model(path, dtype=torch.float32).double()
+    return out
+
+
+@pytest.mark.parametrize("layout", ["31b", "gemma3"])
+def test_images_in_the_engine_equal_one_full_forward(vision_models, layout):
+    """Two images with bidirectional blocks, prefilled in chunks of 4 (each image whole in one
+    forward): the engine's logits equal one forward over the model's own merge; the same prompt
+    again reuses its cached prefix and encodes no image."""
+    from vision_refs import IMAGE, images, prompt
+
+    from gemma4.engine.media import MediaInput
+
+    model = vision_models[layout]
+    media = images(layout)
+    ids = prompt(media["counts"], tail=8)[0].tolist()  # a block boundary (16) outside both images
+    calls = []
+
+    def encoder(i):
+        def encode():
+            calls.append(i)
+            pos = media.get("image_position_ids")
+            return model.embed_media(media["pixel_values"][i].double(), None if pos is None else pos[i])
+        return encode
+
+    starts = [t for t in range(len(ids)) if ids[t] == IMAGE and (t == 0 or ids[t - 1] != IMAGE)]
+    spans = [MediaInput(s, n, f"image-{i}", encoder(i)) for i, (s, n) in enumerate(zip(starts, media["counts"]))]
+    with torch.no_grad():
+        soft = [model.embed_media(media["pixel_values"][i].double(),
+                                  None if "image_position_ids" not in media else media["image_position_ids"][i])
+                for i in range(2)]
+        want = model(**model.media_inputs(torch.tensor([ids]), soft))[0, -1]
+    engine = Engine(model, max_len=64, prefill_chunk=4, prefix_cache=256)
+    logits, chunks, _ = _prefill(engine, ids, spans)
+    assert all(c <= 4 or c in media["counts"] for c in chunks) and max(media["counts"]) in chunks
+    torch.testing.assert_close(logits, want, rtol=0, atol=1e-10)
+    again, _, cached = _prefill(engine, ids, spans)
+    torch.testing.assert_close(again, want, rtol=0, atol=1e-10)
+    assert cached > 0 and calls == [0, 1]
