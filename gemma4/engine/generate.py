@@ -17,7 +17,7 @@ import torch
 
 from ..config import ContextLengthError
 from .core import Engine
-from .sampling import SamplingParams
+from .sampling import SamplingParams, sampling_from
 from .sequence import Constraint, GenerationRequest, TokenEvent
 
 TokenStep = TokenEvent  # what a step yields per sequence (token, logprob, top_logprobs, finish_reason)
@@ -119,6 +119,7 @@ def stream_generate(
     constraints: list[Constraint] | None = None,
     add_bos: bool | None = None,
     engine: Engine | None = None,
+    **sampling_options,
 ) -> Iterator[GenerationResponse]:
     """Generate from one prompt, yielding a response per token; the last one has finish_reason set.
 
@@ -126,10 +127,13 @@ def stream_generate(
     add_bos=None follows the tokenizer (base checkpoints add <bos>; chat prompts carry their own).
     `engine`: an `Engine` kept from one call to the next, e.g. with a compiled step
     (`Engine(model, mode="compile")`) or a prefix cache (a chat re-prefills only its new turn).
+    Greedy unless told: `sampling=SamplingParams(...)`, or its fields as keywords (`temperature=0.7,
+    top_p=0.9, seed=1`), as `gemma4 generate --temp 0.7 --top-p 0.9 --seed 1`.
     """
+    sampling = sampling_from(sampling, **sampling_options)
     ids = tokenizer.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
     stops = set(model.config.eos_token_id) if stop_token_ids is None else set(stop_token_ids)
-    request = GenerationRequest(ids, max_tokens, sampling or SamplingParams(), frozenset(stops), logprobs,
+    request = GenerationRequest(ids, max_tokens, sampling, frozenset(stops), logprobs,
                                 list(constraints or []), logit_bias, stop, tokenizer)
     start = time.perf_counter()
     gen = Generation(model, [request], engine)
@@ -159,10 +163,12 @@ def batch_generate(
     sampling: SamplingParams | list[SamplingParams] | None = None,
     stop_token_ids: set[int] | None = None,
     add_bos: bool | None = None,
+    **sampling_options,
 ) -> list[str]:
-    """Completions for several prompts in one batch (same tokens as generating them one by one)."""
+    """Completions for several prompts in one batch (same tokens as generating them one by one).
+    Greedy unless told, as `stream_generate`."""
     ids = [tokenizer.encode(p, add_bos=add_bos) if isinstance(p, str) else list(p) for p in prompts]
-    params = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(ids)
+    params = sampling if isinstance(sampling, list) else [sampling_from(sampling, **sampling_options)] * len(ids)
     stops = set(model.config.eos_token_id) if stop_token_ids is None else set(stop_token_ids)
     out: list[list[int]] = [[] for _ in ids]
     for steps in TokenGenerator(model, ids, params, [max_tokens] * len(ids), stops):
