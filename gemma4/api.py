@@ -157,6 +157,8 @@ class ChatResponse:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose K/V the engine's prefix cache supplied
+    prompt_tps: float = 0.0  # prefill speed, tokens/s
+    generation_tps: float = 0.0  # decode speed, tokens/s
 
 
 def stream_chat(
@@ -170,12 +172,13 @@ def stream_chat(
     sampling: SamplingParams | None = None,
     chat_format: ChatFormat | None = None,
     engine: Engine | None = None,
+    on_prefill=None,
     **sampling_options,
 ) -> Iterator[ThoughtDelta | ContentDelta | ToolCallComplete | ChatResponse]:
     """Stream a chat turn: thought and content deltas, completed tool calls, then the ChatResponse.
     `chat_format`: the checkpoint's (from `load`); None uses the family's built-in format.
-    `engine`: as for `stream_generate`; keep one across turns to reuse its compiled step and, with
-    a prefix cache, the K/V of the conversation so far. Greedy unless told (`sampling=` or
+    `engine`, `on_prefill`: as for `stream_generate`; keep an engine across turns to reuse its
+    compiled step and, with a prefix cache, the K/V of the conversation so far. Greedy unless told (`sampling=` or
     `temperature=0.7, top_p=0.9, ...` as keywords), as `gemma4 chat` is."""
     sampling = sampling_from(sampling, **sampling_options)
     fmt = chat_format or ChatFormat(model.config.family)
@@ -183,7 +186,8 @@ def stream_chat(
     parser = fmt.stream_parser(prompt=prompt)
     text, last = [], None
     for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampling=sampling,
-                             stop_token_ids=set(fmt.stop_token_ids), add_bos=False, engine=engine):
+                             stop_token_ids=set(fmt.stop_token_ids), add_bos=False, engine=engine,
+                             on_prefill=on_prefill):
         text.append(r.text)
         yield from parser.feed(r.text)
         last = r
@@ -192,7 +196,8 @@ def stream_chat(
     finish = "tool_calls" if turn.tool_calls else last.finish_reason if last else None
     yield ChatResponse(turn.content, turn.reasoning, turn.tool_calls, turn.tool_call_errors, finish,
                        last.prompt_tokens if last else 0, last.generation_tokens if last else 0,
-                       last.cached_tokens if last else 0)
+                       last.cached_tokens if last else 0, last.prompt_tps if last else 0.0,
+                       last.generation_tps if last else 0.0)
 
 
 def chat_reply(model, tokenizer, messages: list[dict], **kwargs) -> ChatResponse:
