@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .helptext import HelpFormatter
+
 MODEL_HELP = ("checkpoint directory, .gguf file or Hugging Face Hub id (e.g. google/gemma-4-E2B-it); "
               "default: the embedded gemma-3-270m")
 
@@ -78,15 +80,6 @@ def version() -> str:
         return installed("gemma4")
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown (not installed)"
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's default in its help, except where there is none to show."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:

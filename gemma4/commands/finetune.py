@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from ..helptext import RawHelpFormatter
 from ..train import LoraConfig, TrainConfig, finetune
 from ..train.parallel import init_distributed
 from ..train.rundir import check_out
@@ -164,5 +165,5 @@ def load_base(model: str | None, config: TrainConfig):
 
 def main(argv: list[str] | None = None) -> int:
     parser = add_arguments(argparse.ArgumentParser(prog="gemma4 finetune", description=DESCRIPTION, epilog=EPILOG,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+                                                   formatter_class=RawHelpFormatter))
     return run(parser.parse_args(argv))
