@@ -186,7 +186,7 @@ def stream_chat(
     parser = fmt.stream_parser(prompt=prompt)
     text, last = [], None
     for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampling=sampling,
-                             stop_token_ids=set(fmt.stop_token_ids), add_bos=False, engine=engine,
+                             stop_token_ids=turn_stop_ids(fmt, tokenizer), add_bos=False, engine=engine,
                              on_prefill=on_prefill):
         text.append(r.text)
         yield from parser.feed(r.text)
@@ -198,6 +198,14 @@ def stream_chat(
                        last.prompt_tokens if last else 0, last.generation_tokens if last else 0,
                        last.cached_tokens if last else 0, last.prompt_tps if last else 0.0,
                        last.generation_tps if last else 0.0)
+
+
+def turn_stop_ids(fmt: ChatFormat, tokenizer) -> set[int]:
+    """The ids that end an assistant turn: the format's stop ids, and every special token the
+    format does not write inside a reply (`<start_of_turn>`, `<unused71>`, ...): a model that emits
+    one has left its turn (a base model tuned on a few chats does), and its text must not leak."""
+    inside = set(fmt.special_token_ids.values()) - {0, 2, 3, 4, 105}  # pad, bos, unk, mask, a new turn
+    return set(fmt.stop_token_ids) | (set(getattr(tokenizer, "special_ids", ())) - inside)
 
 
 def chat_reply(model, tokenizer, messages: list[dict], **kwargs) -> ChatResponse:

@@ -169,6 +169,9 @@ def load_base(model: str | None, config: TrainConfig):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="gemma4 finetune", description=DESCRIPTION, epilog=EPILOG,
-                                                   formatter_class=RawHelpFormatter))
-    return run(parser.parse_args(argv))
+    return run(parser().parse_args(argv))
+
+
+def parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog="gemma4 finetune", description=DESCRIPTION, epilog=EPILOG,
+                                                 formatter_class=RawHelpFormatter))

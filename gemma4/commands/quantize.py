@@ -72,11 +72,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`gemma4 quantize ...` (dispatched from gemma4/cli.py, which turns ValueError/OSError into messages)."""
-    parser = argparse.ArgumentParser(prog="gemma4 quantize", epilog=EXAMPLES,
-                                     formatter_class=RawHelpFormatter,
+    return run(parser().parse_args(argv))
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma4 quantize", epilog=EXAMPLES, formatter_class=RawHelpFormatter,
                                      description="Quantize a checkpoint's weights to int8 or int4 and save it.")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return parser
 
 
 def run(args: argparse.Namespace) -> int:

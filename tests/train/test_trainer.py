@@ -166,8 +166,10 @@ def test_a_merged_export_that_would_fail_is_refused_before_training(tmp_path):
     assert (tmp_path / "taken" / "mine.txt").read_text() == "keep me"
 
 
-def test_generate_chat_and_serve_use_an_adapter_unmerged(tmp_path, capsys, monkeypatch):
-    """`--adapter DIR` on generate / chat / serve: the base weights stay as stored, LoRA layers add B·A."""
+def test_generate_chat_and_serve_use_an_adapter(tmp_path, capsys, monkeypatch):
+    """`--adapter DIR` on generate / chat / serve: merged into a float base on load (an unmerged
+    adapter decoded ~2.5x slower: a second pass over each adapted layer per token), computing what
+    the unmerged adapter computes; `merge_adapter=False` and a quantized base keep it unmerged."""
     import argparse
     import io
 
@@ -183,7 +185,7 @@ def test_generate_chat_and_serve_use_an_adapter_unmerged(tmp_path, capsys, monke
     for _, m in lora_modules(donor):
         torch.nn.init.normal_(m.lora_B.weight, std=0.5)
     save_adapter(donor, tmp_path / "run", LoraConfig(r=4, alpha=8))
-    model, _, _ = gemma4.load(base, adapter=tmp_path / "run")
+    model, _, _ = gemma4.load(base, adapter=tmp_path / "run", merge_adapter=False)
     plain = load_model(base)
     adapted = dict(lora_modules(model))
     assert len(adapted) == 7 * len(plain.model.layers) and not any(m.lora_merged for m in adapted.values())
@@ -206,24 +208,25 @@ def test_generate_chat_and_serve_use_an_adapter_unmerged(tmp_path, capsys, monke
                         "--adapter", str(tmp_path / "run"), "--exact"]) == 0
     out, err = capsys.readouterr()
     assert f"with the adapter {tmp_path / 'run'}" in err
-    greedy = gemma4.SamplingParams(temperature=0)  # the CLI's default; the API's is 1.0
-    assert out.strip() == "swap a b" + gemma4.generate(model, tiny_tokenizer(), "swap a b", max_tokens=4,
-                                                       sampling=greedy)
+    assert out.strip() == "swap a b" + gemma4.generate(model, tiny_tokenizer(), "swap a b", max_tokens=4)
     used = loaded[-1][0]
-    assert not any(m.lora_merged for _, m in lora_modules(used))
-    assert torch.equal(used.get_submodule(q).weight, plain.get_submodule(q).weight)
+    assert not dict(lora_modules(used))  # merged: plain layers again
+    assert not torch.equal(used.get_submodule(q).weight, plain.get_submodule(q).weight)
     with torch.no_grad():
-        torch.testing.assert_close(used(ids), model(ids), rtol=0, atol=0)
+        torch.testing.assert_close(used(ids), model(ids), rtol=1e-4, atol=1e-4)
 
     monkeypatch.setattr("sys.stdin", io.StringIO("swap a b\n"))
     assert gemma4_main(["chat", "--model", str(base), "--adapter", str(tmp_path / "run"), "--max-tokens", "3",
                         "--exact"]) == 0
     assert "with the adapter" in capsys.readouterr().err
-    assert len(dict(lora_modules(loaded[-1][0]))) == len(adapted)
+    assert not dict(lora_modules(loaded[-1][0]))
 
     args = add_serve_arguments(argparse.ArgumentParser()).parse_args(["--adapter", str(tmp_path / "run")])
-    served, _, _ = load_checkpoint(str(base), adapter=args.adapter)
-    assert len(dict(lora_modules(served))) == len(adapted)
+    served, _, _ = load_checkpoint(str(base), adapter=args.adapter, exact=True)
+    with torch.no_grad():
+        torch.testing.assert_close(served(ids), model(ids), rtol=1e-4, atol=1e-4)
+    over_int8, _, _ = gemma4.load(base, adapter=tmp_path / "run", quantize="int8")  # cannot merge: stays apart
+    assert len(dict(lora_modules(over_int8))) == len(adapted)
 
     # A directory that is no adapter: a one-line error that says what is missing.
     assert gemma4_main(["generate", "hi", "--model", str(base), "--adapter", str(tmp_path)]) == 1
