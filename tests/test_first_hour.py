@@ -16,6 +16,11 @@ import gemma4
 from gemma4.cli import main
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """The tiny model is latency-bound: one intra-op thread is faster on a busy machine."""
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from serve.serve_helpers import save_checkpoint
@@ -48,7 +53,7 @@ def test_api_is_greedy_by_default_like_the_cli(tiny, loaded, capsys):
     assert capsys.readouterr().out == prompt + api + "\n"
     sampled = [gemma4.generate(model, tok, prompt, max_tokens=8, temperature=5.0, top_p=0.95, seed=s) for s in (1, 1)]
     assert sampled[0] == sampled[1]  # keywords reach the sampler: seeded draws repeat
-    assert gemma4.generate(model, tok, prompt, max_tokens=8, temp=5.0, seed=1) == sampled[0] or True
+    assert gemma4.generate(model, tok, prompt, max_tokens=8, temp=5.0, top_p=0.95, seed=1) == sampled[0]  # mlx-lm
     reply = gemma4.chat_reply(model, tok, [{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
     assert reply.completion_tokens <= 4
     with pytest.raises(TypeError, match="temprature"):
@@ -172,14 +177,17 @@ def test_help_describes_and_lists_only_released_variants(capsys):
 def test_a_chat_turn_ends_at_any_special_token_outside_the_format():
     """A base model tuned on a few chats wrote `<unused71>` and went on: every special token a
     reply never contains ends the turn (and so never reaches the text)."""
+    from types import SimpleNamespace
+
     from gemma4.api import turn_stop_ids
     from gemma4.chat import ChatFormat
-    from gemma4.weights import open_checkpoint
 
-    tok, _ = gemma4.api.load_tokenizer(open_checkpoint(gemma4.default_model_path()))
+    unused71 = 77  # as in the embedded gemma-3-270m's vocabulary, where ids 0-4 and 6-... are control tokens
+    tok = SimpleNamespace(special_ids=frozenset({0, 1, 2, 3, 4, 48, 49, 50, 52, 100, 101, 105, 106, unused71}))
     stops = turn_stop_ids(ChatFormat("gemma3"), tok)
-    assert {1, 106, 105, tok.token_to_id("<unused71>")} <= stops
+    assert {0, 1, 2, 3, 4, 105, 106, unused71} <= stops  # <pad> or <bos> in a reply: the turn is over too
     g4 = turn_stop_ids(ChatFormat("gemma4"), tok)
+    assert {1, 106, 50, 105, unused71} <= g4
     assert not {48, 49, 52, 100, 101} & g4  # tool calls and thoughts are written inside a reply
 
 
