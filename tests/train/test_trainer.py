@@ -254,3 +254,21 @@ def test_learning_rate_warms_up_then_decays_by_cosine():
     assert all(a >= b for a, b in itertools.pairwise(f[3:]))  # non-increasing after warm-up
     assert f[12] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
     assert f[20] == pytest.approx(0.1)
+
+
+@pytest.mark.slow  # ~20 s on a busy 2-core machine
+def test_the_defaults_learn_from_a_small_file(tmp_path, caplog):
+    """48 conversations with the default schedule and learning rate: enough steps, a short warm-up,
+    stated in the log, and the loss falls. The old defaults (1 epoch = 6 steps, all inside a
+    10-step warm-up at lr 2e-4) barely moved it: validation loss 12.41 -> 12.11, against
+    12.41 -> 7.60 now (measured with this test's data and seed)."""
+    train, held_out = swap_task()
+    model, tok = tiny("tiny-12b")
+    config = TrainConfig(micro_batch_size=8, gradient_checkpointing=False, progress=False)
+    with caplog.at_level("INFO"):
+        result = finetune(model, write_jsonl(tmp_path / "train.jsonl", [conversation(a, b) for a, b in train[:48]]),
+                          val=write_jsonl(tmp_path / "val.jsonl", [conversation(a, b) for a, b in held_out[:16]]),
+                          out=tmp_path / "run", tokenizer=tok, config=config)
+    assert "training 24 steps (4 epochs, chosen for a small dataset" in caplog.text
+    assert result.steps == 24
+    assert result.val_losses[-1][1] < 0.75 * result.val_losses[0][1], result.val_losses
