@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Serve a model over an OpenAI-compatible HTTP API: /v1/chat/completions and /v1/completions
-(streaming, tools, structured output), /v1/models, /health, /metrics. Requests are batched
-together on one decode engine. Every flag has a GEMMA4_* environment twin (e.g. GEMMA4_PORT);
-the flag wins. See docs/serving.md."""
+(streaming, tools, structured output), /v1/models, /health, /metrics, and a chat page at /
+(off with --no-ui). Requests are batched together on one decode engine. Every flag has a
+GEMMA4_* environment twin (e.g. GEMMA4_PORT); the flag wins. See docs/serving.md."""
 
 EPILOG = """\
 examples:
