@@ -17,7 +17,7 @@ import torch
 
 from .chat import ChatFormat, ChatTemplate, ContentDelta, ThoughtDelta, ToolCall, ToolCallComplete, ToolCallError
 from .engine.generate import stream_generate
-from .engine.sampling import SamplingParams
+from .engine.sampling import SamplingParams, sampling_from
 from .engine.core import Engine
 from .model import Gemma
 from .tokenizer import Tokenizer
@@ -52,7 +52,7 @@ def load_model(path_or_id: str | Path | Checkpoint, dtype: torch.dtype | str | N
 
 
 def load(
-    path_or_id: str | Path | None = None,
+    path_or_id: str | Path | Checkpoint | None = None,
     *,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
@@ -60,18 +60,25 @@ def load(
     adapter: str | Path | None = None,
     quantize: str | None = None,
     group_size: int = 64,
+    merge_adapter: bool | None = None,
 ) -> Loaded:
     """Model, tokenizer and chat format from a checkpoint dir, a .gguf file or a Hub id; None = the
     embedded 270M. The chat format is the checkpoint's own template when it has one.
 
-    `adapter`: a LoRA adapter directory (`gemma4 finetune`'s or PEFT's) applied without merging:
-    the base weights stay as loaded and each adapted layer adds its low-rank term.
+    `adapter`: a LoRA adapter directory (`gemma4 finetune`'s or PEFT's). `merge_adapter` None (the
+    default) folds it into the weights when they are float (an unmerged adapter costs a second
+    pass over each adapted layer per token, about 2.5x slower decode on CPU) and keeps it unmerged,
+    as its own low-rank term, over quantized weights, which cannot take it; True/False force.
     `quantize`: "int8" or "int4" (groups of `group_size`) quantizes a float or GGUF checkpoint
     while loading it, one tensor at a time, so no float copy of the model is ever held (what
     `gemma4 quantize` saves; an already quantized checkpoint loads as it is stored, without this).
     """
-    source = resolve(path_or_id, revision=revision) if path_or_id is not None else default_model_path()
-    ckpt = open_checkpoint(source)
+    check_device(device)
+    if isinstance(path_or_id, Checkpoint):
+        ckpt = path_or_id
+    else:
+        ckpt = open_checkpoint(resolve(path_or_id, revision=revision) if path_or_id is not None
+                               else default_model_path())
     if quantize is not None:
         from .quant import quantize_checkpoint
 
@@ -80,9 +87,53 @@ def load(
         model = load_model(ckpt, dtype=dtype, device=device)
     if adapter is not None:
         from .train.adapter import apply_adapter
+        from .train.lora import unload_lora
 
         apply_adapter(model, adapter)
+        quantized = quantize is not None or ckpt.quantization is not None
+        if merge_adapter or (merge_adapter is None and not quantized):
+            unload_lora(model, merge_weights=True)  # plain layers again, the update folded in
     return Loaded(model, *load_tokenizer(ckpt))
+
+
+_INSTRUCT_TAGS = {"it", "instruct", "chat"}
+_BASE_TAGS = {"pt", "base", "pretrained"}
+
+
+def is_base_model(ckpt: Checkpoint) -> bool:
+    """Whether a checkpoint is a base (pretrained-only) model, from what it says of itself: a GGUF's
+    `general.finetune`/`general.name` tags ("it" vs "pt"), then whether it ships a chat template
+    (instruction-tuned Gemma checkpoints do; the embedded gemma-3-270m GGUF has neither). A file
+    name is never consulted: it can say anything."""
+    if ckpt.gguf is not None:
+        meta = ckpt.gguf.metadata
+        words = " ".join(str(meta.get(k, "")) for k in ("general.finetune", "general.name")).lower()
+        tags = set(words.replace("-", " ").replace("_", " ").split())
+        if tags & _BASE_TAGS:
+            return True
+        return not (tags & _INSTRUCT_TAGS or meta.get("tokenizer.chat_template"))
+    from .chat import load_chat_template
+
+    return load_chat_template(ckpt.source) is None
+
+
+def base_model_warning(ckpt: Checkpoint) -> str | None:
+    """What to tell someone about to chat with `ckpt`, or None when it is made for chat."""
+    if not is_base_model(ckpt):
+        return None
+    return ("this is a base (pretrained) model, not an instruction-tuned one: it continues text and was never "
+            "taught to answer, so chat replies ramble or repeat. For chat, use an instruction-tuned checkpoint "
+            "(e.g. --model google/gemma-3-270m-it or google/gemma-4-E2B-it); `gemma4 generate` continues text "
+            "with a base model as it should.")
+
+
+def check_device(device: torch.device | str | None) -> None:
+    """A CUDA device asked of a torch without CUDA: say so before loading, not in a traceback."""
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build that sees no GPU"
+        raise ValueError(f"device {str(device)!r}: this torch ({torch.__version__}) is {build}; use --device cpu, "
+                         "or install torch for CUDA (pip install torch --index-url "
+                         "https://download.pytorch.org/whl/cu128)")
 
 
 def load_tokenizer(ckpt: Checkpoint) -> tuple[Tokenizer, ChatFormat]:
@@ -106,6 +157,8 @@ class ChatResponse:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose K/V the engine's prefix cache supplied
+    prompt_tps: float = 0.0  # prefill speed, tokens/s
+    generation_tps: float = 0.0  # decode speed, tokens/s
 
 
 def stream_chat(
@@ -119,17 +172,22 @@ def stream_chat(
     sampling: SamplingParams | None = None,
     chat_format: ChatFormat | None = None,
     engine: Engine | None = None,
+    on_prefill=None,
+    **sampling_options,
 ) -> Iterator[ThoughtDelta | ContentDelta | ToolCallComplete | ChatResponse]:
     """Stream a chat turn: thought and content deltas, completed tool calls, then the ChatResponse.
     `chat_format`: the checkpoint's (from `load`); None uses the family's built-in format.
-    `engine`: as for `stream_generate`; keep one across turns to reuse its compiled step and, with
-    a prefix cache, the K/V of the conversation so far."""
+    `engine`, `on_prefill`: as for `stream_generate`; keep an engine across turns to reuse its
+    compiled step and, with a prefix cache, the K/V of the conversation so far. Greedy unless told (`sampling=` or
+    `temperature=0.7, top_p=0.9, ...` as keywords), as `gemma4 chat` is."""
+    sampling = sampling_from(sampling, **sampling_options)
     fmt = chat_format or ChatFormat(model.config.family)
     prompt = fmt.render(messages, tools=tools, enable_thinking=enable_thinking, add_generation_prompt=True)
     parser = fmt.stream_parser(prompt=prompt)
     text, last = [], None
     for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampling=sampling,
-                             stop_token_ids=set(fmt.stop_token_ids), add_bos=False, engine=engine):
+                             stop_token_ids=turn_stop_ids(fmt, tokenizer), add_bos=False, engine=engine,
+                             on_prefill=on_prefill):
         text.append(r.text)
         yield from parser.feed(r.text)
         last = r
@@ -138,7 +196,16 @@ def stream_chat(
     finish = "tool_calls" if turn.tool_calls else last.finish_reason if last else None
     yield ChatResponse(turn.content, turn.reasoning, turn.tool_calls, turn.tool_call_errors, finish,
                        last.prompt_tokens if last else 0, last.generation_tokens if last else 0,
-                       last.cached_tokens if last else 0)
+                       last.cached_tokens if last else 0, last.prompt_tps if last else 0.0,
+                       last.generation_tps if last else 0.0)
+
+
+def turn_stop_ids(fmt: ChatFormat, tokenizer) -> set[int]:
+    """The ids that end an assistant turn: the format's stop ids, and every special token the
+    format does not write inside a reply (`<start_of_turn>`, `<unused71>`, ...): a model that emits
+    one has left its turn (a base model tuned on a few chats does), and its text must not leak."""
+    inside = set(fmt.special_token_ids.values()) - {0, 2, 3, 4, 105}  # pad, bos, unk, mask, a new turn
+    return set(fmt.stop_token_ids) | (set(getattr(tokenizer, "special_ids", ())) - inside)
 
 
 def chat_reply(model, tokenizer, messages: list[dict], **kwargs) -> ChatResponse:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .helptext import HelpFormatter
+
 MODEL_HELP = ("checkpoint directory, .gguf file or Hugging Face Hub id (e.g. google/gemma-4-E2B-it); "
               "default: the embedded gemma-3-270m")
 
@@ -39,7 +41,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter directory (from `gemma4 finetune` or PEFT: adapter_config.json + "
-                        "adapter_model.safetensors), applied to --model without merging")
+                        "adapter_model.safetensors), merged into float weights on load (kept unmerged over "
+                        "quantized ones)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="quantize a float or GGUF --model while loading it (int4: groups of 64): less "
                         "memory, some quality lost (docs/benchmarks.md); `gemma4 quantize` saves such a copy")
@@ -56,9 +59,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    g.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
+    g.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (HF style)")
@@ -70,11 +73,21 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--think", action="store_true", help="enable thinking (Gemma 4); thoughts go to stderr")
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("gemma4")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma4", description="Run Gemma 4 and Gemma 3 models locally.")
+    parser.add_argument("--version", action="version", version=f"gemma4 {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    g = sub.add_parser("generate", help="generate text from a prompt (streamed to stdout)",
+    g = sub.add_parser("generate", help="generate text from a prompt (streamed to stdout)", formatter_class=HelpFormatter,
                        description="Generate from a prompt given as argument or on stdin. Base checkpoints "
                                    "continue the text; instruction checkpoints answer it as a chat message "
                                    "(choose with --format).")
@@ -88,10 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--verbose", "-v", action="store_true", help="print speed statistics to stderr")
 
-    c = sub.add_parser("chat", help="interactive chat (/reset, /system TEXT, /exit; Ctrl-C stops a reply)")
+    c = sub.add_parser("chat", help="interactive chat (/reset, /system TEXT, /exit; Ctrl-C stops a reply)",
+                       formatter_class=HelpFormatter,
+                       description="Chat with a model in the terminal: replies stream as they are written and "
+                                   "the conversation is kept (each turn prefills only what is new). Commands: "
+                                   "/reset, /system TEXT, /exit. A line ending in \\ continues on the next; "
+                                   '""" on a line opens and closes a multi-line block; the arrow keys recall '
+                                   "earlier input. Use an instruction-tuned checkpoint (e.g. google/gemma-3-270m-it): "
+                                   "the embedded gemma-3-270m is a base model that only continues text.")
     _model_args(c)
     _sampling_args(c)
     _chat_args(c)
+    c.add_argument("--verbose", "-v", action="store_true", help="print tokens and speed after each reply")
 
     # Subcommands with their own parsers (and optional extras): arguments are passed through, so
     # `gemma4 --help` never imports the server stack. `gemma4 serve --help` shows their flags.
@@ -99,10 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("args", nargs=argparse.REMAINDER)
 
-    i = sub.add_parser("info", help="show a model's configuration, parameter counts and memory needs")
+    i = sub.add_parser("info", help="show a model's configuration, parameter counts and memory needs",
+                       description="Describe a checkpoint (--model; default: the embedded gemma-3-270m) or a "
+                                   "released variant by name (--variant, any case; --list names them): layers, "
+                                   "attention geometry, parameters, weight and KV-cache memory, chat format. "
+                                   "Reads only the config, never the weights.")
     i.add_argument("--model", "-m", default=None, help=MODEL_HELP)
-    i.add_argument("--variant", default=None, help="a named variant instead of a checkpoint (see --list)")
-    i.add_argument("--list", action="store_true", help="list the named variants")
+    i.add_argument("--variant", default=None, help="a released variant by name, e.g. gemma-4-e2b (see --list)")
+    i.add_argument("--list", action="store_true", help="list the released variants")
     return parser
 
 

@@ -101,12 +101,26 @@ VARIANTS |= {
 }
 
 
+class UnknownVariantError(KeyError, ValueError):
+    """A variant name that matches none (a ValueError too, so the CLI reports it as a message)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+RELEASED = [name for name in VARIANTS if not name.startswith("tiny-")]  # what `gemma4 info --list` shows
+
+
 def variant_hf_config(name: str) -> dict[str, Any]:
-    """The config.json dict of a named variant (a copy; safe to modify)."""
-    try:
-        raw = VARIANTS[name]
-    except KeyError:
-        raise KeyError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}") from None
+    """The config.json dict of a named variant (a copy; safe to modify). Names match case-insensitively."""
+    raw = VARIANTS.get(name) or VARIANTS.get(name.lower())
+    if raw is None:
+        import difflib
+
+        close = difflib.get_close_matches(name.lower(), list(VARIANTS), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UnknownVariantError(f"unknown variant {name!r}; {hint}known: {', '.join(RELEASED)} "
+                                  "(`gemma4 info --list`)")
     return {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
 
 

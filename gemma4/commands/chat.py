@@ -1,33 +1,64 @@
-"""`gemma4 chat`: an interactive conversation with history and streaming."""
+"""`gemma4 chat`: an interactive conversation with history and streaming.
+
+Input: a line is a message; a line ending in `\\` continues on the next; a line `\"\"\"` opens a block
+that the next `\"\"\"` line closes (pasted text). On a terminal, the arrow keys recall earlier input
+(readline).
+"""
 
 from __future__ import annotations
 
 import sys
 
-from .common import engine_from_args, load_from_args, messages_with_system, print_events, sampling_from_args
+from .common import (engine_from_args, load_from_args, messages_with_system, open_from_args, prefill_progress,
+                     print_events, print_stats, sampling_from_args)
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
+MULTILINE = 'end a line with \\ to continue it, or put """ on a line before and after a block'
+
+
+def read_message(prompt=input) -> str:
+    """One message from the user, over several lines when it says so. EOFError at the end of input."""
+    first = prompt("> ")
+    if first.strip() == '"""':
+        lines = []
+        while (line := prompt(". ")).strip() != '"""':
+            lines.append(line)
+        return "\n".join(lines)
+    lines = [first]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(prompt(". "))
+    return "\n".join(lines)
+
+
+def _line_editing() -> None:
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401 - importing it gives input() editing and history
+        except ImportError:  # e.g. Windows without pyreadline
+            pass
 
 
 def run(args) -> int:
     sampling = sampling_from_args(args)
-    model, tokenizer, chat_format = load_from_args(args)
+    ckpt = open_from_args(args, chat=True)
+    model, tokenizer, chat_format = load_from_args(args, ckpt)
     engine = engine_from_args(args, model, session=True)
     from ..api import stream_chat
 
+    _line_editing()
     system, history = args.system, []
-    print(f"chatting with {args.model or 'gemma-3-270m'}; {HELP}; Ctrl-C stops a reply, Ctrl-D quits",
-          file=sys.stderr)
+    print(f"chatting with {args.model or 'gemma-3-270m'}; {HELP}; {MULTILINE}; Ctrl-C stops a reply, "
+          "Ctrl-D quits", file=sys.stderr)
     while True:
         try:
-            line = input("> ")
+            text = read_message().strip()
         except EOFError:
             print(file=sys.stderr)
             return 0
         except KeyboardInterrupt:
             print(file=sys.stderr)
             continue
-        text = line.strip()
         if not text:
             continue
         if text in ("/exit", "/quit"):
@@ -47,7 +78,7 @@ def run(args) -> int:
         history.append({"role": "user", "content": text})
         events = stream_chat(model, tokenizer, messages_with_system(system, history), enable_thinking=args.think,
                              max_tokens=args.max_tokens, sampling=sampling, chat_format=chat_format,
-                             engine=engine)
+                             engine=engine, on_prefill=prefill_progress())
         try:
             response = print_events(events, show_thoughts=args.think)
         except KeyboardInterrupt:
@@ -55,4 +86,6 @@ def run(args) -> int:
             print("\n[stopped]", file=sys.stderr)
             history.pop()
             continue
+        if args.verbose and response:
+            print_stats(response)
         history.append({"role": "assistant", "content": response.content if response else ""})

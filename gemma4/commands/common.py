@@ -14,14 +14,33 @@ def pick_device(name: str | None) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_from_args(args):
+def open_from_args(args, *, chat: bool):
+    """The checkpoint, opened (config and headers only) so that options are checked against it
+    before a long load; a `chat` use of a base model gets its warning here, plainly, on stderr."""
+    from ..api import base_model_warning, check_device, default_model_path
+    from ..weights import open_checkpoint
+    from ..weights.hub import resolve
+
+    if getattr(args, "max_tokens", 1) < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    check_device(args.device)
+    ckpt = open_checkpoint(resolve(args.model) if args.model else default_model_path())
+    if getattr(args, "think", False) and ckpt.config.family != "gemma4":
+        raise ValueError(f"--think: {ckpt.config.family} models have no thinking mode (Gemma 4 only); drop --think")
+    if chat and (warning := base_model_warning(ckpt)):
+        print(f"gemma4: warning: {warning}", file=sys.stderr, flush=True)
+    return ckpt
+
+
+def load_from_args(args, ckpt=None):
+    """`gemma4.load` with the command's options and a status line; `ckpt` as `open_from_args` gave it."""
     from ..api import load
 
     start = time.perf_counter()
     adapter = getattr(args, "adapter", None)
     with_adapter = f" with the adapter {adapter}" if adapter else ""
     print(f"loading {args.model or 'the embedded gemma-3-270m'}{with_adapter} ...", file=sys.stderr, flush=True)
-    loaded = load(args.model, dtype=args.dtype, device=pick_device(args.device), adapter=adapter,
+    loaded = load(ckpt if ckpt is not None else args.model, dtype=args.dtype, device=pick_device(args.device), adapter=adapter,
                             quantize=getattr(args, "quantize", None))
     if not getattr(args, "exact", True):
         from ..engine.cpu import speed_up
@@ -89,3 +108,30 @@ def print_events(events, show_thoughts: bool):
             response = ev
     sys.stdout.write("\n")
     return response
+
+
+PROGRESS_FROM = 2048  # prompts this long (tokens) show a prefill progress line
+
+
+def prefill_progress(stream=None):
+    """An `on_prefill` callback for a long prompt: one rewritten stderr line, tokens and speed."""
+    stream = stream or sys.stderr
+    start = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        if total < PROGRESS_FROM:
+            return
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        end = "\n" if done >= total else ""
+        stream.write(f"\rprefill {done:,} / {total:,} prompt tokens ({rate:,.0f} tok/s){end}")
+        stream.flush()
+
+    return report
+
+
+def print_stats(response) -> None:
+    """The `-v` line after a reply: tokens, prefix reuse and speeds."""
+    cached = f", {response.cached_tokens} reused" if response.cached_tokens else ""
+    print(f"[prompt: {response.prompt_tokens} tokens{cached}, {response.prompt_tps:.1f} tok/s; generation: "
+          f"{response.completion_tokens} tokens, {response.generation_tps:.1f} tok/s; "
+          f"finish: {response.finish_reason}]", file=sys.stderr)

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..helptext import RawHelpFormatter
 from ..eval.perplexity import PerplexityResult, gemma_logits_fn, perplexity
 
 PERPLEXITY_HELP = """Sliding-window perplexity: windows of --window tokens start every --stride tokens, and each
@@ -26,12 +27,16 @@ examples:
 
 def main(argv: list[str] | None = None) -> int:
     """`gemma4 eval perplexity ...` (dispatched from gemma4/cli.py, which turns ValueError/OSError into messages)."""
+    return run(parser().parse_args(argv))
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma4 eval", description="Evaluate a language model.")
     sub = parser.add_subparsers(dest="metric", metavar="METRIC", required=True)
     p = sub.add_parser("perplexity", help="sliding-window perplexity of a text file", description=PERPLEXITY_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=RawHelpFormatter)
     add_arguments(p)
-    return run(parser.parse_args(argv))
+    return parser
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

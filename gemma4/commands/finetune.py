@@ -12,8 +12,10 @@ import logging
 
 import torch
 
+from ..helptext import RawHelpFormatter
 from ..train import LoraConfig, TrainConfig, finetune
 from ..train.parallel import init_distributed
+from ..train.trainer import MAX_AUTO_EPOCHS, MIN_STEPS
 from ..train.rundir import check_out
 
 DESCRIPTION = """\
@@ -68,7 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--quantize", choices=("int4", "int8"), default=t.quantize,
                    help="QLoRA: quantize the frozen base first with gemma4.quant; the adapters stay float")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=float, default=t.epochs, help=f"passes over --data (default {t.epochs:g})")
+    g.add_argument("--epochs", type=float, default=t.epochs,
+                   help="passes over --data (default: 1, or on a small dataset enough for "
+                        f"{MIN_STEPS} optimizer steps, at most {MAX_AUTO_EPOCHS}; the log says which)")
     g.add_argument("--max-steps", type=int, default=t.max_steps, help="overrides --epochs")
     g.add_argument("--batch-size", type=int, default=t.batch_size,
                    help="sequences per optimizer step, over all processes")
@@ -77,7 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=t.lr, help=f"AdamW peak learning rate (default {t.lr:g})")
     g.add_argument("--weight-decay", type=float, default=t.weight_decay, help="AdamW weight decay (default 0)")
     g.add_argument("--warmup-steps", type=int, default=t.warmup_steps,
-                   help=f"linear warm-up steps before the cosine decay (default {t.warmup_steps})")
+                   help="linear warm-up steps before the cosine decay (default: --warmup-ratio of the steps)")
+    g.add_argument("--warmup-ratio", type=float, default=t.warmup_ratio,
+                   help=f"warm-up as a fraction of the steps, unless --warmup-steps is given (default {t.warmup_ratio:g})")
     g.add_argument("--min-lr-ratio", type=float, default=t.min_lr_ratio,
                    help="the cosine decay ends at lr x this (default 0)")
     g.add_argument("--max-grad-norm", type=float, default=t.max_grad_norm, help="0 disables clipping")
@@ -118,7 +124,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         lora=lora, epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size,
         micro_batch_size=a.micro_batch_size, lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
-        min_lr_ratio=a.min_lr_ratio, max_grad_norm=a.max_grad_norm or None, max_length=a.max_length,
+        warmup_ratio=a.warmup_ratio, min_lr_ratio=a.min_lr_ratio, max_grad_norm=a.max_grad_norm or None, max_length=a.max_length,
         on_bad_data=a.on_bad_data, dtype=a.dtype, quantize=a.quantize,
         gradient_checkpointing=not a.no_gradient_checkpointing, ce_chunk_size=a.ce_chunk_size,
         eval_every=a.eval_every, eval_batch_size=a.eval_batch_size, save_every=a.save_every, resume=a.resume,
@@ -163,6 +169,9 @@ def load_base(model: str | None, config: TrainConfig):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="gemma4 finetune", description=DESCRIPTION, epilog=EPILOG,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
-    return run(parser.parse_args(argv))
+    return run(parser().parse_args(argv))
+
+
+def parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog="gemma4 finetune", description=DESCRIPTION, epilog=EPILOG,
+                                                 formatter_class=RawHelpFormatter))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from .common import engine_from_args, load_from_args, messages_with_system, print_events, sampling_from_args
+from .common import (engine_from_args, load_from_args, messages_with_system, open_from_args, prefill_progress,
+                     print_events, print_stats, sampling_from_args)
 
 
 def run(args) -> int:
@@ -12,25 +13,29 @@ def run(args) -> int:
     if not prompt.strip():
         raise ValueError("empty prompt: pass it as an argument or on stdin")
     sampling = sampling_from_args(args)
-    model, tokenizer, fmt = load_from_args(args)
+    ckpt = open_from_args(args, chat=False)
+    model, tokenizer, fmt = load_from_args(args, ckpt)
     engine = engine_from_args(args, model)
     chat = args.format == "chat" or (args.format == "auto" and (fmt.template is not None or args.system or args.think))
     if chat:
-        from ..api import stream_chat
+        from ..api import base_model_warning, stream_chat
+
+        if warning := base_model_warning(ckpt):
+            print(f"gemma4: warning: {warning}", file=sys.stderr, flush=True)
 
         messages = messages_with_system(args.system, [{"role": "user", "content": prompt}])
         events = stream_chat(model, tokenizer, messages, enable_thinking=args.think, max_tokens=args.max_tokens,
-                             sampling=sampling, chat_format=fmt, engine=engine)
+                             sampling=sampling, chat_format=fmt, engine=engine, on_prefill=prefill_progress())
         response = print_events(events, show_thoughts=True)
         if args.verbose and response:
-            print(f"[{response.prompt_tokens} prompt tokens, {response.completion_tokens} generated]", file=sys.stderr)
+            print_stats(response)
         return 0
     from ..engine.generate import stream_generate
 
     last = None
     sys.stdout.write(prompt)
     for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampling=sampling,
-                                stop=args.stop, engine=engine):
+                                stop=args.stop, engine=engine, on_prefill=prefill_progress()):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -40,10 +40,10 @@ def describe(config: TextConfig) -> list[str]:
 
 
 def run(args) -> int:
-    from ..variants import VARIANTS, variant
+    from ..variants import RELEASED, variant
 
     if args.list:
-        print("\n".join(VARIANTS))
+        print("\n".join(RELEASED))
         return 0
     if args.variant:
         config, chat = variant(args.variant), None

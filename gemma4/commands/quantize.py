@@ -16,12 +16,13 @@ import sys
 import time
 from pathlib import Path
 
+from ..helptext import RawHelpFormatter
 from ..quant.gptq import CALIBRATION_TEXT
 from ..quant.quantize import SCHEMES, model_nbytes
 from ..quant.tensor import INT4_GROUP_SIZES
 
 EXAMPLES = """examples:
-  gemma4 quantize --out ./270m-int8 --scheme int8          # the embedded gemma-3-270m
+  gemma4 quantize --out ./270m-int8                        # int8 (the default) of the embedded gemma-3-270m
   gemma4 quantize -m google/gemma-4-E4B-it -o ./e4b-int4 --scheme int4 --group-size 64
   gemma4 generate -m ./e4b-int4 "Hello"                    # every command loads the result
   gemma4 quantize -o ./270m-int4 --group-size 32          # GGUF source: groups on its blocks
@@ -52,10 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="float checkpoint directory, .gguf file or Hub id (default: the embedded gemma-3-270m)")
     p.add_argument("--out", "-o", required=True, help="directory to write the quantized checkpoint to")
-    p.add_argument("--scheme", choices=SCHEMES, default="int4",
-                   help="int8: per-channel, ~50%% of bf16; int4: groups along K, ~30%% of bf16 (default)")
-    p.add_argument("--group-size", type=int, default=64, choices=INT4_GROUP_SIZES, metavar="N",
-                   help="int4: weights per scale/zero along the input dim: 16, 32, 64 (default), 128 or 256")
+    p.add_argument("--scheme", choices=SCHEMES, default=None,
+                   help="int8: per-channel, ~50%% of bf16, about no quality lost; int4: groups along K, ~30%% "
+                        "of bf16. Default: int4 when --group-size or --calibration is given, else int8")
+    p.add_argument("--group-size", type=int, default=None, choices=INT4_GROUP_SIZES, metavar="N",
+                   help="int4 (implies it): weights per scale/zero along the input dim: 16, 32, 64 (default), "
+                        "128 or 256")
     p.add_argument("--calibration", nargs="?", const=CALIBRATION_TEXT, default=None, metavar="FILE",
                    help="int4: run GPTQ on Hadamard-rotated weights, calibrated on FILE (UTF-8 text of the "
                         "kind you will use the model on, not your eval text) or, with no FILE, on the shipped "
@@ -69,15 +72,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`gemma4 quantize ...` (dispatched from gemma4/cli.py, which turns ValueError/OSError into messages)."""
-    parser = argparse.ArgumentParser(prog="gemma4 quantize", epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+    return run(parser().parse_args(argv))
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma4 quantize", epilog=EXAMPLES, formatter_class=RawHelpFormatter,
                                      description="Quantize a checkpoint's weights to int8 or int4 and save it.")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    quantize_cli(args.model, args.out, args.scheme, args.group_size, calibration=args.calibration,
+    scheme = args.scheme or ("int4" if args.group_size or args.calibration else "int8")
+    if args.group_size and scheme != "int4":
+        raise ValueError(f"--group-size applies to int4 only; --scheme {scheme} quantizes per channel")
+    quantize_cli(args.model, args.out, scheme, args.group_size or 64, calibration=args.calibration,
                  calibration_tokens=args.calibration_tokens, tune_samples=args.tune_samples)
     return 0
 
@@ -115,11 +124,37 @@ def quantize_cli(model: str | Path | None, out: str | Path, scheme: str = "int4"
     print(f"wrote {out} in {time.perf_counter() - start:.1f}s: {size / 2**20:.1f} MiB of weights "
           f"({100 * size / bf16:.1f}% of bf16; {model_nbytes(qmodel) / 2**20:.1f} MiB in memory)",
           file=sys.stderr, flush=True)
+    if source.suffix == ".gguf":
+        _gguf_note(source, size, scheme)
     if scheme == "int4" and calibration is None:
         print("note: int4 was rounded to nearest; add --calibration (GPTQ on a shipped text; loads the float model "
               "whole) for far better quality: gemma-3-270m at group 64 rose +5% in perplexity with it, +98% without",
               file=sys.stderr, flush=True)
     return out
+
+
+def _gguf_note(source: Path, size: int, scheme: str) -> None:
+    """Re-quantizing an already low-bit GGUF: say what it can and cannot do."""
+    from ..weights.gguf import GGUFFile
+
+    with GGUFFile(source) as f:
+        infos = list(f.tensor_infos.values())
+    bits = 8 * sum(t.nbytes for t in infos) / max(1, sum(_numel(t.shape) for t in infos))
+    if bits >= 8:
+        return
+    larger = (f"; at {size / 2**20:.0f} MiB the {scheme} file is larger than its {source.stat().st_size / 2**20:.0f} "
+              "MiB source" if size > source.stat().st_size else "")
+    print(f"note: {source.name} is already quantized (~{bits:.1f} bits a weight): quantizing it again cannot "
+          f"bring back quality it lost{larger}. For a better or smaller model, quantize from the float checkpoint "
+          "(e.g. --model google/gemma-3-270m); to save memory, the GGUF itself loads directly (--model FILE.gguf).",
+          file=sys.stderr, flush=True)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _check_calibration(calibration: str | Path | None, scheme: str, calibration_tokens: int, tune_samples: int) -> None:

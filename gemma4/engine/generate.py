@@ -10,14 +10,14 @@ sequence gives the same tokens in a batch as alone.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from ..config import ContextLengthError
 from .core import Engine
-from .sampling import SamplingParams
+from .sampling import SamplingParams, sampling_from
 from .sequence import Constraint, GenerationRequest, TokenEvent
 
 TokenStep = TokenEvent  # what a step yields per sequence (token, logprob, top_logprobs, finish_reason)
@@ -31,10 +31,13 @@ class Generation:
     """Requests run together on an engine; iterate for a list per step (one event or None each).
 
     `engine` must have a free row per request; without one, an engine just big enough is made.
-    `finish(i)` ends request i early.
+    `finish(i)` ends request i early. `on_prefill(done, total)` is called between prefill chunks
+    (prompt tokens fed so far, of all), so a long prompt can show progress.
     """
 
-    def __init__(self, model, requests: list[GenerationRequest], engine: Engine | None = None):
+    def __init__(self, model, requests: list[GenerationRequest], engine: Engine | None = None,
+                 on_prefill: Callable[[int, int], None] | None = None):
+        self.on_prefill = on_prefill
         context = engine.context if engine is not None else model.config.max_position_embeddings
         for r in requests:
             if not r.prompt:
@@ -61,7 +64,7 @@ class Generation:
             for seq in seqs:
                 engine.add(seq)
             engine.reserve(max(s.prompt_len + max(s.limit, 0) for s in seqs), len(seqs))
-            events = engine.prefill()
+            events = self._prefill()
             index = {id(seq): i for i, seq in enumerate(seqs)}
             while True:
                 step: list[TokenEvent | None] = [None] * len(seqs)
@@ -76,6 +79,22 @@ class Generation:
             for seq in seqs:  # abandoned early (the caller stopped iterating): free the rows
                 if not seq.finished:
                     engine.cancel(seq)
+
+
+    def _prefill(self) -> list:
+        engine, seqs = self.engine, self.sequences
+        if self.on_prefill is None:
+            return engine.prefill()
+        # Whole chunks per call, so each row is fed in the same chunks as by one unbounded call.
+        budget, total = engine.prefill_chunk * PROGRESS_CHUNKS, sum(s.prompt_len for s in seqs)
+        events = []
+        while any(s.prefilling for s in seqs):
+            events += engine.prefill(budget)
+            self.on_prefill(sum(min(s.fed, s.prompt_len) for s in seqs), total)
+        return events
+
+
+PROGRESS_CHUNKS = 8  # prefill chunks between two `on_prefill` calls
 
 
 class TokenGenerator(Generation):
@@ -119,6 +138,8 @@ def stream_generate(
     constraints: list[Constraint] | None = None,
     add_bos: bool | None = None,
     engine: Engine | None = None,
+    on_prefill: Callable[[int, int], None] | None = None,
+    **sampling_options,
 ) -> Iterator[GenerationResponse]:
     """Generate from one prompt, yielding a response per token; the last one has finish_reason set.
 
@@ -126,13 +147,17 @@ def stream_generate(
     add_bos=None follows the tokenizer (base checkpoints add <bos>; chat prompts carry their own).
     `engine`: an `Engine` kept from one call to the next, e.g. with a compiled step
     (`Engine(model, mode="compile")`) or a prefix cache (a chat re-prefills only its new turn).
+    Greedy unless told: `sampling=SamplingParams(...)`, or its fields as keywords (`temperature=0.7,
+    top_p=0.9, seed=1`), as `gemma4 generate --temp 0.7 --top-p 0.9 --seed 1`.
+    `on_prefill(done, total)`: prompt tokens fed so far, called as a long prompt is prefilled.
     """
+    sampling = sampling_from(sampling, **sampling_options)
     ids = tokenizer.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
     stops = set(model.config.eos_token_id) if stop_token_ids is None else set(stop_token_ids)
-    request = GenerationRequest(ids, max_tokens, sampling or SamplingParams(), frozenset(stops), logprobs,
+    request = GenerationRequest(ids, max_tokens, sampling, frozenset(stops), logprobs,
                                 list(constraints or []), logit_bias, stop, tokenizer)
     start = time.perf_counter()
-    gen = Generation(model, [request], engine)
+    gen = Generation(model, [request], engine, on_prefill)
     prompt_tps = 0.0
     n = 0
     for (event,) in gen:
@@ -159,10 +184,12 @@ def batch_generate(
     sampling: SamplingParams | list[SamplingParams] | None = None,
     stop_token_ids: set[int] | None = None,
     add_bos: bool | None = None,
+    **sampling_options,
 ) -> list[str]:
-    """Completions for several prompts in one batch (same tokens as generating them one by one)."""
+    """Completions for several prompts in one batch (same tokens as generating them one by one).
+    Greedy unless told, as `stream_generate`."""
     ids = [tokenizer.encode(p, add_bos=add_bos) if isinstance(p, str) else list(p) for p in prompts]
-    params = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(ids)
+    params = sampling if isinstance(sampling, list) else [sampling_from(sampling, **sampling_options)] * len(ids)
     stops = set(model.config.eos_token_id) if stop_token_ids is None else set(stop_token_ids)
     out: list[list[int]] = [[] for _ in ids]
     for steps in TokenGenerator(model, ids, params, [max_tokens] * len(ids), stops):

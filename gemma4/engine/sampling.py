@@ -59,6 +59,30 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty", "seed")
+
+
+def sampling_from(sampling: SamplingParams | None = None, **options) -> SamplingParams:
+    """The `SamplingParams` of a Python call: `sampling` as given, or built from keyword options
+    (`temperature=0.7, top_p=0.9`; mlx-lm's `temp` too). Greedy unless a temperature is given,
+    as the `gemma4` command is, so the API and the CLI print the same text for the same prompt."""
+    if "temp" in options:
+        if "temperature" in options:
+            raise TypeError("give temperature or temp, not both")
+        options["temperature"] = options.pop("temp")
+    unknown = sorted(set(options) - set(SAMPLING_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}; sampling options are "
+                        f"{', '.join(SAMPLING_OPTIONS)} (or sampling=SamplingParams(...))")
+    given = {k: v for k, v in options.items() if v is not None}
+    if sampling is not None:
+        if given:
+            raise TypeError(f"give sampling=SamplingParams(...) or {', '.join(given)}, not both")
+        return sampling
+    return SamplingParams(**({"temperature": 0.0} | given))
+
+
 class Sampler:
     """The sampling state of one sequence: its parameters, token counts and random generator."""
 

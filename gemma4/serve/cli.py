@@ -13,35 +13,61 @@ import argparse
 import logging
 import os
 import signal
+import sys
 
 import uvicorn
 
+from ..helptext import RawHelpFormatter
 from .app import PREFIX_CACHE_TOKENS, ServeConfig, build_app
 
 log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Serve a model over an OpenAI-compatible HTTP API: /v1/chat/completions and /v1/completions
+(streaming, tools, structured output), /v1/models, /health, /metrics, and a chat page at /
+(off with --no-ui). Requests are batched together on one decode engine. Every flag has a
+GEMMA4_* environment twin (e.g. GEMMA4_PORT); the flag wins. See docs/serving.md."""
+
+EPILOG = """\
+examples:
+  gemma4 serve --port 8000                                   # the embedded gemma-3-270m (a base model)
+  gemma4 serve --model google/gemma-3-270m-it --api-key KEY  # an instruction-tuned model for chat
+  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'"""
+
+WARNING_HEADER = "x-gemma4-warning"
+BASE_MODEL_HEADER = "base model: it continues text and was not trained to chat; use an instruction-tuned checkpoint"
+
+
+def parser() -> argparse.ArgumentParser:
+    return add_serve_arguments(argparse.ArgumentParser(
+        prog="gemma4 serve", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=RawHelpFormatter))
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     env = os.environ.get
     p = parser.add_argument
     p("--model", default=env("GEMMA4_MODEL"),
-      help="checkpoint directory, .gguf file or Hub id (default: the embedded gemma-3-270m)")
-    p("--served-model-name", default=env("GEMMA4_SERVED_MODEL_NAME"), help="model id clients send (default: --model)")
-    p("--host", default=env("GEMMA4_HOST", "127.0.0.1"), help="bind address (default 127.0.0.1)")
-    p("--port", type=int, default=int(env("GEMMA4_PORT", "8000")))
+      help="checkpoint directory, .gguf file or Hub id; checked at start (a wrong one exits with its error); "
+           "none: the embedded gemma-3-270m, a base model (see its warning)")
+    p("--served-model-name", default=env("GEMMA4_SERVED_MODEL_NAME"), help="model id clients send; none: --model")
+    p("--host", default=env("GEMMA4_HOST", "127.0.0.1"), help="bind address")
+    p("--port", type=int, default=int(env("GEMMA4_PORT", "8000")), help="TCP port (0: any free port)")
     p("--api-key", default=env("GEMMA4_API_KEY"), help="require 'Authorization: Bearer KEY' (env GEMMA4_API_KEY)")
     p("--max-batch", type=int, default=int(env("GEMMA4_MAX_BATCH", "8")), help="requests decoded together (KV slots)")
     p("--max-queue", type=int, default=int(env("GEMMA4_MAX_QUEUE", "32")), help="waiting requests before 429")
     p("--max-tokens-default", type=int, default=int(env("GEMMA4_MAX_TOKENS_DEFAULT", "1024")),
       help="completion length when a request gives none")
     p("--max-model-len", type=int, default=int(env("GEMMA4_MAX_MODEL_LEN", "0")) or None,
-      help="tokens per sequence, prompt included (default: the model's context)")
+      help="tokens per sequence, prompt included; none: the model's context")
     p("--cors-origins", default=env("GEMMA4_CORS_ORIGINS"),
-      help="comma-separated allowed browser origins (default: local pages only)")
+      help="comma-separated allowed browser origins; none: local pages only")
     p("--allowed-hosts", default=env("GEMMA4_ALLOWED_HOSTS"),
-      help="comma-separated extra Host header names to accept (default: local names when bound locally)")
+      help="comma-separated extra Host header names to accept; none: local names when bound locally")
     p("--adapter", default=env("GEMMA4_ADAPTER"), metavar="DIR",
-      help="a LoRA adapter directory (gemma4 finetune's or PEFT's), applied to --model without merging")
+      help="a LoRA adapter directory (gemma4 finetune's or PEFT's), merged into float weights on load "
+           "(kept unmerged over quantized ones)")
     p("--quantize", choices=["int8", "int4"], default=env("GEMMA4_QUANTIZE"),
       help="quantize a float or GGUF --model while loading it (int4: groups of 64): less memory, some quality lost")
     p("--dtype", default=env("GEMMA4_DTYPE", "auto"), help="auto, float32, bfloat16 or float16")
@@ -49,29 +75,30 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="on CPU, keep every weight in float32 (env GEMMA4_EXACT=1). By default a float32 CPU model serves "
            "~2x faster with fp16 linear weights (fp32 math) and an int8 LM head whose 64 best candidates are "
            "recomputed exactly (as `gemma4 generate`): greedy output is unchanged")
-    p("--device", default=env("GEMMA4_DEVICE"), help="torch device (default cpu)")
+    p("--device", default=env("GEMMA4_DEVICE"), help="torch device, e.g. cpu, cuda, cuda:1; none: cpu")
     p("--threads", type=int, default=int(env("GEMMA4_THREADS", "0")) or None,
-      help="torch intra-op threads (default: torch's choice; 1 can be faster on a shared, busy CPU)")
+      help="torch intra-op threads; none: torch's choice (1 can be faster on a shared, busy CPU)")
     p("--compile", action="store_true", default=env("GEMMA4_COMPILE", "") not in ("", "0"),
       help="decode with a torch.compile'd step (CUDA graphs on a GPU), traced for each batch size at "
            "startup: faster steps after a slow start (env GEMMA4_COMPILE=1)")
     p("--prefix-cache-tokens", type=int, default=int(env("GEMMA4_PREFIX_CACHE_TOKENS", str(PREFIX_CACHE_TOKENS))),
       help="K/V of this many prompt tokens are kept for requests that start the same way (a system prompt, "
-           f"a chat's history); 0 turns prefix reuse off (default {PREFIX_CACHE_TOKENS})")
+           "a chat's history); 0 turns prefix reuse off")
     p("--max-body-bytes", type=int, default=int(env("GEMMA4_MAX_BODY_BYTES", str(4 * 1024 * 1024))),
       help="larger request bodies get 413, refused by Content-Length or as soon as the count passes it")
     p("--body-timeout", type=float, default=float(env("GEMMA4_BODY_TIMEOUT", "30")),
-      help="seconds a client has to send its whole request body; slower uploads get 408 (default 30)")
+      help="seconds a client has to send its whole request body; slower uploads get 408")
     p("--shutdown-timeout", type=float, default=float(env("GEMMA4_SHUTDOWN_TIMEOUT", "10")),
-      help="seconds to let running requests finish on SIGTERM; the rest end with a 503 error (default 10)")
+      help="seconds to let running requests finish on SIGTERM; the rest end with a 503 error")
     p("--no-ui", action="store_true", default=env("GEMMA4_NO_UI", "") not in ("", "0"),
       help="do not serve the chat page at / (env GEMMA4_NO_UI=1); the API is unchanged")
     return parser
 
 
-def load_checkpoint(path: str | None, dtype=None, device=None, adapter: str | None = None,
+def load_checkpoint(path, dtype=None, device=None, adapter: str | None = None,
                     quantize: str | None = None, exact: bool = False):
-    """(model, tokenizer, chat format) from a checkpoint directory, .gguf file or Hub id (`gemma4.load`),
+    """(model, tokenizer, chat format) from a checkpoint directory, .gguf file, Hub id or opened
+    `Checkpoint` (`gemma4.load`),
     with an unmerged LoRA adapter when `adapter` names one, quantized while loading when `quantize`
     says "int8" or "int4", and with the CPU fast path (`gemma4.engine.cpu.speed_up`) unless `exact`."""
     from ..api import load
@@ -102,12 +129,22 @@ class Server(uvicorn.Server):
 def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
     """Run the server until interrupted (the lead wires this to `gemma4 serve`)."""
     if not isinstance(args, argparse.Namespace):
-        args = add_serve_arguments(argparse.ArgumentParser(prog="gemma4 serve")).parse_args(args)
+        args = parser().parse_args(args)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:  # a wrong --model or --device fails here, with the loader's message, not as a server answering 503
+        ckpt = open_model(args.model, args.device)
+    except (ValueError, OSError) as error:  # CheckpointError is a ValueError
+        print(f"gemma4 serve: error: {error}", file=sys.stderr)
+        return 1
+    from ..api import base_model_warning
+
+    warning = base_model_warning(ckpt)
+    if warning:
+        log.warning("%s", warning)
     config = ServeConfig(
         model_name=args.served_model_name or args.model or "gemma-3-270m",
         api_key=args.api_key or None,
@@ -134,13 +171,54 @@ def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
     # lets a drained server exit with status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    app = build_app(config=config, loader=lambda: load_checkpoint(args.model, dtype=args.dtype, device=args.device,
-                                                                    adapter=args.adapter, quantize=args.quantize,
-                                                                    exact=args.exact))
+    failed = []
+
+    def loader():
+        try:
+            return load_checkpoint(ckpt, dtype=args.dtype, device=args.device, adapter=args.adapter,
+                                   quantize=args.quantize, exact=args.exact)
+        except Exception:
+            failed.append(True)  # logged by the app; a server with no model stops rather than answer 503
+            server.should_exit = True
+            raise
+
+    app = build_app(config=config, loader=loader)
+    if warning:
+        app.add_middleware(WarningHeader, value=BASE_MODEL_HEADER)
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_keep_alive=15,
                                    timeout_graceful_shutdown=FLUSH_SECONDS, h11_max_incomplete_event_size=64 * 1024))
     server.run()
+    if failed:
+        return 1
     return 0 if server.started else 3  # 3: uvicorn's exit status for a server that could not start
+
+
+def open_model(model: str | None, device: str | None):
+    """The checkpoint opened (config and tensor headers only), after checking the device."""
+    from ..api import check_device, default_model_path
+    from ..weights import open_checkpoint
+    from ..weights.hub import resolve
+
+    check_device(device)
+    return open_checkpoint(resolve(model) if model else default_model_path())
+
+
+class WarningHeader:
+    """ASGI middleware: an `x-gemma4-warning` header on every chat completion (a base model's)."""
+
+    def __init__(self, app, value: str):
+        self.app, self.value = app, value.encode("latin-1")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
+            return await self.app(scope, receive, send)
+
+        async def with_header(message):
+            if message["type"] == "http.response.start":
+                message = dict(message, headers=[*message.get("headers", []), (WARNING_HEADER.encode(), self.value)])
+            await send(message)
+
+        await self.app(scope, receive, with_header)
 
 
 def _compile_mode(args) -> str:

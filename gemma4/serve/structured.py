@@ -117,11 +117,10 @@ class Grammars:
         """A factory of constraints for JSON output matching `schema` (any JSON object when None)."""
         import llguidance
 
-        schema = {"type": "object"} if schema is None else schema
-        check_schema(schema, param)
+        check_schema({"type": "object"} if schema is None else schema, param)
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                schema, defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
+                bounded(schema), defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
         except ValueError as error:
             raise bad_request(f"{param}: unsupported JSON schema: {str(error)[:300]}", param=param) from None
         return self._compile(grammar, param)
@@ -155,6 +154,47 @@ class Grammars:
         import llguidance
 
         return self._compile(llguidance.LLMatcher.grammar_from_lark(lark), "tool_choice")
+
+
+# A grammar leaves the model free to write `1.000000...` or a string for ever, never closing the
+# JSON (a number field ran to max_tokens filling zeros). Open-ended values get bounds, so that a
+# constrained reply can always end: a schema's own bounds are kept.
+MAX_INTEGER = 10**15  # |integers| (and the integer part of numbers) without their own bounds
+NUMBER_STEP = 1e-6  # numbers without their own multipleOf: at most 6 decimals
+MAX_STRING = 1024  # characters of strings without maxLength (or enum, const, pattern, format)
+_ANY = {"$defs": {"any": {"anyOf": [
+    {"type": "null"}, {"type": "boolean"}, {"type": "integer"}, {"type": "number"}, {"type": "string"},
+    {"type": "array", "items": {"$ref": "#/$defs/any"}},
+    {"type": "object", "additionalProperties": {"$ref": "#/$defs/any"}}]}}}
+
+
+def bounded(schema: dict[str, Any] | None) -> dict[str, Any]:
+    """`schema` (None: any JSON object) with bounds on its open-ended numbers and strings."""
+    if schema is None:
+        schema = {"type": "object", "additionalProperties": {"$ref": "#/$defs/any"}, **_ANY}
+    return _bound(schema)
+
+
+def _bound(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_bound(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: (v if k in ("enum", "const", "default", "examples") else _bound(v)) for k, v in node.items()}
+    types = out.get("type")
+    types = set(types) if isinstance(types, list) else {types}
+    if "enum" in out or "const" in out:
+        return out
+    if types & {"integer", "number"}:
+        if not any(k in out for k in ("maximum", "exclusiveMaximum")):
+            out["maximum"] = MAX_INTEGER
+        if not any(k in out for k in ("minimum", "exclusiveMinimum")):
+            out["minimum"] = -MAX_INTEGER
+        if "number" in types and "multipleOf" not in out:
+            out["multipleOf"] = NUMBER_STEP
+    if "string" in types and not any(k in out for k in ("maxLength", "pattern", "format")):
+        out["maxLength"] = MAX_STRING
+    return out
 
 
 def check_schema(schema: Any, param: str) -> None:

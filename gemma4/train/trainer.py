@@ -56,13 +56,14 @@ class TrainConfig:
     """Hyper-parameters and switches; each has a `gemma4 finetune` flag of the same name."""
 
     lora: LoraConfig = field(default_factory=LoraConfig)
-    epochs: float = 1.0
+    epochs: float | None = None  # None: 1, or more on a small dataset (see `schedule`)
     max_steps: int | None = None  # overrides epochs
     batch_size: int = 8  # sequences per optimizer step, across all processes
     micro_batch_size: int = 2  # sequences per forward
-    lr: float = 2e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
-    warmup_steps: int = 10
+    warmup_steps: int | None = None  # None: warmup_ratio of the steps
+    warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.0  # cosine decays from lr to lr * min_lr_ratio
     max_grad_norm: float | None = 1.0
     max_length: int = 2048  # longer samples are bad data
@@ -207,14 +208,15 @@ def _setup(model: Gemma, train, val, out: Path, tokenizer, chat_format: ChatForm
     _check_export(config, out, world, source)
     train_ex = _examples(train, "training", tokenizer, chat_format, config, say)
     val_ex = _examples(val, "validation", tokenizer, chat_format, config, say) if val is not None else None
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * math.ceil(len(train_ex) / config.batch_size)))
+    total_steps, warmup, said = schedule(config, len(train_ex))
+    say(said)
     resumed = resume_point(out, config.resume, say)
     fp = fingerprint(model, source, config, train, train_ex, val, val_ex)  # of the plain base
     if resumed is not None:
         _check_resume(*resumed, fp, total_steps, say)
     trainable = _add_adapters(model, config, resumed and resumed[0])
     loss_module = _loss_module(model, config, world, device)
-    optimizer, scheduler = _optimizer(model, config, total_steps)
+    optimizer, scheduler = _optimizer(model, config, total_steps, warmup)
     run = _Run(config, out, rank, world, device, model, loss_module, optimizer, scheduler, train_ex, val_ex,
                getattr(tokenizer, "pad_id", 0), total_steps, trainable, source, fp)
     if resumed is not None:
@@ -226,6 +228,38 @@ def _setup(model: Gemma, train, val, out: Path, tokenizer, chat_format: ChatForm
         prepare_out(out, overwrite=config.overwrite, step=run.start if continues else None, say=say)
         run.log_file = (out / LOG_FILE).open("a")
     return run
+
+
+MIN_STEPS = 24  # optimizer steps a default run takes at least (by more epochs over a small dataset)
+MAX_AUTO_EPOCHS = 10  # ... but not more passes than this over it
+
+
+def schedule(config: TrainConfig, examples: int) -> tuple[int, int, str]:
+    """(optimizer steps, warm-up steps, the sentence that says how they were chosen).
+
+    A run with neither --epochs nor --max-steps takes one epoch, or on a small dataset enough
+    epochs for MIN_STEPS steps (at most MAX_AUTO_EPOCHS): 48 examples in batches of 8 would
+    otherwise give 6 steps, too few for the adapter to learn anything. The warm-up is
+    `warmup_ratio` of the steps unless --warmup-steps says otherwise, so it never eats the run."""
+    per_epoch = max(1, math.ceil(examples / config.batch_size))
+    if config.max_steps:
+        total, how = config.max_steps, "--max-steps"
+    elif config.epochs is not None:
+        total, how = max(1, math.ceil(config.epochs * per_epoch)), f"--epochs {config.epochs:g}"
+    else:
+        epochs = min(MAX_AUTO_EPOCHS, max(1, math.ceil(MIN_STEPS / per_epoch)))
+        total = epochs * per_epoch
+        how = (f"{epochs} epochs, chosen for a small dataset: at least {MIN_STEPS} steps" if epochs > 1
+               else "1 epoch") + "; --epochs or --max-steps to choose"
+    if config.warmup_steps is not None:
+        warmup = min(config.warmup_steps, total)
+        warm = f"--warmup-steps {config.warmup_steps}"
+    else:
+        warmup = max(1, round(config.warmup_ratio * total)) if config.warmup_ratio > 0 else 0
+        warm = f"{config.warmup_ratio:g} of the steps"
+    said = (f"{examples} training examples in batches of {config.batch_size}: {per_epoch} steps an epoch; "
+            f"training {total} steps ({how}), warm-up {warmup} ({warm}), peak lr {config.lr:g}")
+    return total, warmup, said
 
 
 def _check_resume(directory: Path, meta: dict[str, Any], fp: dict[str, Any], total_steps: int, say) -> None:
@@ -291,10 +325,9 @@ def _loss_module(model: Gemma, config: TrainConfig, world: int, device: torch.de
     return loss_module
 
 
-def _optimizer(model: Gemma, config: TrainConfig, total_steps: int):
+def _optimizer(model: Gemma, config: TrainConfig, total_steps: int, warmup: int):
     """AdamW over the adapters (after sharding: their DTensors), warm-up then cosine decay."""
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=config.lr, weight_decay=config.weight_decay)
-    warmup = min(config.warmup_steps, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, warmup, total_steps, config.min_lr_ratio))
     return optimizer, scheduler

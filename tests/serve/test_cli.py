@@ -34,6 +34,9 @@ def test_serve_cli_process(tiny_dir):
         assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 401
         r = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-env-key"})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
+        # The tiny checkpoint ships no chat template: a base model, said in the log and on each chat reply.
+        assert "base (pretrained) model" in "".join(log)
+        assert "instruction-tuned" in r.headers["x-gemma4-warning"]
         models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer sk-env-key"}).json()
         assert models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 256
     finally:
@@ -78,3 +81,22 @@ def test_exact_flag_and_env_and_the_cpu_fast_path(tiny_dir, monkeypatch):
     exact, _, _ = load_checkpoint(str(tiny_dir), exact=True)
     assert any(isinstance(m, PackedLinear) for m in fast.modules())
     assert not any(isinstance(m, PackedLinear) for m in exact.modules())
+
+
+def test_a_wrong_model_path_fails_at_start():
+    """Not a server that stays up answering 503 with a traceback in its log: the loader's message
+    and a non-zero exit, before any port is bound."""
+    done = subprocess.run([sys.executable, "-m", "gemma4.serve", "--model", "/no/such/model", "--port", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "/no/such/model does not exist" in done.stderr and "Traceback" not in done.stderr
+    assert "Uvicorn running" not in done.stderr
+
+
+def test_serve_help_has_a_description_and_every_default():
+    from gemma4.serve.cli import parser
+
+    text = parser().format_help()
+    assert "OpenAI-compatible HTTP API" in text and "examples:" in text
+    for default in ("(default: 127.0.0.1)", "(default: 8000)", "(default: 8)", "(default: 1024)", "(default: 8192)"):
+        assert default in " ".join(text.split()), default

@@ -166,8 +166,10 @@ def test_a_merged_export_that_would_fail_is_refused_before_training(tmp_path):
     assert (tmp_path / "taken" / "mine.txt").read_text() == "keep me"
 
 
-def test_generate_chat_and_serve_use_an_adapter_unmerged(tmp_path, capsys, monkeypatch):
-    """`--adapter DIR` on generate / chat / serve: the base weights stay as stored, LoRA layers add B·A."""
+def test_generate_chat_and_serve_use_an_adapter(tmp_path, capsys, monkeypatch):
+    """`--adapter DIR` on generate / chat / serve: merged into a float base on load (an unmerged
+    adapter decoded ~2.5x slower: a second pass over each adapted layer per token), computing what
+    the unmerged adapter computes; `merge_adapter=False` and a quantized base keep it unmerged."""
     import argparse
     import io
 
@@ -183,7 +185,7 @@ def test_generate_chat_and_serve_use_an_adapter_unmerged(tmp_path, capsys, monke
     for _, m in lora_modules(donor):
         torch.nn.init.normal_(m.lora_B.weight, std=0.5)
     save_adapter(donor, tmp_path / "run", LoraConfig(r=4, alpha=8))
-    model, _, _ = gemma4.load(base, adapter=tmp_path / "run")
+    model, _, _ = gemma4.load(base, adapter=tmp_path / "run", merge_adapter=False)
     plain = load_model(base)
     adapted = dict(lora_modules(model))
     assert len(adapted) == 7 * len(plain.model.layers) and not any(m.lora_merged for m in adapted.values())
@@ -206,24 +208,25 @@ def test_generate_chat_and_serve_use_an_adapter_unmerged(tmp_path, capsys, monke
                         "--adapter", str(tmp_path / "run"), "--exact"]) == 0
     out, err = capsys.readouterr()
     assert f"with the adapter {tmp_path / 'run'}" in err
-    greedy = gemma4.SamplingParams(temperature=0)  # the CLI's default; the API's is 1.0
-    assert out.strip() == "swap a b" + gemma4.generate(model, tiny_tokenizer(), "swap a b", max_tokens=4,
-                                                       sampling=greedy)
+    assert out.strip() == "swap a b" + gemma4.generate(model, tiny_tokenizer(), "swap a b", max_tokens=4)
     used = loaded[-1][0]
-    assert not any(m.lora_merged for _, m in lora_modules(used))
-    assert torch.equal(used.get_submodule(q).weight, plain.get_submodule(q).weight)
+    assert not dict(lora_modules(used))  # merged: plain layers again
+    assert not torch.equal(used.get_submodule(q).weight, plain.get_submodule(q).weight)
     with torch.no_grad():
-        torch.testing.assert_close(used(ids), model(ids), rtol=0, atol=0)
+        torch.testing.assert_close(used(ids), model(ids), rtol=1e-4, atol=1e-4)
 
     monkeypatch.setattr("sys.stdin", io.StringIO("swap a b\n"))
     assert gemma4_main(["chat", "--model", str(base), "--adapter", str(tmp_path / "run"), "--max-tokens", "3",
                         "--exact"]) == 0
     assert "with the adapter" in capsys.readouterr().err
-    assert len(dict(lora_modules(loaded[-1][0]))) == len(adapted)
+    assert not dict(lora_modules(loaded[-1][0]))
 
     args = add_serve_arguments(argparse.ArgumentParser()).parse_args(["--adapter", str(tmp_path / "run")])
-    served, _, _ = load_checkpoint(str(base), adapter=args.adapter)
-    assert len(dict(lora_modules(served))) == len(adapted)
+    served, _, _ = load_checkpoint(str(base), adapter=args.adapter, exact=True)
+    with torch.no_grad():
+        torch.testing.assert_close(served(ids), model(ids), rtol=1e-4, atol=1e-4)
+    over_int8, _, _ = gemma4.load(base, adapter=tmp_path / "run", quantize="int8")  # cannot merge: stays apart
+    assert len(dict(lora_modules(over_int8))) == len(adapted)
 
     # A directory that is no adapter: a one-line error that says what is missing.
     assert gemma4_main(["generate", "hi", "--model", str(base), "--adapter", str(tmp_path)]) == 1
@@ -251,3 +254,21 @@ def test_learning_rate_warms_up_then_decays_by_cosine():
     assert all(a >= b for a, b in itertools.pairwise(f[3:]))  # non-increasing after warm-up
     assert f[12] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
     assert f[20] == pytest.approx(0.1)
+
+
+@pytest.mark.slow  # ~20 s on a busy 2-core machine
+def test_the_defaults_learn_from_a_small_file(tmp_path, caplog):
+    """48 conversations with the default schedule and learning rate: enough steps, a short warm-up,
+    stated in the log, and the loss falls. The old defaults (1 epoch = 6 steps, all inside a
+    10-step warm-up at lr 2e-4) barely moved it: validation loss 12.41 -> 12.11, against
+    12.41 -> 7.60 now (measured with this test's data and seed)."""
+    train, held_out = swap_task()
+    model, tok = tiny("tiny-12b")
+    config = TrainConfig(micro_batch_size=8, gradient_checkpointing=False, progress=False)
+    with caplog.at_level("INFO"):
+        result = finetune(model, write_jsonl(tmp_path / "train.jsonl", [conversation(a, b) for a, b in train[:48]]),
+                          val=write_jsonl(tmp_path / "val.jsonl", [conversation(a, b) for a, b in held_out[:16]]),
+                          out=tmp_path / "run", tokenizer=tok, config=config)
+    assert "training 24 steps (4 epochs, chosen for a small dataset" in caplog.text
+    assert result.steps == 24
+    assert result.val_losses[-1][1] < 0.75 * result.val_losses[0][1], result.val_losses
