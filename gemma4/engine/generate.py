@@ -19,6 +19,8 @@ from ..config import ContextLengthError
 from .core import Engine
 from .sampling import SamplingParams
 from .sequence import Constraint, GenerationRequest, TokenEvent
+from .draft import Drafter
+from .speculative import Speculation, make_speculation
 
 TokenStep = TokenEvent  # what a step yields per sequence (token, logprob, top_logprobs, finish_reason)
 
@@ -30,11 +32,12 @@ class PromptTooLongError(ContextLengthError):
 class Generation:
     """Requests run together on an engine; iterate for a list per step (one event or None each).
 
-    `engine` must have a free row per request; without one, an engine just big enough is made.
-    `finish(i)` ends request i early.
+    `engine` must have a free row per request; without one, an engine just big enough is made
+    (speculating with `speculation`, see engine/speculative.py). `finish(i)` ends request i early.
     """
 
-    def __init__(self, model, requests: list[GenerationRequest], engine: Engine | None = None):
+    def __init__(self, model, requests: list[GenerationRequest], engine: Engine | None = None,
+                 speculation: Speculation | None = None):
         context = engine.context if engine is not None else model.config.max_position_embeddings
         for r in requests:
             if not r.prompt:
@@ -43,7 +46,9 @@ class Generation:
                 raise PromptTooLongError(context, len(r.prompt), 1)
         if engine is None:
             need = max(len(r.prompt) + max(r.max_tokens, 0) for r in requests)
-            engine = Engine(model, rows=len(requests), max_len=min(need, context))
+            engine = Engine(model, rows=len(requests), max_len=min(need, context), speculation=speculation)
+        elif speculation is not None and engine.speculation is not speculation:
+            raise ValueError("give the speculation to the engine (Engine(model, speculation=...)), not beside it")
         elif engine.free_rows < len(requests):
             raise ValueError(f"{len(requests)} requests need as many free rows; the engine has {engine.free_rows}")
         self.engine = engine
@@ -64,11 +69,15 @@ class Generation:
             events = engine.prefill()
             index = {id(seq): i for i, seq in enumerate(seqs)}
             while True:
-                step: list[TokenEvent | None] = [None] * len(seqs)
+                # A speculative step gives a sequence several tokens: one list per token, in order.
+                steps: list[list[TokenEvent | None]] = []
                 for seq, event in events:
-                    step[index[id(seq)]] = event
-                if any(e is not None for e in step):
-                    yield step
+                    i = index[id(seq)]
+                    step = next((step for step in steps if step[i] is None), None)
+                    if step is None:
+                        steps.append(step := [None] * len(seqs))
+                    step[i] = event
+                yield from steps
                 if all(s.finished for s in seqs):
                     return
                 events = engine.decode()
@@ -103,6 +112,8 @@ class GenerationResponse:
     generation_tps: float
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens whose K/V came from the engine's prefix cache
+    draft_tokens: int = 0  # speculative decoding: tokens drafted so far for this request
+    accepted_tokens: int = 0  # of those, accepted by the target
 
 
 def stream_generate(
@@ -119,6 +130,9 @@ def stream_generate(
     constraints: list[Constraint] | None = None,
     add_bos: bool | None = None,
     engine: Engine | None = None,
+    speculative: str | Drafter | None = None,
+    draft_model=None,
+    draft_tokens: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from one prompt, yielding a response per token; the last one has finish_reason set.
 
@@ -126,13 +140,21 @@ def stream_generate(
     add_bos=None follows the tokenizer (base checkpoints add <bos>; chat prompts carry their own).
     `engine`: an `Engine` kept from one call to the next, e.g. with a compiled step
     (`Engine(model, mode="compile")`) or a prefix cache (a chat re-prefills only its new turn).
+    Speculative decoding (docs/speculative.md): `speculative="ngram"` (prompt lookup) or a
+    `Drafter`, or `draft_model` (an MTP drafter: a checkpoint path or a loaded drafter);
+    `draft_tokens`: the draft length k. Same tokens when greedy, same distribution when sampling.
+    With an `engine`, give the drafter to it instead (`Engine(model, speculation=...)`).
     """
     ids = tokenizer.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
     stops = set(model.config.eos_token_id) if stop_token_ids is None else set(stop_token_ids)
     request = GenerationRequest(ids, max_tokens, sampling or SamplingParams(), frozenset(stops), logprobs,
                                 list(constraints or []), logit_bias, stop, tokenizer)
     start = time.perf_counter()
-    gen = Generation(model, [request], engine)
+    speculation = make_speculation(model, speculative, draft_model, draft_tokens)
+    if speculation is not None and engine is not None:
+        raise ValueError("with an engine, give it the drafter (Engine(model, speculation=make_speculation(...)))")
+    gen = Generation(model, [request], engine, speculation)
+    seq = gen.sequences[0]
     prompt_tps = 0.0
     n = 0
     for (event,) in gen:
@@ -140,9 +162,10 @@ def stream_generate(
         if n == 0:
             prompt_tps, start = len(ids) / max(now - start, 1e-9), now
         n += 1
+        spec = seq.spec
         yield GenerationResponse(event.text, event.token, event.logprob, event.finish_reason, len(ids), n,
                                  prompt_tps, n / max(time.perf_counter() - start, 1e-9), event.top_logprobs,
-                                 gen.sequences[0].cached)
+                                 seq.cached, spec.drafted if spec else 0, spec.accepted if spec else 0)
 
 
 def generate(model, tokenizer, prompt: str | list[int], **kwargs) -> str:
