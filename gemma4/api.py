@@ -119,17 +119,22 @@ def stream_chat(
     sampling: SamplingParams | None = None,
     chat_format: ChatFormat | None = None,
     engine: Engine | None = None,
+    speculative=None,
+    draft_model=None,
+    draft_tokens: int | None = None,
 ) -> Iterator[ThoughtDelta | ContentDelta | ToolCallComplete | ChatResponse]:
     """Stream a chat turn: thought and content deltas, completed tool calls, then the ChatResponse.
     `chat_format`: the checkpoint's (from `load`); None uses the family's built-in format.
     `engine`: as for `stream_generate`; keep one across turns to reuse its compiled step and, with
-    a prefix cache, the K/V of the conversation so far."""
+    a prefix cache, the K/V of the conversation so far. `speculative` ("ngram"), `draft_model`,
+    `draft_tokens`: speculative decoding, as for `stream_generate` (docs/speculative.md)."""
     fmt = chat_format or ChatFormat(model.config.family)
     prompt = fmt.render(messages, tools=tools, enable_thinking=enable_thinking, add_generation_prompt=True)
     parser = fmt.stream_parser(prompt=prompt)
     text, last = [], None
     for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampling=sampling,
-                             stop_token_ids=set(fmt.stop_token_ids), add_bos=False, engine=engine):
+                             stop_token_ids=set(fmt.stop_token_ids), add_bos=False, engine=engine,
+                             speculative=speculative, draft_model=draft_model, draft_tokens=draft_tokens):
         text.append(r.text)
         yield from parser.feed(r.text)
         last = r

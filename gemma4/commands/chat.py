@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import sys
 
-from .common import engine_from_args, load_from_args, messages_with_system, print_events, sampling_from_args
+from .common import (check_speculative_args, engine_from_args, load_from_args, messages_with_system, print_events,
+                     sampling_from_args)
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
 
 
 def run(args) -> int:
     sampling = sampling_from_args(args)
+    check_speculative_args(args)
     model, tokenizer, chat_format = load_from_args(args)
     engine = engine_from_args(args, model, session=True)
     from ..api import stream_chat
@@ -56,3 +58,5 @@ def run(args) -> int:
             history.pop()
             continue
         history.append({"role": "assistant", "content": response.content if response else ""})
+        if args.verbose and engine.speculation is not None:
+            print(f"[{engine.speculation.stats.describe()}]", file=sys.stderr)

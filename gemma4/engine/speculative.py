@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cache import DEFAULT_HEADROOM
 from .draft import Drafter, NgramDrafter
 
 DEFAULT_K = 4  # when neither the drafter nor the caller says
@@ -72,16 +73,13 @@ class Speculation:
 
     def __init__(self, drafter: Drafter, k: int | None = None, *, adaptive: bool = True):
         k = k if k is not None else (drafter.default_k or DEFAULT_K)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise SpeculationError(f"the draft length must be a whole number >= 1, got {k!r}")
+        _check_k(k)
         self.drafter, self.k, self.adaptive = drafter, k, adaptive
         self.stats = SpecStats(accepted_per_pos=[0] * k)
 
     def check(self, headroom: int) -> None:
         """Refuse a k the cache cannot roll back (a verify step rejects up to k tokens)."""
-        if self.k > headroom:
-            raise SpeculationError(f"a draft length of {self.k} exceeds the KV cache's rollback headroom of "
-                                   f"{headroom} tokens; use --draft-tokens between 1 and {headroom}")
+        _check_k(self.k, headroom)
 
     def budget(self, seq) -> int:
         """Tokens `seq` may draft this step: its k, and room for the target's own token within its limit."""
@@ -102,22 +100,40 @@ class Speculation:
                 state.k = min(self.k, state.k + 2) if accepted == drafted else max(1, state.k - 1)
 
 
+def _check_k(k, headroom: int | None = None) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise SpeculationError(f"the draft length must be a whole number >= 1, got {k!r}")
+    if headroom is not None and k > headroom:
+        raise SpeculationError(f"a draft length of {k} exceeds the KV cache's rollback headroom of "
+                               f"{headroom} tokens; use --draft-tokens between 1 and {headroom}")
+
+
+def check_options(speculative=None, draft_model=None, draft_tokens: int | None = None,
+                  headroom: int = DEFAULT_HEADROOM) -> None:
+    """Refuse contradictory or out-of-range speculation options before anything is loaded."""
+    if speculative is not None and draft_model is not None:
+        raise SpeculationError("give either a draft model or --speculative ngram, not both")
+    if isinstance(speculative, str) and speculative != "ngram":
+        raise SpeculationError(f"unknown speculative method {speculative!r}; use 'ngram' "
+                               "(or --draft-model PATH for an MTP drafter)")
+    if draft_tokens is not None:
+        if speculative is None and draft_model is None:
+            raise SpeculationError("--draft-tokens needs a drafter: --draft-model PATH or --speculative ngram")
+        _check_k(draft_tokens, headroom)
+
+
 def make_speculation(model, speculative: str | Drafter | None = None, draft_model=None,
                      draft_tokens: int | None = None, *, adaptive: bool = True) -> Speculation | None:
     """The `Speculation` asked for by the CLI / API options, or None for plain decoding.
 
     speculative: "ngram" (prompt lookup), a `Drafter`, or None; draft_model: an MTP drafter
     checkpoint path or a loaded drafter model, checked against `model` (the target)."""
-    if speculative is not None and draft_model is not None:
-        raise SpeculationError("give either a draft model or --speculative ngram, not both")
+    if draft_tokens is not None:
+        _check_k(draft_tokens)
+    check_options(speculative, draft_model, draft_tokens, headroom=10**9)  # the engine checks its own headroom
     if speculative is None and draft_model is None:
-        if draft_tokens is not None:
-            raise SpeculationError("--draft-tokens needs a drafter: --draft-model PATH or --speculative ngram")
         return None
     if isinstance(speculative, str):
-        if speculative != "ngram":
-            raise SpeculationError(f"unknown speculative method {speculative!r}; use 'ngram' "
-                                   "(or --draft-model PATH for an MTP drafter)")
         drafter: Drafter = NgramDrafter()
     elif speculative is not None:
         drafter = speculative
