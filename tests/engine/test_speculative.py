@@ -261,3 +261,26 @@ def test_adaptive_k_backs_off_when_drafts_fail():
     got, engine = _run(model, [GenerationRequest(prompt, 30, GREEDY)], spec)
     assert _ids(got)[0] == want and spec.stats.acceptance_rate == 1.0 and engine.steps <= 30 // 7 + 1
     assert math.isclose(spec.stats.mean_accepted_length, 1 + spec.stats.accepted_tokens / spec.stats.drafts)
+
+
+@pytest.mark.slow
+def test_ngram_speculation_on_the_real_gemma_3_270m_gives_the_same_greedy_tokens(gemma3_270m):
+    """The embedded gemma-3-270m (float32) through the Python API, alone and in a batch of prompts
+    of different lengths: n-gram drafting changes the number of forwards, not the tokens."""
+    import gemma4
+
+    model, tokenizer, _ = gemma3_270m
+    prompts = ["Repeat this list exactly: apples, bananas, cherries, dates, elderberries, figs, grapes.\n",
+               "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n"]
+    want = [[r.token for r in gemma4.stream_generate(model, tokenizer, p, max_tokens=24,
+                                                     sampling=GREEDY)] for p in prompts]
+    got = [list(gemma4.stream_generate(model, tokenizer, p, max_tokens=24, sampling=GREEDY, speculative="ngram"))
+           for p in prompts]
+    assert [[r.token for r in g] for g in got] == want
+    assert sum(g[-1].accepted_tokens for g in got) > 10
+    ids = [tokenizer.encode(p) for p in prompts]
+    spec = make_speculation(model, "ngram")
+    requests = [GenerationRequest(i, 24, GREEDY, frozenset(model.config.eos_token_id)) for i in ids]
+    batched, engine = _run(model, requests, spec, max_len=128)
+    assert _ids(batched) == want
+    assert engine.steps < 20
