@@ -74,3 +74,17 @@ def test_speculative_server_gives_the_plain_servers_greedy_replies(loaded):
                              f'position="{i}"}}') for i in range(4)]
     assert sum(per_pos) == accepted and per_pos == sorted(per_pos, reverse=True)
     assert _metric(metrics[None], "gemma4:spec_decode_num_draft_tokens_total") == 0
+
+
+def test_bad_speculation_options_are_refused_before_loading(capsys):
+    """`gemma4 serve` and `gemma4 generate` refuse a bad draft length or contradictory drafters
+    with one line, before any model is loaded (no model path is valid here)."""
+    from gemma4.cli import main
+
+    for argv, message in [(["serve", "--speculative", "ngram", "--draft-tokens", "100"], "headroom of 32"),
+                          (["serve", "--draft-tokens", "4"], "needs a drafter"),
+                          (["generate", "--speculative", "ngram", "--draft-tokens", "0", "hi"], "whole number >= 1"),
+                          (["chat", "--speculative", "ngram", "--draft-model", "x"], "not both")]:
+        assert main(argv + ["--model", "/nonexistent"]) != 0
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and "loading" not in err
