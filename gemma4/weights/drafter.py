@@ -78,8 +78,9 @@ def _check_ordering(ordering: torch.Tensor, source: str) -> None:
                               "the checkpoint is corrupt: re-download it")
 
 
-def save_drafter(directory: str | Path, model: Drafter) -> Path:
-    """Write the released layout (config.json + model.safetensors) that `load_drafter` reads."""
+def save_drafter(directory: str | Path, model: Drafter, num_assistant_tokens: int = 4) -> Path:
+    """Write the released layout (config.json, model.safetensors, and generation_config.json with
+    the draft length `num_assistant_tokens`) that `load_drafter` reads."""
     directory = check_target(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items()}
@@ -87,4 +88,6 @@ def save_drafter(directory: str | Path, model: Drafter) -> Path:
     config = model.config.to_hf_dict()
     config["dtype"] = str(model.pre_projection.weight.dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    generation = {"num_assistant_tokens": num_assistant_tokens, "num_assistant_tokens_schedule": "constant"}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     return directory
