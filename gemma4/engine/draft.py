@@ -41,6 +41,9 @@ class Drafter(Protocol):
     needs_hidden: bool
     # The drafter's own draft length (e.g. from its generation config); None: no preference.
     default_k: int | None
+    # Optional: ring entries beyond the target's window the drafter reads (an MTP drafter's sliding
+    # layers see W + 1 keys), taken off the longest draft a ring's headroom allows.
+    # ring_reach: int
 
     def propose(self, engine: Engine, seqs: list[Sequence], ks: list[int]) -> list[Draft]:
         """Up to ks[i] tokens to follow seqs[i].tokens (k >= 1 each)."""

@@ -28,13 +28,16 @@ from .sampling import draw
 
 class MTPDrafter:
     needs_hidden = True
+    # Its sliding layers read W + 1 keys before p, one more than the target's window: a verify step
+    # of k drafts overwrites ring entries up to p + k - (W + headroom), so k < headroom.
+    ring_reach = 1
 
     def __init__(self, drafter, target, default_k: int | None = None):
         from ..weights.drafter import check_fits
 
         check_fits(drafter.config, target.config)
         self.model, self.target = drafter, target
-        self.default_k = min(default_k, DEFAULT_HEADROOM) if default_k else None
+        self.default_k = min(default_k, DEFAULT_HEADROOM - self.ring_reach) if default_k else None
         self.store = {t: spec.index for t, spec in kv_store_layers(target.config).items()}
 
     @classmethod

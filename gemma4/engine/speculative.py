@@ -78,8 +78,9 @@ class Speculation:
         self.stats = SpecStats(accepted_per_pos=[0] * k)
 
     def check(self, headroom: int) -> None:
-        """Refuse a k the cache cannot roll back (a verify step rejects up to k tokens)."""
-        _check_k(self.k, headroom)
+        """Refuse a k the cache cannot roll back (a verify step rejects up to k tokens), less what a
+        drafter reads of a ring beyond the target's window (`ring_reach`)."""
+        _check_k(self.k, headroom - getattr(self.drafter, "ring_reach", 0))
 
     def budget(self, seq) -> int:
         """Tokens `seq` may draft this step: its k, and room for the target's own token within its limit."""
@@ -104,8 +105,8 @@ def _check_k(k, headroom: int | None = None) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise SpeculationError(f"the draft length must be a whole number >= 1, got {k!r}")
     if headroom is not None and k > headroom:
-        raise SpeculationError(f"a draft length of {k} exceeds the KV cache's rollback headroom of "
-                               f"{headroom} tokens; use --draft-tokens between 1 and {headroom}")
+        raise SpeculationError(f"a draft length of {k} is more than the KV cache can roll back "
+                               f"(its sliding-window headroom); use --draft-tokens between 1 and {headroom}")
 
 
 def check_options(speculative=None, draft_model=None, draft_tokens: int | None = None,

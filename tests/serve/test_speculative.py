@@ -81,7 +81,7 @@ def test_bad_speculation_options_are_refused_before_loading(capsys):
     with one line, before any model is loaded (no model path is valid here)."""
     from gemma4.cli import main
 
-    for argv, message in [(["serve", "--speculative", "ngram", "--draft-tokens", "100"], "headroom of 32"),
+    for argv, message in [(["serve", "--speculative", "ngram", "--draft-tokens", "100"], "between 1 and 32"),
                           (["serve", "--draft-tokens", "4"], "needs a drafter"),
                           (["generate", "--speculative", "ngram", "--draft-tokens", "0", "hi"], "whole number >= 1"),
                           (["chat", "--speculative", "ngram", "--draft-model", "x"], "not both")]:
