@@ -111,18 +111,24 @@ class Drafter(nn.Module):
         self.post_projection = nn.Linear(d, big, bias=False)
         self.masked_embedding = CentroidHead(config) if config.use_ordered_embeddings else None
 
-    def forward(self, embeds: torch.Tensor, h: torch.Tensor, shared_kv: dict[str, KV], p: torch.Tensor,
-                dense: bool = False) -> DrafterOutput:
-        """One draft step for every query: see `step`; here embeds, h are [B, T, D] and p is [B, T].
-
-        `dense`: logits from the full tied head even with the sparse head (training uses it)."""
+    def run(self, embeds: torch.Tensor, h: torch.Tensor, shared_kv: dict[str, KV],
+            p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stack for every query [B, T]: (final-normed z [B, T, d], next hidden [B, T, D])."""
         z = self.model(self.pre_projection(torch.cat([embeds, h], dim=-1)), p, shared_kv)
+        return z, self.post_projection(z)
+
+    def logits(self, z: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        """The tied head, or the sparse one of ordered-embedding drafters unless `dense` (training)."""
         table = self.model.embed_tokens.weight
         if self.masked_embedding is None or dense:
-            logits = torch.nn.functional.linear(z, table)
-        else:
-            logits = self.masked_embedding(z, table)
-        return DrafterOutput(logits, self.post_projection(z))
+            return torch.nn.functional.linear(z, table)
+        return self.masked_embedding(z, table)
+
+    def forward(self, embeds: torch.Tensor, h: torch.Tensor, shared_kv: dict[str, KV],
+                p: torch.Tensor) -> DrafterOutput:
+        """One draft step for every query: see `step`; here embeds, h are [B, T, D] and p is [B, T]."""
+        z, hidden = self.run(embeds, h, shared_kv, p)
+        return DrafterOutput(self.logits(z), hidden)
 
     def step(self, embeds: torch.Tensor, h: torch.Tensor, shared_kv: dict[str, KV],
              p: torch.Tensor) -> DrafterOutput:
