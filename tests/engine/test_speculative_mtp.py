@@ -51,14 +51,28 @@ class Checked(MTPDrafter):
     calls = 0
 
     def propose(self, engine, seqs, ks):
-        drafts = super().propose(engine, seqs, ks)
+        steps, step = [], self.model.step
+
+        def recorded(*args):
+            out = step(*args)
+            steps.append(out.logits)
+            return out
+
+        self.model.step = recorded
+        try:
+            drafts = super().propose(engine, seqs, ks)
+        finally:
+            del self.model.step
+        lo = min(s.row for s in seqs)
         for s, k, d in zip(seqs, ks, drafts):
             p = len(s.tokens) - 1
             assert s.fed == p
             out = self.target.decode(torch.tensor([s.tokens[:p]]))
-            tokens, _ = self.model.draft(self.target.model.embed, torch.tensor([s.tokens[-1]]), out.hidden[:, -1],
-                                         out.shared_kv, torch.tensor([p]), k)
+            tokens, logits = self.model.draft(self.target.model.embed, torch.tensor([s.tokens[-1]]), out.hidden[:, -1],
+                                              out.shared_kv, torch.tensor([p]), k)
             assert d.tokens == tokens[0].tolist()
+            got = torch.stack([x[s.row - lo] for x in steps[:k]])
+            torch.testing.assert_close(got, logits[0], rtol=0, atol=1e-10)
             torch.testing.assert_close(s.spec.hidden, out.hidden[0, -1], rtol=0, atol=1e-10)
             Checked.calls += 1
         return drafts
