@@ -11,13 +11,14 @@ import random
 
 import pytest
 import torch
-from testing_utils import random_model
+from testing_utils import random_drafter, random_model
 
 from gemma4.engine.core import Engine
 from gemma4.engine.draft import Draft, NgramDrafter
 from gemma4.engine.generate import Generation
 from gemma4.engine.sampling import Sampler, SamplingParams
 from gemma4.engine.sequence import GenerationRequest
+from gemma4.engine.mtp import MTPDrafter
 from gemma4.engine.speculative import Speculation, SpeculationError, make_speculation
 
 GREEDY = SamplingParams(temperature=0)
@@ -141,9 +142,9 @@ def test_every_rule_of_choose_holds_mid_draft():
 def test_sampling_keeps_the_target_distribution():
     """The joint distribution of three sampled tokens (the first from the prompt's logits, the
     next two from one verify step of k = 2) against its exact value, computed from the target
-    alone, by Pearson's chi-square over the outcomes; for a drafter with its own distribution q and
-    for a deterministic one that always proposes the least likely allowed token (rejected most of
-    the time: the residual draw does the work).
+    alone, by Pearson's chi-square over the outcomes; for a drafter with its own distribution q, a
+    deterministic one that always proposes the least likely allowed token (rejected most of the
+    time: the residual draw does the work), and a random MTP drafter sampling its drafts.
 
     Threshold: p > 0.001. The seeds are fixed, so the test is deterministic: it cannot flake; a
     correct sampler passes with probability 0.999 over seed choices, and this one passes with
@@ -193,7 +194,7 @@ def test_sampling_keeps_the_target_distribution():
                 out.append(Draft([worst(s.tokens[-1]) if s.produced == 1 else 0] * k))
             return out
 
-    for drafter in (QDrafter(), Worst()):
+    for drafter in (QDrafter(), Worst(), MTPDrafter(random_drafter(model), model)):
         counts: dict[tuple, int] = {}
         for batch in range(N // rows):
             requests = [GenerationRequest(prompt, 4, SamplingParams(**{**params.__dict__, "seed": batch * rows + i}))

@@ -10,6 +10,7 @@ import openai
 import torch
 
 from serve_helpers import MODEL_NAME, make_app, running_server
+from testing_utils import random_drafter
 
 from gemma4.engine.draft import Draft
 
@@ -52,15 +53,26 @@ def _metric(text, name):
     return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name)))
 
 
-def test_speculative_server_gives_the_plain_servers_greedy_replies(loaded):
+def test_speculative_server_gives_the_plain_servers_greedy_replies(loaded, tmp_path):
+    """Concurrent requests, then one alone, on servers without speculation, with n-gram drafts,
+    with a noisy copy of the target, and with an MTP drafter checkpoint (--draft-model)."""
+    from gemma4.weights.drafter import save_drafter
+
+    model = loaded[0]
+    drafter_dir = str(save_drafter(tmp_path / "drafter", random_drafter(model, "tiny-e2b-assistant")))
     replies, metrics = {}, {}
-    for spec in (None, "ngram", "self"):
-        drafter = NoisySelfDrafter(loaded[0]) if spec == "self" else spec
-        app = make_app(loaded, max_batch=4, speculative=drafter, draft_tokens=4 if spec else None)
+    for spec in (None, "ngram", "self", "mtp"):
+        options = {"speculative": NoisySelfDrafter(model) if spec == "self" else spec, "draft_tokens": 4}
+        if spec is None:
+            options = {}
+        elif spec == "mtp":
+            options = {"draft_model": drafter_dir}
+        app = make_app(loaded, max_batch=4, **options)
         with running_server(app) as url:
             replies[spec] = asyncio.run(_complete(url, PROMPTS, 24)) + asyncio.run(_complete(url, PROMPTS[:1], 24))
             metrics[spec] = httpx.get(url + "/metrics").text
-    assert replies["ngram"] == replies[None] and replies["self"] == replies[None]
+    assert replies["ngram"] == replies[None] and replies["self"] == replies[None] and replies["mtp"] == replies[None]
+    assert _metric(metrics["mtp"], "gemma4:spec_decode_num_draft_tokens_total") > 0
     assert replies[None][0] == replies[None][-1]  # alone = batched
     assert _metric(metrics["ngram"], "gemma4:spec_decode_num_draft_tokens_total") > 0
     text = metrics["self"]
