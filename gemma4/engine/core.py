@@ -257,9 +257,13 @@ class Engine:
         ks = [spec.budget(s) for s in rows]
         asked = [i for i, k in enumerate(ks) if k > 0]
         drafts = [Draft([]) for _ in rows]
-        if asked:
-            for i, d in zip(asked, spec.drafter.propose(self, [rows[i] for i in asked], [ks[i] for i in asked])):
-                drafts[i] = Draft(d.tokens[: ks[i]], None if d.probs is None else d.probs[: ks[i]])
+        try:
+            proposed = spec.drafter.propose(self, [rows[i] for i in asked], [ks[i] for i in asked]) if asked else []
+        except Exception:  # noqa: BLE001 - a drafter's failure costs speed, never the requests
+            log.exception("the drafter failed; this step decodes without drafts")
+            proposed = [Draft([]) for _ in asked]
+        for i, d in zip(asked, proposed):
+            drafts[i] = Draft(d.tokens[: ks[i]], None if d.probs is None else d.probs[: ks[i]])
         if not spec.drafter.needs_hidden and not any(d.tokens for d in drafts):
             return None
         return drafts

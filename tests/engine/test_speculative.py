@@ -285,3 +285,37 @@ def test_ngram_speculation_on_the_real_gemma_3_270m_gives_the_same_greedy_tokens
     batched, engine = _run(model, requests, spec, max_len=128)
     assert _ids(batched) == want
     assert engine.steps < 20
+
+
+def test_a_failing_drafter_costs_speed_not_the_requests(caplog):
+    """A drafter that raises every other step: those steps decode without drafts (logged), and the
+    tokens are plain greedy decoding's."""
+    model = _model("tiny-gemma-3-270m")
+    prompt = _tokens(model.config.vocab_size, 7, 41) * 2
+
+    class Flaky(NgramDrafter):
+        calls = 0
+
+        def propose(self, engine, seqs, ks):
+            Flaky.calls += 1
+            if Flaky.calls % 2:
+                raise RuntimeError("drafter bug")
+            return super().propose(engine, seqs, ks)
+
+    want = _ids(_run(model, [GenerationRequest(prompt, 20, GREEDY)])[0])
+    got, engine = _run(model, [GenerationRequest(prompt, 20, GREEDY)], Speculation(Flaky(min_n=1), 3))
+    assert _ids(got) == want and Flaky.calls > 2 and "the drafter failed" in caplog.text
+
+
+def test_score_returns_the_final_normed_hidden_states_of_a_plain_forward():
+    """`Engine.score(..., hidden=True)`: what the MTP drafter reads, equal to a cacheless forward's."""
+    model = _model("tiny-e2b")
+    tokens = _tokens(model.config.vocab_size, 12, 51)
+    engine = Engine(model, max_len=32)
+    seq = engine.new_sequence(GenerationRequest(tokens, 1))
+    engine.add(seq)
+    engine.score([seq], [tokens[:5]])
+    ((logits, hidden),) = engine.score([seq], [tokens[5:]], hidden=True)
+    want = model.decode(torch.tensor([tokens])).hidden[0, 5:]
+    torch.testing.assert_close(hidden, want, rtol=0, atol=1e-10)
+    torch.testing.assert_close(logits, model.logits(want), rtol=0, atol=1e-10)
