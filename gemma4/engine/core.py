@@ -262,8 +262,10 @@ class Engine:
         except Exception:  # noqa: BLE001 - a drafter's failure costs speed, never the requests
             log.exception("the drafter failed; this step decodes without drafts")
             proposed = [Draft([]) for _ in asked]
-        for i, d in zip(asked, proposed):
-            drafts[i] = Draft(d.tokens[: ks[i]], None if d.probs is None else d.probs[: ks[i]])
+        V = self.model.config.vocab_size
+        for i, d in zip(asked, proposed):  # at most k tokens, up to the first that is not a token id
+            n = next((j for j, t in enumerate(d.tokens[: ks[i]]) if not 0 <= t < V), min(ks[i], len(d.tokens)))
+            drafts[i] = Draft(list(d.tokens[:n]), None if d.probs is None else d.probs[:n])
         if not spec.drafter.needs_hidden and not any(d.tokens for d in drafts):
             return None
         return drafts

@@ -288,7 +288,8 @@ def test_ngram_speculation_on_the_real_gemma_3_270m_gives_the_same_greedy_tokens
 
 
 def test_a_failing_drafter_costs_speed_not_the_requests(caplog):
-    """A drafter that raises every other step: those steps decode without drafts (logged), and the
+    """A drafter that raises every other step, and otherwise ends its drafts with ids outside the
+    vocabulary: the failing steps decode without drafts (logged), the bad ids are dropped, and the
     tokens are plain greedy decoding's."""
     model = _model("tiny-gemma-3-270m")
     prompt = _tokens(model.config.vocab_size, 7, 41) * 2
@@ -300,11 +301,13 @@ def test_a_failing_drafter_costs_speed_not_the_requests(caplog):
             Flaky.calls += 1
             if Flaky.calls % 2:
                 raise RuntimeError("drafter bug")
-            return super().propose(engine, seqs, ks)
+            return [Draft(d.tokens + [-1, V]) for d in super().propose(engine, seqs, ks)]
 
+    V = model.config.vocab_size
     want = _ids(_run(model, [GenerationRequest(prompt, 20, GREEDY)])[0])
     got, engine = _run(model, [GenerationRequest(prompt, 20, GREEDY)], Speculation(Flaky(min_n=1), 3))
     assert _ids(got) == want and Flaky.calls > 2 and "the drafter failed" in caplog.text
+    assert engine.speculation.stats.accepted_tokens > 0
 
 
 def test_score_returns_the_final_normed_hidden_states_of_a_plain_forward():
