@@ -128,7 +128,7 @@ def test_every_rule_of_choose_holds_mid_draft():
     want, _ = _run(model, requests())
     answers = {tuple(p): w + _tokens(V, 8, 9) for p, w in zip(prompts, _ids(want))}
     got, engine = _run(model, requests(), Speculation(OracleDrafter(answers, V, noise=0.1), 6, adaptive=False))
-    assert engine.speculation.stats.accepted_tokens > 0
+    assert engine.speculation.stats.draft_tokens > 0
     assert len(want[0]) == 10 and want[0][-1].finish_reason == "stop" and want[1][-1].finish_reason == "length"
     for w_row, g_row in zip(want, got):
         assert [(e.token, e.finish_reason, e.top_logprobs and [t for t, _ in e.top_logprobs]) for e in g_row] == \
@@ -307,7 +307,7 @@ def test_a_failing_drafter_costs_speed_not_the_requests(caplog):
     want = _ids(_run(model, [GenerationRequest(prompt, 20, GREEDY)])[0])
     got, engine = _run(model, [GenerationRequest(prompt, 20, GREEDY)], Speculation(Flaky(min_n=1), 3))
     assert _ids(got) == want and Flaky.calls > 2 and "the drafter failed" in caplog.text
-    assert engine.speculation.stats.accepted_tokens > 0
+    assert engine.speculation.stats.draft_tokens > 0
 
 
 def test_score_returns_the_final_normed_hidden_states_of_a_plain_forward():
