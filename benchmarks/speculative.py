@@ -30,7 +30,8 @@ from gemma4.engine.core import Engine  # noqa: E402
 from gemma4.engine.generate import Generation  # noqa: E402
 from gemma4.engine.sampling import SamplingParams  # noqa: E402
 from gemma4.engine.sequence import GenerationRequest  # noqa: E402
-from gemma4.engine.speculative import make_speculation  # noqa: E402
+from gemma4.engine.draft import NgramDrafter  # noqa: E402
+from gemma4.engine.speculative import Speculation  # noqa: E402
 
 PROMPTS = {
     "copy-list": "Repeat this list exactly, one item a line: apples, bananas, cherries, dates, elderberries, figs, "
@@ -80,6 +81,12 @@ def main(argv=None) -> int:
     prompts = (dict(enumerate(Path(args.prompts).read_text().splitlines())) if args.prompts else PROMPTS)
     ks = [int(k) for k in args.draft_tokens.split(",")]
     kind = "mtp" if args.draft_model else "ngram"
+    if args.draft_model:
+        from gemma4.engine.mtp import MTPDrafter
+
+        drafter = MTPDrafter.load(args.draft_model, model)  # once: each run gets fresh statistics
+    else:
+        drafter = NgramDrafter()
     rows = []
     print(f"load average {os.getloadavg()[0]:.2f}; {torch.get_num_threads()} threads; drafter: {kind}")
     for name, prompt in prompts.items():
@@ -88,7 +95,7 @@ def main(argv=None) -> int:
             want, tps, _ = run(model, tokenizer, prompt, args.max_tokens, None)
             plain.append(tps)
             for k in ks:
-                speculation = make_speculation(model, None if args.draft_model else "ngram", args.draft_model, k)
+                speculation = Speculation(drafter, k)
                 got, tps, stats = run(model, tokenizer, prompt, args.max_tokens, speculation)
                 spec[k].append((tps, stats, got == want))
         base = statistics.median(plain)
