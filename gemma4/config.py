@@ -513,9 +513,11 @@ class DrafterConfig:
         t = self.text
         _check_int("backbone_hidden_size", self.backbone_hidden_size, 1, 1 << 20)
         if not isinstance(self.use_ordered_embeddings, bool):
-            raise ConfigError(f"use_ordered_embeddings is {self.use_ordered_embeddings!r:.40}; it must be true or false")
+            raise ConfigError(f"use_ordered_embeddings is {self.use_ordered_embeddings!r:.40}; "
+                              "it must be true or false")
         if self.model_type not in DRAFTER_TYPES:
-            raise ConfigError(f"unknown drafter model_type {self.model_type!r:.40}; expected {' or '.join(DRAFTER_TYPES)}")
+            raise ConfigError(f"unknown drafter model_type {self.model_type!r:.40}; "
+                              f"expected {' or '.join(DRAFTER_TYPES)}")
         if t.hidden_size_per_layer_input or t.enable_moe_block or t.use_double_wide_mlp:
             raise ConfigError("a drafter's text_config must not use per-layer embeddings, MoE or double-wide MLPs "
                               "(hidden_size_per_layer_input 0, enable_moe_block and use_double_wide_mlp false)")

@@ -76,3 +76,23 @@ def test_cache_slices_are_a_valid_input(tmp_path, name):
         got = ours.step(*args, sliced, p)
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-4)  # key order: float noise
     torch.testing.assert_close(got.hidden, want.hidden, rtol=0, atol=1e-4)
+
+
+def test_saved_drafter_loads_in_transformers(tmp_path):
+    """`save_drafter` writes the released layout: transformers reads it back to the same outputs."""
+    from transformers.models.gemma4_assistant import Gemma4AssistantForCausalLM
+
+    from gemma4.weights.drafter import save_drafter
+
+    _, ours, target, ids, out = _setup(tmp_path, "tiny-e2b-assistant")
+    save_drafter(tmp_path / "ours", ours)
+    with kv_sharing_patched():
+        back = Gemma4AssistantForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    p = L
+    with torch.no_grad():
+        mine = ours(target.model.embed(ids[:, -1:]), out.hidden[:, -1:], out.shared_kv, torch.tensor([[p]]))
+        got = back(inputs_embeds=torch.cat([target.model.embed(ids[:, -1:]), out.hidden[:, -1:]], -1),
+                   position_ids=torch.tensor([[p]]),
+                   shared_kv_states={t: (k, v) for t, (k, v, _) in out.shared_kv.items()})
+    torch.testing.assert_close(mine.logits, got.logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(mine.hidden, got.last_hidden_state, rtol=0, atol=1e-4)

@@ -62,3 +62,18 @@ def test_acceptance_replays_greedy_drafting(tmp_path):
                 m = next((i for i in range(n) if tokens[0, i].item() != want[i]), n)
                 drafted, accepted, p = drafted + n, accepted + m, p + m + 1
     assert (got["drafted"], got["accepted"]) == (drafted, accepted)
+
+
+def test_finetune_drafter_command(tmp_path):
+    """`gemma4 finetune --drafter` on a checkpoint directory writes a drafter that loads for it."""
+    from train_helpers import tiny_dir
+
+    from gemma4.commands.finetune import main
+
+    target, _ = tiny("tiny-gemma-3-270m")
+    data = _prompts(tmp_path / "p.txt", 8, 3)
+    assert main(["--drafter", "--model", str(tiny_dir("tiny-gemma-3-270m")), "--data", str(data), "--out",
+                 str(tmp_path / "d"), "--max-steps", "2", "--drafter-new-tokens", "4", "--no-progress"]) == 0
+    load_drafter(tmp_path / "d", target.config)
+    with pytest.raises(FileExistsError):  # a used --out is refused before loading
+        main(["--drafter", "--data", str(data), "--out", str(tmp_path / "d")])
