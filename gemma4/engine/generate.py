@@ -17,9 +17,9 @@ import torch
 
 from ..config import ContextLengthError
 from .core import Engine
+from .draft import Drafter
 from .sampling import SamplingParams
 from .sequence import Constraint, GenerationRequest, TokenEvent
-from .draft import Drafter
 from .speculative import Speculation, make_speculation
 
 TokenStep = TokenEvent  # what a step yields per sequence (token, logprob, top_logprobs, finish_reason)
@@ -112,7 +112,7 @@ class GenerationResponse:
     generation_tps: float
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens whose K/V came from the engine's prefix cache
-    draft_tokens: int = 0  # speculative decoding: tokens drafted so far for this request
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted so far for this request
     accepted_tokens: int = 0  # of those, accepted by the target
 
 
