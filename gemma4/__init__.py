@@ -10,6 +10,7 @@ from .config import TextConfig
 from .engine.generate import GenerationResponse, batch_generate, generate, stream_generate
 from .engine.sampling import SamplingParams
 from .engine.core import Engine
+from .engine.speculative import Speculation, make_speculation
 from .model import Gemma
 from .tokenizer import Tokenizer
 from .weights import CheckpointError
@@ -17,5 +18,5 @@ from .weights import CheckpointError
 __all__ = [
     "load", "load_model", "generate", "stream_generate", "batch_generate", "chat_reply", "stream_chat",
     "ChatResponse", "GenerationResponse", "SamplingParams", "Gemma", "TextConfig", "Tokenizer",
-    "CheckpointError", "default_model_path", "Engine", "Loaded",
+    "CheckpointError", "default_model_path", "Engine", "Loaded", "Speculation", "make_speculation",
 ]

@@ -173,13 +173,17 @@ def stream_chat(
     chat_format: ChatFormat | None = None,
     engine: Engine | None = None,
     on_prefill=None,
+    speculative=None,
+    draft_model=None,
+    draft_tokens: int | None = None,
     **sampling_options,
 ) -> Iterator[ThoughtDelta | ContentDelta | ToolCallComplete | ChatResponse]:
     """Stream a chat turn: thought and content deltas, completed tool calls, then the ChatResponse.
     `chat_format`: the checkpoint's (from `load`); None uses the family's built-in format.
     `engine`, `on_prefill`: as for `stream_generate`; keep an engine across turns to reuse its
     compiled step and, with a prefix cache, the K/V of the conversation so far. Greedy unless told (`sampling=` or
-    `temperature=0.7, top_p=0.9, ...` as keywords), as `gemma4 chat` is."""
+    `temperature=0.7, top_p=0.9, ...` as keywords), as `gemma4 chat` is. `speculative` ("ngram"),
+    `draft_model`, `draft_tokens`: speculative decoding, as for `stream_generate` (docs/speculative.md)."""
     sampling = sampling_from(sampling, **sampling_options)
     fmt = chat_format or ChatFormat(model.config.family)
     prompt = fmt.render(messages, tools=tools, enable_thinking=enable_thinking, add_generation_prompt=True)
@@ -187,7 +191,8 @@ def stream_chat(
     text, last = [], None
     for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampling=sampling,
                              stop_token_ids=turn_stop_ids(fmt, tokenizer), add_bos=False, engine=engine,
-                             on_prefill=on_prefill):
+                             on_prefill=on_prefill, speculative=speculative, draft_model=draft_model,
+                             draft_tokens=draft_tokens):
         text.append(r.text)
         yield from parser.feed(r.text)
         last = r

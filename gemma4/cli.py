@@ -68,6 +68,16 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
 
 
+def _speculative_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding (same output, faster when drafts are accepted; docs/speculative.md)")
+    g.add_argument("--speculative", choices=["ngram"], default=None,
+                   help="draft by prompt lookup (n-grams of the prompt and output), for any model: copy-heavy work")
+    g.add_argument("--draft-model", default=None, metavar="PATH",
+                   help="a Gemma 4 MTP drafter (an -it-assistant checkpoint) for --model")
+    g.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                   help="tokens drafted per step, 1 to 32 (default: the drafter's own; adapted down when drafts fail)")
+
+
 def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt (Gemma 3: prepended to the first user turn)")
     p.add_argument("--think", action="store_true", help="enable thinking (Gemma 4); thoughts go to stderr")
@@ -95,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(g)
     _sampling_args(g)
     _chat_args(g)
+    _speculative_args(g)
     g.add_argument("--format", choices=["auto", "chat", "raw"], default="auto",
                    help="raw: continue the text; chat: wrap it as a user turn; auto: chat when the checkpoint "
                         "has a chat template or --system/--think is given, raw otherwise")
@@ -112,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(c)
     _sampling_args(c)
     _chat_args(c)
-    c.add_argument("--verbose", "-v", action="store_true", help="print tokens and speed after each reply")
+    _speculative_args(c)
+    c.add_argument("--verbose", "-v", action="store_true",
+                   help="print tokens and speed (and speculative decoding statistics) after each reply")
 
     # Subcommands with their own parsers (and optional extras): arguments are passed through, so
     # `gemma4 --help` never imports the server stack. `gemma4 serve --help` shows their flags.

@@ -630,3 +630,125 @@ def _activation(vision: dict[str, Any], key: str) -> dict[str, Any]:
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise ConfigError(f"vision_config.{key} is {act!r:.40}; only gelu_pytorch_tanh is supported")
     return {}
+# The MTP drafter (spec 5): a small Gemma 4 stack whose every layer reads the target's stored K/V.
+
+DRAFTER_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
+
+
+def kv_store_layers(config: TextConfig) -> dict[str, LayerSpec]:
+    """The layer of each type whose K/V a drafter attends to: the last non-KV-shared layer of that
+    type (spec 1.5; the store layers of E2B/E4B, the last sliding and full layers of the others and
+    of Gemma 3). The same layers `DecoderOutput.shared_kv` holds after a forward."""
+    out: dict[str, LayerSpec] = {}
+    for spec in config.layers[: config.first_shared_layer]:
+        out[spec.type] = spec
+    return out
+
+
+@dataclass
+class DrafterConfig:
+    """A `gemma4_assistant` (or `gemma4_unified_assistant`) config.json.
+
+    `text` is the drafter's own stack. It is built with num_kv_shared_layers=0 (TextConfig refuses
+    a stack with no K/V-computing layer); `layers` is where every layer becomes a reader of the
+    target's K/V. `to_hf_dict` writes num_kv_shared_layers = num_hidden_layers, as released.
+    """
+
+    text: TextConfig
+    backbone_hidden_size: int  # the target's hidden size D
+    use_ordered_embeddings: bool = False  # the sparse centroid head (E2B/E4B drafters)
+    num_centroids: int = 2048
+    centroid_intermediate_top_k: int = 32
+    model_type: str = "gemma4_assistant"
+    layers: list[LayerSpec] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        t = self.text
+        _check_int("backbone_hidden_size", self.backbone_hidden_size, 1, 1 << 20)
+        if not isinstance(self.use_ordered_embeddings, bool):
+            raise ConfigError(f"use_ordered_embeddings is {self.use_ordered_embeddings!r:.40}; "
+                              "it must be true or false")
+        if self.model_type not in DRAFTER_TYPES:
+            raise ConfigError(f"unknown drafter model_type {self.model_type!r:.40}; "
+                              f"expected {' or '.join(DRAFTER_TYPES)}")
+        if t.hidden_size_per_layer_input or t.enable_moe_block or t.use_double_wide_mlp:
+            raise ConfigError("a drafter's text_config must not use per-layer embeddings, MoE or double-wide MLPs "
+                              "(hidden_size_per_layer_input 0, enable_moe_block and use_double_wide_mlp false)")
+        if not t.tie_word_embeddings:
+            raise ConfigError("a drafter's LM head is tied to its embeddings; tie_word_embeddings must be true")
+        if self.use_ordered_embeddings:
+            _check_int("num_centroids", self.num_centroids, 1, t.vocab_size)
+            _check_int("centroid_intermediate_top_k", self.centroid_intermediate_top_k, 1, self.num_centroids)
+            if t.vocab_size % self.num_centroids:
+                raise ConfigError(f"vocab_size {t.vocab_size} is not a multiple of num_centroids {self.num_centroids}; "
+                                  "the sparse head splits the vocabulary into equal clusters")
+        self.layers = [dataclasses.replace(s, kv_source=-1, stores_kv=False) for s in t.layers]
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any]) -> DrafterConfig:
+        model_type = raw.get("model_type")
+        if model_type not in DRAFTER_TYPES:
+            raise ConfigError(f"model_type {model_type!r:.40} is not an MTP drafter; expected "
+                              f"{' or '.join(DRAFTER_TYPES)} (an '-it-assistant' checkpoint)")
+        text = raw.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"a drafter config.json needs a text_config object, found {text!r:.100}")
+        text = dict(text)
+        if text.get("model_type", "gemma4_text") not in ("gemma4_text", "gemma4_unified_text"):
+            raise ConfigError(f"drafter text_config.model_type is {text.get('model_type')!r:.40}; expected gemma4_text")
+        n = _req(text, "num_hidden_layers")
+        shared = text.get("num_kv_shared_layers") or n  # the reference fills in n when absent or 0
+        if shared != n:
+            raise ConfigError(f"every drafter layer reads the target's K/V: num_kv_shared_layers must equal "
+                              f"num_hidden_layers ({n}), found {shared!r:.40}")
+        # The unified text config has no PLE key; absent means none here (the drafter has none).
+        text |= {"model_type": "gemma4_text", "num_kv_shared_layers": 0,
+                 "hidden_size_per_layer_input": text.get("hidden_size_per_layer_input") or 0}
+        text.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", True))
+        return cls(
+            text=TextConfig.from_hf_dict(text),
+            backbone_hidden_size=_req(raw, "backbone_hidden_size"),
+            use_ordered_embeddings=raw.get("use_ordered_embeddings", False),
+            num_centroids=raw.get("num_centroids", 2048),
+            centroid_intermediate_top_k=raw.get("centroid_intermediate_top_k", 32),
+            model_type=model_type,
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        text = self.text.to_hf_dict()
+        text.pop("architectures")
+        text["num_kv_shared_layers"] = self.text.num_hidden_layers
+        if self.model_type == "gemma4_unified_assistant":
+            text["model_type"] = "gemma4_unified_text"
+        arch = "Gemma4UnifiedAssistantForCausalLM" if self.model_type != "gemma4_assistant" else \
+            "Gemma4AssistantForCausalLM"
+        return {"model_type": self.model_type, "architectures": [arch], "text_config": text,
+                "backbone_hidden_size": self.backbone_hidden_size,
+                "use_ordered_embeddings": self.use_ordered_embeddings, "num_centroids": self.num_centroids,
+                "centroid_intermediate_top_k": self.centroid_intermediate_top_k, "tie_word_embeddings": True}
+
+    def mismatches(self, target: TextConfig) -> list[str]:
+        """What keeps this drafter from reading `target`'s cache, one line each (empty: it fits).
+
+        The drafter's queries meet the target's stored keys, so head dims and KV-head counts per
+        layer type must be equal; its input is the target's embedding and hidden state (width D);
+        its tokens are the target's (same vocabulary size)."""
+        t, out = self.text, []
+        if self.backbone_hidden_size != target.hidden_size:
+            out.append(f"backbone_hidden_size {self.backbone_hidden_size} != target hidden_size {target.hidden_size}")
+        if t.vocab_size != target.vocab_size:
+            out.append(f"vocab_size {t.vocab_size} != target vocab_size {target.vocab_size} (another tokenizer)")
+        store = kv_store_layers(target)
+        for layer_type in sorted(set(t.layer_types)):
+            if layer_type not in store:
+                out.append(f"the target has no {layer_type} layer to read K/V from")
+                continue
+            theirs, ours = store[layer_type], next(s for s in self.layers if s.type == layer_type)
+            if ours.head_dim != theirs.head_dim:
+                out.append(f"{layer_type} head_dim {ours.head_dim} != target's {theirs.head_dim}")
+            if ours.num_kv_heads != theirs.num_kv_heads:
+                out.append(f"{layer_type} KV heads {ours.num_kv_heads} != target's {theirs.num_kv_heads}")
+            if t.num_attention_heads % theirs.num_kv_heads:
+                out.append(f"{t.num_attention_heads} query heads are not a multiple of the target's "
+                           f"{theirs.num_kv_heads} {layer_type} KV heads")
+        return out

@@ -186,3 +186,48 @@ def multimodal_hf_config(name: str) -> dict[str, Any]:
     if model_type != "gemma3":
         out["audio_config"] = None
     return out
+# ---- MTP drafters (spec 5): 3 sliding + 1 full layer, all reading the target's K/V ----
+def _drafter(backbone: int, ordered: bool, unified: bool = False, centroids: int = 2048, top_k: int = 32,
+             **text: Any) -> dict[str, Any]:
+    text = _gemma4(4, 4, layer_types=[SLIDING, SLIDING, SLIDING, FULL], num_kv_shared_layers=4, **text)
+    text.pop("final_logit_softcapping")  # the drafter's head is never soft-capped
+    if unified:
+        text["model_type"] = "gemma4_unified_text"
+        text.pop("hidden_size_per_layer_input")  # not a field of the unified text config
+    else:
+        text["vocab_size_per_layer_input"] = 0
+    return dict(model_type="gemma4_unified_assistant" if unified else "gemma4_assistant", text_config=text,
+                backbone_hidden_size=backbone, use_ordered_embeddings=ordered, num_centroids=centroids,
+                centroid_intermediate_top_k=top_k, tie_word_embeddings=True)
+
+
+_D_SMALL = dict(hidden_size=256, intermediate_size=2048, num_attention_heads=4, sliding_window=512)
+_D_BIG = dict(hidden_size=1024, intermediate_size=8192, sliding_window=1024, attention_k_eq_v=True)
+_TINY_D = dict(vocab_size=128, hidden_size=32, intermediate_size=64, head_dim=16, global_head_dim=32,
+               max_position_embeddings=512, sliding_window=4)
+DRAFTER_VARIANTS: dict[str, dict[str, Any]] = {
+    "gemma-4-e2b-assistant": _drafter(1536, True, **_D_SMALL, num_key_value_heads=1),
+    "gemma-4-e4b-assistant": _drafter(2560, True, **_D_SMALL, num_key_value_heads=2),
+    "gemma-4-12b-assistant": _drafter(3840, False, True, **_D_BIG, num_attention_heads=16, num_key_value_heads=8,
+                                      num_global_key_value_heads=1),
+    "gemma-4-26b-a4b-assistant": _drafter(2816, False, **_D_BIG, num_attention_heads=16, num_key_value_heads=8,
+                                          num_global_key_value_heads=2),
+    "gemma-4-31b-assistant": _drafter(5376, False, **_D_BIG, num_attention_heads=32, num_key_value_heads=16,
+                                      num_global_key_value_heads=4),
+    # Tiny look-alikes of the drafters of tiny-e2b (sparse head: 8 clusters of 16), tiny-12b, tiny-31b.
+    "tiny-e2b-assistant": _drafter(64, True, centroids=8, top_k=2, **_TINY_D, num_attention_heads=4,
+                                   num_key_value_heads=1),
+    "tiny-12b-assistant": _drafter(64, False, True, **_TINY_D, num_attention_heads=4, num_key_value_heads=2,
+                                   num_global_key_value_heads=1, attention_k_eq_v=True),
+    "tiny-31b-assistant": _drafter(64, False, **_TINY_D, num_attention_heads=8, num_key_value_heads=4,
+                                   num_global_key_value_heads=2, attention_k_eq_v=True),
+}
+
+
+def drafter_hf_config(name: str) -> dict[str, Any]:
+    """The config.json dict of a named drafter variant (a deep copy)."""
+    import copy
+
+    if name not in DRAFTER_VARIANTS:
+        raise KeyError(f"unknown drafter variant {name!r}; known: {', '.join(DRAFTER_VARIANTS)}")
+    return copy.deepcopy(DRAFTER_VARIANTS[name])

@@ -65,3 +65,30 @@ def random_model(name: str, embed_std: float = 0.3, **overrides):
         for n, p in model.named_parameters():
             p.normal_(0, embed_std if "embed" in n else p.shape[-1] ** -0.5) if p.dim() > 1 else p.uniform_(0.5, 1.5)
     return model
+
+
+def random_drafter(target, name=None, seed=0):
+    """A drafter with random weights for `target`: a named tiny variant, or (a Gemma 3 target) one
+    shaped after the target's store layers."""
+    from gemma4.config import DrafterConfig, kv_store_layers
+    from gemma4.model.drafter import Drafter
+    from gemma4.variants import drafter_hf_config
+
+    raw = drafter_hf_config(name or "tiny-31b-assistant")
+    raw["text_config"]["vocab_size"] = target.config.vocab_size
+    if name is None:
+        store = kv_store_layers(target.config)
+        s, f = store["sliding_attention"], store["full_attention"]
+        raw["text_config"] |= dict(head_dim=s.head_dim, global_head_dim=f.head_dim, num_key_value_heads=s.num_kv_heads,
+                                   num_global_key_value_heads=f.num_kv_heads, attention_k_eq_v=False,
+                                   num_attention_heads=4)
+        raw["backbone_hidden_size"] = target.config.hidden_size
+    torch.manual_seed(seed)
+    model = Drafter(DrafterConfig.from_hf_dict(raw)).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.normal_(0, 0.3 if "embed" in n else p.shape[-1] ** -0.5) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+        if model.masked_embedding is not None:
+            ordering = model.masked_embedding.token_ordering
+            ordering.copy_(torch.randperm(ordering.numel(), generator=torch.Generator().manual_seed(seed)))
+    return model.to(next(target.parameters()).dtype)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from .common import (engine_from_args, load_from_args, messages_with_system, open_from_args, prefill_progress,
-                     print_events, print_stats, sampling_from_args)
+from .common import (check_speculative_args, engine_from_args, load_from_args, messages_with_system,
+                     open_from_args, prefill_progress, print_events, print_stats, sampling_from_args)
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
 MULTILINE = 'end a line with \\ to continue it, or put """ on a line before and after a block'
@@ -41,6 +41,7 @@ def _line_editing() -> None:
 
 def run(args) -> int:
     sampling = sampling_from_args(args)
+    check_speculative_args(args)
     ckpt = open_from_args(args, chat=True)
     model, tokenizer, chat_format = load_from_args(args, ckpt)
     engine = engine_from_args(args, model, session=True)
@@ -89,3 +90,5 @@ def run(args) -> int:
         if args.verbose and response:
             print_stats(response)
         history.append({"role": "assistant", "content": response.content if response else ""})
+        if args.verbose and engine.speculation is not None:
+            print(f"[{engine.speculation.stats.describe()}]", file=sys.stderr)

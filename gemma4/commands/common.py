@@ -50,23 +50,35 @@ def load_from_args(args, ckpt=None):
     return loaded
 
 
+def check_speculative_args(args) -> None:
+    """Refuse bad --speculative / --draft-model / --draft-tokens before loading anything."""
+    from ..engine.speculative import check_options
+
+    check_options(getattr(args, "speculative", None), getattr(args, "draft_model", None),
+                  getattr(args, "draft_tokens", None))
+
+
 def engine_from_args(args, model, *, session: bool = False):
     """The decode engine kept for a whole command: with a compiled step when --compile is given,
-    and for a chat `session` a prefix cache, so each turn prefills only what is new. None when a
-    plain one-shot generation needs neither."""
+    for a chat `session` a prefix cache, so each turn prefills only what is new, and a drafter
+    for --speculative / --draft-model. None when a plain one-shot generation needs none of them."""
+    from ..engine.speculative import make_speculation
+
     compile_step = getattr(args, "compile", False)
-    if not (compile_step or session):
+    speculation = make_speculation(model, getattr(args, "speculative", None), getattr(args, "draft_model", None),
+                                   getattr(args, "draft_tokens", None))
+    if not (compile_step or session or speculation):
         return None
     from ..engine.core import Engine, compilable
 
     if compile_step and not compilable(model):
         print("--compile: quantized weights cannot be compiled yet; decoding without it", file=sys.stderr)
         compile_step = False
-        if not session:
+        if not (session or speculation):
             return None
     device = next(model.parameters()).device
     mode = ("reduce-overhead" if device.type == "cuda" else "compile") if compile_step else "eager"
-    engine = Engine(model, mode=mode, prefix_cache=SESSION_PREFIX_CACHE if session else 0)
+    engine = Engine(model, mode=mode, prefix_cache=SESSION_PREFIX_CACHE if session else 0, speculation=speculation)
     if compile_step:
         start = time.perf_counter()
         print("compiling the decode step (slow the first time; later runs read inductor's on-disk cache) ...",

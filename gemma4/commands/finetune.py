@@ -38,6 +38,7 @@ examples:
   gemma4 finetune --data train.jsonl --out run1 --overwrite            # start run1 again
   gemma4 chat --adapter run1                                           # use it, unmerged
   torchrun --nproc-per-node 2 -m gemma4 finetune --data train.jsonl --out run3   # FSDP2, same flags
+  gemma4 finetune --drafter --data prompts.txt --val held.txt --out drafter --max-steps 300 --lr 1e-3
 
 --out gets adapter_config.json + adapter_model.safetensors, train_log.jsonl (loss, tokens/s per
 step; validation loss) and checkpoint-NNNNNN/ directories (--save-every). A non-empty --out is
@@ -113,6 +114,16 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (CPU); 1 can be much faster on a busy shared CPU")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (loss, tokens/s, ETA)")
+    g = p.add_argument_group("MTP drafter (speculative decoding; docs/speculative.md)")
+    g.add_argument("--drafter", nargs="?", const="new", metavar="INIT",
+                   help="train a drafter for --model instead of an adapter: a new one, or re-align the one at INIT; "
+                   "the model answers --data's prompts greedily and the drafter learns its outputs; --out gets "
+                   "the released layout, which --draft-model loads. Uses --max-steps/--epochs, --batch-size, --lr, "
+                   "--max-length, --val (acceptance), --seed")
+    g.add_argument("--draft-steps", type=int, default=3, help="k: chained draft steps trained (default 3)")
+    g.add_argument("--drafter-new-tokens", type=int, default=64,
+                   help="greedy tokens the model writes per prompt (default 64)")
+    g.add_argument("--drafter-sparse", action="store_true", help="a new drafter gets the 2048-centroid sparse head")
     return p
 
 
@@ -136,6 +147,8 @@ def run(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.drafter:
+        return _run_drafter(a)
     config = config_from_args(a)
     check_out(a.out, config.resume, config.overwrite)  # before minutes of loading; finetune checks again
     (model, tokenizer, chat_format), source = load_base(a.model, config)
@@ -152,6 +165,25 @@ def run(a: argparse.Namespace) -> int:
         "trained %d steps, final loss %.4f%s, %.0f tokens/s; adapter in %s",
         result.steps, result.train_losses[-1] if result.train_losses else float("nan"), val, result.tokens_per_s,
         result.adapter_dir)
+    return 0
+
+
+def _run_drafter(a: argparse.Namespace) -> int:
+    from ..api import default_model_path, load
+    from ..train.drafter import DrafterTrainConfig, train_drafter
+    from ..weights.save import check_target
+
+    check_target(a.out)  # before minutes of loading
+    config = DrafterTrainConfig(steps=a.max_steps, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                                draft_steps=a.draft_steps, max_new_tokens=a.drafter_new_tokens,
+                                max_length=a.max_length, sparse=a.drafter_sparse, seed=a.seed,
+                                progress=not a.no_progress)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, chat_format = load(str(a.model or default_model_path()), device=device)
+    result = train_drafter(model, tokenizer, chat_format, a.data, a.out, val=a.val, config=config,
+                           init=None if a.drafter == "new" else a.drafter)
+    logging.getLogger(__name__).info("trained %d steps in %.0f s, loss %.4f -> %.4f; drafter in %s", result.steps,
+                                     result.seconds, result.losses[0], result.losses[-1], result.out)
     return 0
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from .common import (engine_from_args, load_from_args, messages_with_system, open_from_args, prefill_progress,
-                     print_events, print_stats, sampling_from_args)
+from .common import (check_speculative_args, engine_from_args, load_from_args, messages_with_system,
+                     open_from_args, prefill_progress, print_events, print_stats, sampling_from_args)
 
 
 def run(args) -> int:
@@ -13,6 +13,7 @@ def run(args) -> int:
     if not prompt.strip():
         raise ValueError("empty prompt: pass it as an argument or on stdin")
     sampling = sampling_from_args(args)
+    check_speculative_args(args)
     ckpt = open_from_args(args, chat=False)
     model, tokenizer, fmt = load_from_args(args, ckpt)
     engine = engine_from_args(args, model)
@@ -29,6 +30,7 @@ def run(args) -> int:
         response = print_events(events, show_thoughts=True)
         if args.verbose and response:
             print_stats(response)
+        _print_speculation(args, engine)
         return 0
     from ..engine.generate import stream_generate
 
@@ -43,4 +45,10 @@ def run(args) -> int:
         print(f"[prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s; "
               f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s; "
               f"finish: {last.finish_reason}]", file=sys.stderr)
+    _print_speculation(args, engine)
     return 0
+
+
+def _print_speculation(args, engine) -> None:
+    if args.verbose and engine is not None and engine.speculation is not None:
+        print(f"[{engine.speculation.stats.describe()}]", file=sys.stderr)

@@ -8,6 +8,10 @@ An `Engine` owns one `KVCache` of `rows` rows and the sequences on them:
     engine.score(rows, tokens)     k given tokens per row in one forward: logits at every position
     engine.truncate(row, n)        roll a row back (a rejected draft)
 
+With a `Speculation` (speculative.py), `decode` is a verify step: a drafter proposes tokens,
+`score`'s forward checks them, `truncate`'s rollback drops the rejected ones; one to k + 1
+tokens per row and step.
+
 It returns `(sequence, TokenEvent)` pairs and frees the rows of finished sequences. The
 synchronous drivers (`generate.py`) and the server's scheduler (`scheduler.py`) both run it.
 
@@ -27,9 +31,11 @@ import torch
 from ..config import check_context
 from ..model.layers import grouped_mm_works
 from .cache import DEFAULT_HEADROOM, KVCache
+from .draft import Draft
 from .media import EncoderCache, resumable
 from .prefix import PrefixCache
 from .sequence import Sequence, TokenEvent
+from .speculative import RowState, Speculation
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +58,20 @@ class Engine:
     vocab_limit: tokens at or past it are never sampled (a tokenizer smaller than the table);
     compile_options: passed to torch.compile (e.g. {"backend": "aot_eager"}); initial_len: the
     cache's first capacity (it doubles as rows grow; each capacity is traced once when compiled);
-    encoder_cache: bytes of soft tokens kept by content, so an image sent again is encoded once.
+    encoder_cache: bytes of soft tokens kept by content, so an image sent again is encoded once;
+    speculation: a drafter and draft length (speculative.py) for speculative decoding.
     """
 
     def __init__(self, model, *, rows: int = 1, max_len: int | None = None, mode: str = "eager",
                  prefill_chunk: int = PREFILL_CHUNK, headroom: int = DEFAULT_HEADROOM, prefix_cache: int = 0,
                  vocab_limit: int | None = None, compile_options: dict | None = None,
-                 ple_on_host: bool | None = None, initial_len: int | None = None, encoder_cache: int = 256 << 20):
+                 ple_on_host: bool | None = None, initial_len: int | None = None, encoder_cache: int = 256 << 20,
+                 speculation: Speculation | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if speculation is not None:
+            speculation.check(headroom)
+        self.speculation = speculation
         cfg = model.config
         param = next(model.parameters())
         self.model, self.mode, self.prefill_chunk, self.vocab_limit = model, mode, prefill_chunk, vocab_limit
@@ -102,6 +113,8 @@ class Engine:
         row = heapq.heappop(self._free)
         self.cache.reset(row)
         seq.row, self.slots[row] = row, seq
+        if self.speculation is not None:
+            seq.spec = RowState(self.speculation.k)
         if self.prefix is not None:
             spans = seq.request.media
             seq.cached = seq.fed = self.prefix.load(row, seq.keyed(seq.prompt_len), limit=seq.prompt_len - 1,
@@ -195,8 +208,11 @@ class Engine:
         if last:
             rows = torch.tensor([r - lo for r in last], device=self.device)
             cols = torch.tensor([keep.index(i) for i in last.values()], device=self.device)
-            logits = self.model.logits(hidden[rows, cols])
+            states = hidden[rows, cols]
+            logits = self.model.logits(states)
             for i, row in enumerate(last):
+                if self.speculation is not None:
+                    self.slots[row].spec.hidden = states[i]
                 self._sampled(self.slots[row], logits[i], events)
         return fed
 
@@ -207,6 +223,10 @@ class Engine:
         rows = [s for s in self.slots if s is not None and s.decoding]
         if not rows:
             return events
+        if self.speculation is not None:
+            drafts = self._drafts(rows)
+            if drafts is not None:
+                return self._verify(rows, drafts)
         lo, hi = rows[0].row, rows[-1].row + 1
         tokens, positions = [[0]] * (hi - lo), [[-1]] * (hi - lo)
         for s in rows:
@@ -230,11 +250,73 @@ class Engine:
         if seq.finished:
             self.release(seq)
 
+    def _drafts(self, rows: list[Sequence]):
+        """Each row's draft (speculative.py), or None when a plain step does the same work: no
+        row has a draft and the drafter needs no hidden states."""
+        spec = self.speculation
+        ks = [spec.budget(s) for s in rows]
+        asked = [i for i, k in enumerate(ks) if k > 0]
+        drafts = [Draft([]) for _ in rows]
+        try:
+            proposed = spec.drafter.propose(self, [rows[i] for i in asked], [ks[i] for i in asked]) if asked else []
+        except Exception:  # noqa: BLE001 - a drafter's failure costs speed, never the requests
+            log.exception("the drafter failed; this step decodes without drafts")
+            proposed = [Draft([]) for _ in asked]
+        V = self.model.config.vocab_size
+        for i, d in zip(asked, proposed):  # at most k tokens, up to the first that is not a token id
+            n = next((j for j, t in enumerate(d.tokens[: ks[i]]) if not 0 <= t < V), min(ks[i], len(d.tokens)))
+            drafts[i] = Draft(list(d.tokens[:n]), None if d.probs is None else d.probs[:n])
+        if not spec.drafter.needs_hidden and not any(d.tokens for d in drafts):
+            return None
+        return drafts
+
+    def _verify(self, rows: list[Sequence], drafts: list[Draft]) -> list[tuple[Sequence, TokenEvent]]:
+        """Score [newest token, draft...] of every row in one forward, keep each row's accepted
+        prefix and the target's next token (`Sequence.choose` with the drafts), roll back the rest."""
+        spec = self.speculation
+        try:
+            scored = self._score(rows, [[s.tokens[-1]] + d.tokens for s, d in zip(rows, drafts)])
+        except Exception as error:  # noqa: BLE001 - as in decode: these rows fail, the engine goes on
+            log.exception("a verify step failed")
+            return [(s, self.cancel(s, "error", _describe(error))) for s in rows]
+        self.steps += 1
+        events: list[tuple[Sequence, TokenEvent]] = []
+        for s, d, (logits, hidden) in zip(rows, drafts, scored):
+            m = 0  # drafts accepted
+            for i in range(len(d.tokens) + 1):
+                draft = d.tokens[i] if i < len(d.tokens) else None
+                q = d.probs[i] if draft is not None and d.probs is not None else None
+                event = s.choose(logits[i], draft, q)
+                events.append((s, event))
+                if draft is None or event.token != draft:
+                    break
+                m += 1
+                if s.finished:
+                    break
+            s.fed += 1 + m
+            self.cache.truncate(s.row, len(d.tokens) - m)
+            spec.record(s, len(d.tokens), m)
+            if spec.drafter.needs_hidden:
+                s.spec.hidden = hidden[m]
+            if s.finished:
+                self.release(s)
+        return events
+
     @torch.inference_mode()
-    def score(self, seqs: list[Sequence], tokens: list[list[int]]) -> list[torch.Tensor]:
+    def score(self, seqs: list[Sequence], tokens: list[list[int]], hidden: bool = False) -> list:
         """Feed `tokens[i]` after what `seqs[i]`'s row holds, all rows in one forward, and return
-        the logits [len(tokens[i]), V] after each of them (the verify step of speculative
-        decoding; roll back rejected tokens with `truncate`). The tokens join `seq.tokens`."""
+        the logits [len(tokens[i]), V] after each of them (roll back tokens with `truncate`). The
+        tokens join `seq.tokens`. `hidden`: return (logits, final-normed hidden states [len, D])
+        pairs instead, what an MTP drafter reads."""
+        out = self._score(seqs, tokens)
+        for s, t in zip(seqs, tokens):
+            s.tokens[s.fed :] = t
+            s.fed += len(t)
+        return out if hidden else [logits for logits, _ in out]
+
+    def _score(self, seqs: list[Sequence], tokens: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The forward of `score`: (logits, hidden) per row; the rows' cache lengths grow, their
+        `fed` and `tokens` are the caller's."""
         order = sorted(range(len(seqs)), key=lambda i: seqs[i].row)
         lo, hi = seqs[order[0]].row, seqs[order[-1]].row + 1
         T = max(len(t) for t in tokens)
@@ -244,13 +326,12 @@ class Engine:
             ids[s.row - lo, : len(t)] = torch.tensor(t)
             pos[s.row - lo, : len(t)] = torch.arange(s.fed, s.fed + len(t))
         end = max(s.fed + len(t) for s, t in zip(seqs, tokens))
-        logits = self.model.logits(self._forward(lo, hi, ids, pos, end, None))
+        hidden = self._forward(lo, hi, ids, pos, end, None)
+        logits = self.model.logits(hidden)
         out = []
         for s, t in zip(seqs, tokens):
-            s.tokens[s.fed :] = t
-            s.fed += len(t)
-            self.cache.lengths[s.row] = s.fed
-            out.append(logits[s.row - lo, : len(t)])
+            self.cache.lengths[s.row] = s.fed + len(t)
+            out.append((logits[s.row - lo, : len(t)], hidden[s.row - lo, : len(t)]))
         return out
 
     # -- forwards -----------------------------------------------------------------------------------

@@ -17,8 +17,10 @@ import torch
 
 from ..config import ContextLengthError
 from .core import Engine
+from .draft import Drafter
 from .sampling import SamplingParams, sampling_from
 from .sequence import Constraint, GenerationRequest, TokenEvent
+from .speculative import Speculation, make_speculation
 
 TokenStep = TokenEvent  # what a step yields per sequence (token, logprob, top_logprobs, finish_reason)
 
@@ -30,13 +32,14 @@ class PromptTooLongError(ContextLengthError):
 class Generation:
     """Requests run together on an engine; iterate for a list per step (one event or None each).
 
-    `engine` must have a free row per request; without one, an engine just big enough is made.
-    `finish(i)` ends request i early. `on_prefill(done, total)` is called between prefill chunks
-    (prompt tokens fed so far, of all), so a long prompt can show progress.
+    `engine` must have a free row per request; without one, an engine just big enough is made
+    (speculating with `speculation`, see engine/speculative.py). `finish(i)` ends request i early.
+    `on_prefill(done, total)` is called between prefill chunks (prompt tokens fed so far, of all),
+    so a long prompt can show progress.
     """
 
     def __init__(self, model, requests: list[GenerationRequest], engine: Engine | None = None,
-                 on_prefill: Callable[[int, int], None] | None = None):
+                 speculation: Speculation | None = None, on_prefill: Callable[[int, int], None] | None = None):
         self.on_prefill = on_prefill
         context = engine.context if engine is not None else model.config.max_position_embeddings
         for r in requests:
@@ -46,7 +49,9 @@ class Generation:
                 raise PromptTooLongError(context, len(r.prompt), 1)
         if engine is None:
             need = max(len(r.prompt) + max(r.max_tokens, 0) for r in requests)
-            engine = Engine(model, rows=len(requests), max_len=min(need, context))
+            engine = Engine(model, rows=len(requests), max_len=min(need, context), speculation=speculation)
+        elif speculation is not None and engine.speculation is not speculation:
+            raise ValueError("give the speculation to the engine (Engine(model, speculation=...)), not beside it")
         elif engine.free_rows < len(requests):
             raise ValueError(f"{len(requests)} requests need as many free rows; the engine has {engine.free_rows}")
         self.engine = engine
@@ -67,11 +72,15 @@ class Generation:
             events = self._prefill()
             index = {id(seq): i for i, seq in enumerate(seqs)}
             while True:
-                step: list[TokenEvent | None] = [None] * len(seqs)
+                # A speculative step gives a sequence several tokens: one list per token, in order.
+                steps: list[list[TokenEvent | None]] = []
                 for seq, event in events:
-                    step[index[id(seq)]] = event
-                if any(e is not None for e in step):
-                    yield step
+                    i = index[id(seq)]
+                    step = next((step for step in steps if step[i] is None), None)
+                    if step is None:
+                        steps.append(step := [None] * len(seqs))
+                    step[i] = event
+                yield from steps
                 if all(s.finished for s in seqs):
                     return
                 events = engine.decode()
@@ -122,6 +131,8 @@ class GenerationResponse:
     generation_tps: float
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens whose K/V came from the engine's prefix cache
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted so far for this request
+    accepted_tokens: int = 0  # of those, accepted by the target
 
 
 def stream_generate(
@@ -139,6 +150,10 @@ def stream_generate(
     add_bos: bool | None = None,
     engine: Engine | None = None,
     on_prefill: Callable[[int, int], None] | None = None,
+    speculative: str | Drafter | None = None,
+    draft_model=None,
+    draft_tokens: int | None = None,
+    media: tuple = (),
     **sampling_options,
 ) -> Iterator[GenerationResponse]:
     """Generate from one prompt, yielding a response per token; the last one has finish_reason set.
@@ -150,14 +165,23 @@ def stream_generate(
     Greedy unless told: `sampling=SamplingParams(...)`, or its fields as keywords (`temperature=0.7,
     top_p=0.9, seed=1`), as `gemma4 generate --temp 0.7 --top-p 0.9 --seed 1`.
     `on_prefill(done, total)`: prompt tokens fed so far, called as a long prompt is prefilled.
+    Speculative decoding (docs/speculative.md): `speculative="ngram"` (prompt lookup) or a
+    `Drafter`, or `draft_model` (an MTP drafter: a checkpoint path or a loaded drafter);
+    `draft_tokens`: the draft length k. Same tokens when greedy, same distribution when sampling.
+    With an `engine`, give the drafter to it instead (`Engine(model, speculation=...)`).
+    `media`: the prompt's images and frames (`gemma4.engine.media.MediaInput`s over its placeholders).
     """
     sampling = sampling_from(sampling, **sampling_options)
     ids = tokenizer.encode(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
     stops = set(model.config.eos_token_id) if stop_token_ids is None else set(stop_token_ids)
     request = GenerationRequest(ids, max_tokens, sampling, frozenset(stops), logprobs,
-                                list(constraints or []), logit_bias, stop, tokenizer)
+                                list(constraints or []), logit_bias, stop, tokenizer, tuple(media))
     start = time.perf_counter()
-    gen = Generation(model, [request], engine, on_prefill)
+    speculation = make_speculation(model, speculative, draft_model, draft_tokens)
+    if speculation is not None and engine is not None:
+        raise ValueError("with an engine, give it the drafter (Engine(model, speculation=make_speculation(...)))")
+    gen = Generation(model, [request], engine, speculation, on_prefill)
+    seq = gen.sequences[0]
     prompt_tps = 0.0
     n = 0
     for (event,) in gen:
@@ -165,9 +189,10 @@ def stream_generate(
         if n == 0:
             prompt_tps, start = len(ids) / max(now - start, 1e-9), now
         n += 1
+        spec = seq.spec
         yield GenerationResponse(event.text, event.token, event.logprob, event.finish_reason, len(ids), n,
                                  prompt_tps, n / max(time.perf_counter() - start, 1e-9), event.top_logprobs,
-                                 gen.sequences[0].cached)
+                                 seq.cached, spec.drafted if spec else 0, spec.accepted if spec else 0)
 
 
 def generate(model, tokenizer, prompt: str | list[int], **kwargs) -> str:

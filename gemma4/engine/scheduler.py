@@ -4,7 +4,8 @@ Each loop iteration (one "step"):
   1. drop cancelled requests (their rows are freed at once) and admit waiting ones into free rows
      (a prompt that starts like an earlier one takes its K/V from the engine's prefix cache);
   2. `Engine.step`: up to `prefill_chunk` prompt tokens in total, in chunks; a request whose
-     prompt is done samples its first token; then one decode forward for every decoding row.
+     prompt is done samples its first token; then one decode forward for every decoding row
+     (with speculative decoding, a verify forward: a row may get several tokens).
 So a new request joins the running batch between two decode steps, long prompts are cut into
 chunks that alternate with decode steps, and concurrent streams share each forward pass.
 
@@ -31,6 +32,7 @@ import torch
 from ..config import check_context
 from .core import PREFILL_CHUNK, Engine
 from .sequence import Constraint, GenerationRequest, Sequence, TokenEvent
+from .speculative import Speculation, SpecStats
 
 __all__ = ["Constraint", "GenerationRequest", "TokenEvent", "Scheduler", "RequestHandle", "QueueFullError",
            "SchedulerClosedError", "SchedulerStats"]
@@ -85,6 +87,10 @@ class SchedulerStats:
     alive: bool
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hits: int = 0  # of those, tokens reused
+    spec_drafts: int = 0  # speculative decoding: verify steps of a row with a draft
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_accepted_per_pos: tuple[int, ...] = ()  # [i]: drafts whose token i was accepted
 
 
 class Scheduler:
@@ -92,7 +98,8 @@ class Scheduler:
 
     max_batch: rows decoded together; max_len: tokens per row (default the model's context);
     mode: the engine's decode step ("eager", "compile", ...); prefix_cache: tokens of K/V kept for
-    reuse across requests (0 = off).
+    reuse across requests (0 = off); speculation: a drafter (engine/speculative.py), each
+    row accepting its own number of drafted tokens per step.
     """
 
     def __init__(
@@ -107,9 +114,11 @@ class Scheduler:
         mode: str = "eager",
         prefix_cache: int = 0,
         compile_options: dict | None = None,
+        speculation: Speculation | None = None,
     ):
         self.engine = Engine(model, rows=max_batch, max_len=max_len, mode=mode, prefill_chunk=prefill_chunk,
-                             prefix_cache=prefix_cache, vocab_limit=vocab_limit, compile_options=compile_options)
+                             prefix_cache=prefix_cache, vocab_limit=vocab_limit, compile_options=compile_options,
+                             speculation=speculation)
         self.model, self.cache = model, self.engine.cache
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.max_len = self.engine.context
@@ -167,6 +176,7 @@ class Scheduler:
             running = list(self._running.values())
             waiting = len(self._waiting)
         prefix = self.engine.prefix
+        spec = self.engine.speculation.stats if self.engine.speculation is not None else SpecStats()
         return SchedulerStats(
             running=len(running),
             waiting=waiting,
@@ -177,6 +187,10 @@ class Scheduler:
             alive=self.dead is None and self._thread is not None and self._thread.is_alive(),
             prefix_queries=prefix.queries if prefix is not None else 0,
             prefix_hits=prefix.hits if prefix is not None else 0,
+            spec_drafts=spec.drafts,
+            spec_draft_tokens=spec.draft_tokens,
+            spec_accepted_tokens=spec.accepted_tokens,
+            spec_accepted_per_pos=tuple(spec.accepted_per_pos),
         )
 
     def stop(self, timeout: float | None = 10.0) -> None:

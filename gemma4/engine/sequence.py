@@ -84,6 +84,7 @@ class Sequence:
         self.row: int | None = None
         self.fed = 0
         self.cached = 0  # prompt tokens whose K/V came from the prefix cache
+        self.spec = None  # the row's speculative-decoding state (speculative.RowState) when the engine drafts
         self.finish_reason: str | None = None
         self._detok = request.tokenizer.detokenizer() if request.tokenizer is not None else None
         self._stops = StopMatcher(request.stop)
@@ -123,16 +124,21 @@ class Sequence:
         text = self._text(None, True) if reason == "stop" else ""
         return TokenEvent(None, finish_reason=reason, error=error, time=time.monotonic(), text=text)
 
-    def choose(self, raw: torch.Tensor) -> TokenEvent:
+    def choose(self, raw: torch.Tensor, draft: int | None = None, draft_probs: torch.Tensor | None = None
+               ) -> TokenEvent:
         """The next token from this row's logits [V] (the model's), with its logprobs, text and
-        finish reason. A sampling failure ends this sequence alone, with an error event."""
+        finish reason. A sampling failure ends this sequence alone, with an error event.
+
+        `draft` (speculative decoding, engine/speculative.py): the token a drafter proposed here,
+        drawn from `draft_probs` [V] (None: deterministically); every rule above still applies to
+        the logits, and the event's token equals the draft exactly when it is accepted."""
         try:
-            return self._choose(raw)
+            return self._choose(raw, draft, draft_probs)
         except Exception as error:  # noqa: BLE001 - one bad row must not end its neighbours
             log.exception("sampling failed for one sequence; ending it")
             return self.end("error", f"sampling failed: {type(error).__name__}")
 
-    def _choose(self, raw: torch.Tensor) -> TokenEvent:
+    def _choose(self, raw: torch.Tensor, draft: int | None, draft_probs: torch.Tensor | None) -> TokenEvent:
         req = self.request
         raw = raw.float()
         logits = raw
@@ -149,7 +155,7 @@ class Sequence:
                     logits.masked_fill_(~allowed.to(logits.device), float("-inf"))
             if not bool(torch.isfinite(logits).any()):  # a constraint allows nothing: the output is complete
                 return self.end("stop")
-        token = self.sampler.sample(logits)
+        token = self.sampler.sample(logits, draft, draft_probs)
         for c in req.constraints:
             c.advance(token)
         event = TokenEvent(token, time=time.monotonic())

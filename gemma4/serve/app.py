@@ -43,6 +43,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from ..chat import ChatFormat
 from ..config import ContextLengthError
 from ..engine.core import PREFILL_CHUNK
+from ..engine.speculative import make_speculation
 from ..engine.scheduler import GenerationRequest, QueueFullError, Scheduler, SchedulerClosedError, TokenEvent
 from . import checks, ui
 from .errors import APIError, context_length_error
@@ -78,6 +79,10 @@ class ServeConfig:
     compile_options: dict | None = None  # for torch.compile (tests trace with {"backend": "aot_eager"})
     prefix_cache_tokens: int = PREFIX_CACHE_TOKENS  # K/V kept for prompts that start alike; 0 = off
     grammar_timeout: float = 5.0
+    # Speculative decoding (docs/speculative.md): "ngram" or a Drafter, or an MTP drafter checkpoint.
+    speculative: object | None = None
+    draft_model: str | None = None
+    draft_tokens: int | None = None  # k; default: the drafter's
     poll_interval: float = 0.25  # how often a non-streaming request checks that its client is still there
     ui: bool = True  # serve the chat page at `/`
 
@@ -100,7 +105,9 @@ class ServedModel:
         self.scheduler = Scheduler(model, max_batch=config.max_batch, max_queue=config.max_queue,
                                    max_len=config.max_model_len, prefill_chunk=config.prefill_chunk,
                                    vocab_limit=tokenizer.vocab_size, mode=config.mode,
-                                   prefix_cache=config.prefix_cache_tokens, compile_options=config.compile_options)
+                                   prefix_cache=config.prefix_cache_tokens, compile_options=config.compile_options,
+                                   speculation=make_speculation(model, config.speculative, config.draft_model,
+                                                                config.draft_tokens))
 
     @property
     def context(self) -> int:

@@ -17,6 +17,7 @@ import sys
 
 import uvicorn
 
+from ..engine.speculative import check_options
 from ..helptext import RawHelpFormatter
 from .app import PREFIX_CACHE_TOKENS, ServeConfig, build_app
 
@@ -84,6 +85,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p("--prefix-cache-tokens", type=int, default=int(env("GEMMA4_PREFIX_CACHE_TOKENS", str(PREFIX_CACHE_TOKENS))),
       help="K/V of this many prompt tokens are kept for requests that start the same way (a system prompt, "
            "a chat's history); 0 turns prefix reuse off")
+    p("--speculative", choices=["ngram"], default=env("GEMMA4_SPECULATIVE"),
+      help="speculative decoding by prompt lookup (n-gram drafts), for any model: faster on copy-heavy work, "
+           "same output (docs/speculative.md)")
+    p("--draft-model", default=env("GEMMA4_DRAFT_MODEL"), metavar="PATH",
+      help="speculative decoding with a Gemma 4 MTP drafter (an -it-assistant checkpoint) for --model")
+    p("--draft-tokens", type=int, default=int(env("GEMMA4_DRAFT_TOKENS", "0")) or None, metavar="K",
+      help="tokens drafted per step, 1 to 32 (default: the drafter's own; adapted down when drafts fail)")
     p("--max-body-bytes", type=int, default=int(env("GEMMA4_MAX_BODY_BYTES", str(4 * 1024 * 1024))),
       help="larger request bodies get 413, refused by Content-Length or as soon as the count passes it")
     p("--body-timeout", type=float, default=float(env("GEMMA4_BODY_TIMEOUT", "30")),
@@ -161,7 +169,11 @@ def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
         mode=_compile_mode(args),
         prefix_cache_tokens=args.prefix_cache_tokens,
         ui=not args.no_ui,
+        speculative=args.speculative,
+        draft_model=args.draft_model,
+        draft_tokens=args.draft_tokens,
     )
+    check_options(config.speculative, config.draft_model, config.draft_tokens)  # before a long load
     shown = {k: v for k, v in vars(config).items() if k != "api_key"} | {"api_key": "***" if config.api_key else None}
     log.info("serving with %s", shown)
     if config.ui:  # port 0: uvicorn's line below names the port it got

@@ -49,6 +49,20 @@ class Metrics:
         self._prefix_seen = (0, 0)  # the engine's totals at the last scrape (the counters follow them)
         self.prefix_hit_rate = Gauge(p + "prefix_cache_hit_rate", "prefix_cache_hits / prefix_cache_queries.", m,
                                      registry=r)
+        # Speculative decoding (vLLM's spec_decode series; zero without a drafter), following the engine's totals.
+        self.spec_drafts = Counter(p + "spec_decode_num_drafts", "Verify steps of a request with drafted tokens.", m,
+                                   registry=r)
+        self.spec_draft_tokens = Counter(p + "spec_decode_num_draft_tokens", "Drafted tokens.", m, registry=r)
+        self.spec_accepted_tokens = Counter(p + "spec_decode_num_accepted_tokens", "Drafted tokens accepted.", m,
+                                            registry=r)
+        self.spec_accepted_per_pos = Counter(p + "spec_decode_num_accepted_tokens_per_pos",
+                                             "Drafts whose token at this position was accepted.", m + ["position"],
+                                             registry=r)
+        self.spec_acceptance = Gauge(p + "spec_decode_acceptance_rate",
+                                     "spec_decode_num_accepted_tokens / spec_decode_num_draft_tokens.", m, registry=r)
+        self.spec_mean_length = Gauge(p + "spec_decode_mean_accepted_length",
+                                      "Tokens per drafting step: 1 + accepted tokens / drafts.", m, registry=r)
+        self._spec_seen = (0, 0, 0, ())
         self.errors = Counter(p + "num_failed_requests", "Requests that failed in the engine.", m, registry=r)
         self.ttft = Histogram(p + "time_to_first_token_seconds", "Time to first token.", m, buckets=_LATENCY,
                               registry=r)
@@ -75,7 +89,20 @@ class Metrics:
             self.label(self.prefix_hits).inc(s.prefix_hits - hits)
             self._prefix_seen = (s.prefix_queries, s.prefix_hits)
             self.label(self.prefix_hit_rate).set(s.prefix_hits / max(s.prefix_queries, 1))
+            self._spec(s)
         return generate_latest(self.registry)
+
+    def _spec(self, s) -> None:
+        drafts, drafted, accepted, per_pos = self._spec_seen
+        self.label(self.spec_drafts).inc(s.spec_drafts - drafts)
+        self.label(self.spec_draft_tokens).inc(s.spec_draft_tokens - drafted)
+        self.label(self.spec_accepted_tokens).inc(s.spec_accepted_tokens - accepted)
+        for i, n in enumerate(s.spec_accepted_per_pos):
+            seen = per_pos[i] if i < len(per_pos) else 0
+            self.spec_accepted_per_pos.labels(model_name=self.model_name, position=str(i)).inc(n - seen)
+        self._spec_seen = (s.spec_drafts, s.spec_draft_tokens, s.spec_accepted_tokens, s.spec_accepted_per_pos)
+        self.label(self.spec_acceptance).set(s.spec_accepted_tokens / max(s.spec_draft_tokens, 1))
+        self.label(self.spec_mean_length).set(1 + s.spec_accepted_tokens / s.spec_drafts if s.spec_drafts else 0)
 
     def finished(self, handle, reason: str, token_times: list[float]) -> None:
         """Record one request's outcome and latencies (times are time.monotonic())."""

@@ -1,0 +1,100 @@
+"""Speculative decoding with an MTP drafter (engine/mtp.py over gemma4/model/drafter.py): the
+adapter feeds the drafter what the reference path would (the target's store-layer K/V and last
+hidden state), greedy output is the target's whatever the drafter's weights, and a drafter made
+for another target is refused. Float64, as in test_speculative.py."""
+
+import pytest
+import torch
+from test_speculative import _ids, _model, _run, _tokens
+from testing_utils import random_drafter, random_model
+
+from gemma4.engine.mtp import MTPDrafter
+from gemma4.engine.sampling import SamplingParams
+from gemma4.engine.sequence import GenerationRequest
+from gemma4.engine.speculative import Speculation, SpeculationError, make_speculation
+from gemma4.weights import CheckpointError
+
+GREEDY = SamplingParams(temperature=0)
+pytestmark = pytest.mark.usefixtures("one_thread")
+DRAFTERS = {"tiny-e2b": "tiny-e2b-assistant", "tiny-31b": "tiny-31b-assistant", "tiny-12b": "tiny-12b-assistant"}
+
+
+class Checked(MTPDrafter):
+    """The adapter, each proposal checked against the drafter run on a cacheless forward of the
+    row's tokens: the K/V of the store layers and the hidden state at p - 1 it should be fed."""
+
+    calls = 0
+
+    def propose(self, engine, seqs, ks):
+        steps, step = [], self.model.step
+
+        def recorded(*args):
+            out = step(*args)
+            steps.append(out.logits)
+            return out
+
+        self.model.step = recorded
+        try:
+            drafts = super().propose(engine, seqs, ks)
+        finally:
+            del self.model.step
+        lo = min(s.row for s in seqs)
+        for s, k, d in zip(seqs, ks, drafts):
+            p = len(s.tokens) - 1
+            assert s.fed == p
+            out = self.target.decode(torch.tensor([s.tokens[:p]]))
+            tokens, logits = self.model.draft(self.target.model.embed, torch.tensor([s.tokens[-1]]), out.hidden[:, -1],
+                                              out.shared_kv, torch.tensor([p]), k)
+            assert d.tokens == tokens[0].tolist()
+            got = torch.stack([x[s.row - lo] for x in steps[:k]])
+            torch.testing.assert_close(got, logits[0], rtol=0, atol=1e-10)
+            torch.testing.assert_close(s.spec.hidden, out.hidden[0, -1], rtol=0, atol=1e-10)
+            Checked.calls += 1
+        return drafts
+
+
+@pytest.mark.parametrize("name", ["tiny-e2b", "tiny-31b", "tiny-gemma-3-270m"])
+def test_mtp_drafts_are_fed_what_the_reference_path_gives_and_greedy_output_is_unchanged(name):
+    """Rows of different lengths, sliding rings of 4 + headroom 4 wrapping many times, k = 3 (the
+    most a headroom of 4 allows an MTP drafter): every proposal equals the drafter run on a fresh
+    forward's K/V and hidden state, and the tokens equal plain greedy decoding. tiny-e2b: KV
+    sharing and the sparse centroid head; tiny-31b: k_eq_v; tiny-gemma-3-270m: a Gemma 3 target."""
+    model = _model(name)
+    V = model.config.vocab_size
+    prompts = [_tokens(V, 5, 31), _tokens(V, 13, 32), _tokens(V, 9, 33)]
+    requests = [GenerationRequest(p, 24, GREEDY) for p in prompts]
+    want = _ids(_run(model, requests)[0])
+    drafter = Checked(random_drafter(model, DRAFTERS.get(name)), model)
+    Checked.calls = 0
+    got, engine = _run(model, requests, Speculation(drafter, 3, adaptive=False), headroom=4)
+    assert _ids(got) == want and Checked.calls > 20
+    assert engine.speculation.stats.draft_tokens > 0
+
+
+def test_mtp_k_is_bounded_by_the_headroom_less_its_reach_and_read_from_the_checkpoint(tmp_path):
+    from gemma4.weights.drafter import save_drafter
+
+    model = random_model("tiny-e2b")
+    drafter = random_drafter(model, "tiny-e2b-assistant")
+    with pytest.raises(SpeculationError, match="between 1 and 3"):
+        _run(model, [GenerationRequest([1, 2], 4, GREEDY)], Speculation(MTPDrafter(drafter, model), 4), headroom=4)
+    path = save_drafter(tmp_path / "drafter", drafter)
+    config = (path / "generation_config.json")
+    config.write_text('{"num_assistant_tokens": 6}')
+    spec = make_speculation(model, draft_model=str(path))
+    assert isinstance(spec.drafter, MTPDrafter) and spec.k == 6
+    assert make_speculation(model, draft_model=str(path), draft_tokens=2).k == 2
+    out = _run(model, [GenerationRequest([1, 2, 3], 8, GREEDY)], spec)[0]
+    assert len(_ids(out)[0]) == 8
+
+
+def test_a_drafter_for_another_target_is_refused_clearly(tmp_path):
+    from gemma4.weights.drafter import save_drafter
+
+    model = random_model("tiny-e2b")
+    other = random_drafter(random_model("tiny-31b"), "tiny-31b-assistant")
+    with pytest.raises(CheckpointError, match="not made for this target"):
+        MTPDrafter(other, model)
+    path = save_drafter(tmp_path / "other", other)
+    with pytest.raises(CheckpointError, match="not made for this target"):
+        make_speculation(model, draft_model=str(path))

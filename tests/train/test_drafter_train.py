@@ -1,0 +1,79 @@
+"""`train_drafter`: self-distillation lowers the loss, the saved drafter loads strictly, and the
+acceptance replay counts what step-by-step greedy drafting would accept."""
+
+import json
+
+import pytest
+import torch
+from train_helpers import tiny
+
+from gemma4.train.drafter import DrafterTrainConfig, acceptance, distill, train_drafter
+from gemma4.weights.drafter import load_drafter
+
+WORDS = "you swap words answer please call it is the weather in paris thanks welcome".split()
+
+
+def _prompts(path, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    lines = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(torch.randint(2, 6, (1,), generator=g)),),
+                                                      generator=g)) for _ in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma-3-270m", "tiny-e2b"])
+def test_training_lowers_loss_and_saves_a_loadable_drafter(tmp_path, name):
+    target, tok = tiny(name)
+    cfg = DrafterTrainConfig(steps=60, batch_size=8, lr=3e-3, warmup_steps=5, draft_steps=3, queries=0,
+                             max_new_tokens=12, hidden_size=32, intermediate_size=64, progress=False,
+                             sparse=name == "tiny-e2b", centroids=8, centroid_top_k=2)
+    data, val = _prompts(tmp_path / "train.txt", 24, 0), _prompts(tmp_path / "val.txt", 6, 1)
+    result = train_drafter(target, tok, None, data, tmp_path / "drafter", val=val, config=cfg)
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+    drafter = load_drafter(tmp_path / "drafter", target.config)
+    assert json.loads((tmp_path / "drafter" / "generation_config.json").read_text())["num_assistant_tokens"] == 3
+    assert (drafter.masked_embedding is not None) == cfg.sparse
+    assert 0.0 <= result.acceptance["rate"] <= 1.0 and result.acceptance["drafted"] > 0
+
+
+def test_acceptance_replays_greedy_drafting(tmp_path):
+    """The batched replay equals rounds run one at a time with `Drafter.draft` (the engine's call)."""
+    target, tok = tiny("tiny-gemma-3-270m")
+    cfg = DrafterTrainConfig(steps=15, batch_size=8, lr=3e-3, max_new_tokens=10, hidden_size=32,
+                             intermediate_size=64, progress=False)
+    data = _prompts(tmp_path / "train.txt", 8, 2)
+    train_drafter(target, tok, None, data, tmp_path / "d", config=cfg)
+    drafter = load_drafter(tmp_path / "d", target.config)
+    seqs = distill(target, [tok.encode("please call it", add_bos=True), tok.encode("the weather", add_bos=True)], 10)
+    got = acceptance(drafter, target, seqs, k=3)
+    drafted = accepted = 0
+    with torch.no_grad():
+        for s in seqs:
+            ids = torch.tensor([s.ids])
+            out = target.decode(ids)
+            p = s.start
+            while p < len(s.ids) - 1:
+                n = min(3, len(s.ids) - 1 - p)
+                kv = {t: (k[:, :, :p], v[:, :, :p], pos[:, :p]) for t, (k, v, pos) in out.shared_kv.items()}
+                tokens, _ = drafter.draft(target.model.embed, ids[:, p], out.hidden[:, p - 1], kv,
+                                          torch.tensor([p]), n)
+                want = s.ids[p + 1 : p + 1 + n]
+                m = next((i for i in range(n) if tokens[0, i].item() != want[i]), n)
+                drafted, accepted, p = drafted + n, accepted + m, p + m + 1
+    assert (got["drafted"], got["accepted"]) == (drafted, accepted)
+
+
+def test_finetune_drafter_command(tmp_path):
+    """`gemma4 finetune --drafter` on a checkpoint directory writes a drafter that loads for it."""
+    from train_helpers import tiny_dir
+
+    from gemma4.commands.finetune import main
+
+    target, _ = tiny("tiny-gemma-3-270m")
+    data = _prompts(tmp_path / "p.txt", 8, 3)
+    assert main(["--drafter", "--model", str(tiny_dir("tiny-gemma-3-270m")), "--data", str(data), "--out",
+                 str(tmp_path / "d"), "--max-steps", "2", "--drafter-new-tokens", "4", "--no-progress"]) == 0
+    load_drafter(tmp_path / "d", target.config)
+    with pytest.raises(FileExistsError):  # a used --out is refused before loading
+        main(["--drafter", "--data", str(data), "--out", str(tmp_path / "d")])
