@@ -19,6 +19,7 @@ from .chat import ChatFormat, ChatTemplate, ContentDelta, ThoughtDelta, ToolCall
 from .engine.generate import stream_generate
 from .engine.sampling import SamplingParams, sampling_from
 from .engine.core import Engine
+from .engine.media import media_inputs
 from .model import Gemma
 from .tokenizer import Tokenizer
 from . import weights
@@ -42,13 +43,15 @@ class Loaded(NamedTuple):
 
 
 def load_model(path_or_id: str | Path | Checkpoint, dtype: torch.dtype | str | None = None,
-               device: torch.device | str | None = None, revision: str | None = None) -> Gemma:
-    """The model alone, from any checkpoint `gemma4.load` reads (quantized ones included)."""
+               device: torch.device | str | None = None, revision: str | None = None,
+               text_only: bool = False) -> Gemma:
+    """The model alone, from any checkpoint `gemma4.load` reads (quantized ones included);
+    `text_only` leaves out a multimodal checkpoint's image side (less memory; no images)."""
     ckpt = path_or_id if isinstance(path_or_id, Checkpoint) else open_checkpoint(path_or_id, revision)
     prepare = None
     if ckpt.quantization is not None:
         from .quant.quantize import prepare_quantized as prepare
-    return weights.load_model(ckpt, dtype=dtype, device=device, prepare=prepare)
+    return weights.load_model(ckpt, dtype=dtype, device=device, prepare=prepare, text_only=text_only)
 
 
 def load(
@@ -61,6 +64,7 @@ def load(
     quantize: str | None = None,
     group_size: int = 64,
     merge_adapter: bool | None = None,
+    text_only: bool = False,
 ) -> Loaded:
     """Model, tokenizer and chat format from a checkpoint dir, a .gguf file or a Hub id; None = the
     embedded 270M. The chat format is the checkpoint's own template when it has one.
@@ -72,6 +76,7 @@ def load(
     `quantize`: "int8" or "int4" (groups of `group_size`) quantizes a float or GGUF checkpoint
     while loading it, one tensor at a time, so no float copy of the model is ever held (what
     `gemma4 quantize` saves; an already quantized checkpoint loads as it is stored, without this).
+    `text_only`: skip a multimodal checkpoint's vision tower (it then takes text only; says so).
     """
     check_device(device)
     if isinstance(path_or_id, Checkpoint):
@@ -84,7 +89,7 @@ def load(
 
         model = quantize_checkpoint(ckpt, quantize, group_size, dtype=dtype, device=device)
     else:
-        model = load_model(ckpt, dtype=dtype, device=device)
+        model = load_model(ckpt, dtype=dtype, device=device, text_only=text_only)
     if adapter is not None:
         from .train.adapter import apply_adapter
         from .train.lora import unload_lora
@@ -176,6 +181,7 @@ def stream_chat(
     speculative=None,
     draft_model=None,
     draft_tokens: int | None = None,
+    image_tokens: int | None = None,
     **sampling_options,
 ) -> Iterator[ThoughtDelta | ContentDelta | ToolCallComplete | ChatResponse]:
     """Stream a chat turn: thought and content deltas, completed tool calls, then the ChatResponse.
@@ -183,13 +189,17 @@ def stream_chat(
     `engine`, `on_prefill`: as for `stream_generate`; keep an engine across turns to reuse its
     compiled step and, with a prefix cache, the K/V of the conversation so far. Greedy unless told (`sampling=` or
     `temperature=0.7, top_p=0.9, ...` as keywords), as `gemma4 chat` is. `speculative` ("ngram"),
-    `draft_model`, `draft_tokens`: speculative decoding, as for `stream_generate` (docs/speculative.md)."""
+    `draft_model`, `draft_tokens`: speculative decoding, as for `stream_generate` (docs/speculative.md).
+    Images and video: content parts `{"type": "image", "image": <path, bytes or PIL image>}` and
+    `{"type": "video", "video": <path or bytes>}` (docs/multimodal.md); `image_tokens`: soft tokens per
+    image, 70, 140, 280 (the default), 560 or 1120."""
     sampling = sampling_from(sampling, **sampling_options)
     fmt = chat_format or ChatFormat(model.config.family)
     prompt = fmt.render(messages, tools=tools, enable_thinking=enable_thinking, add_generation_prompt=True)
     parser = fmt.stream_parser(prompt=prompt)
+    ids, media = media_prompt(model, tokenizer, prompt, messages, image_tokens)
     text, last = [], None
-    for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampling=sampling,
+    for r in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampling=sampling, media=media,
                              stop_token_ids=turn_stop_ids(fmt, tokenizer), add_bos=False, engine=engine,
                              on_prefill=on_prefill, speculative=speculative, draft_model=draft_model,
                              draft_tokens=draft_tokens):
@@ -203,6 +213,24 @@ def stream_chat(
                        last.prompt_tokens if last else 0, last.generation_tokens if last else 0,
                        last.cached_tokens if last else 0, last.prompt_tps if last else 0.0,
                        last.generation_tps if last else 0.0)
+
+
+def media_prompt(model, tokenizer, prompt: str, messages: list[dict], image_tokens: int | None = None
+                 ) -> tuple[str | list[int], tuple]:
+    """The rendered prompt as it goes to the engine: unchanged when the messages hold no images or
+    video; else its ids with each placeholder expanded (`gemma4.media`) and the engine's inputs."""
+    from .media import DEFAULT_BUDGET, MediaError, media_parts, process_prompt
+
+    images, videos = media_parts(messages)
+    if not images and not videos:
+        return prompt, ()
+    vision = getattr(model, "vision_config", None)
+    if vision is None:
+        raise MediaError("this model takes no images or video (a text-only checkpoint, or loaded with "
+                         "text_only=True): send text only, or load a multimodal checkpoint")
+    mm = process_prompt(prompt, family=model.config.family, images=images, videos=videos, tokenizer=tokenizer,
+                        max_soft_tokens=image_tokens or DEFAULT_BUDGET, unified=vision.kind == "unified")
+    return mm.input_ids, media_inputs(model, mm)
 
 
 def turn_stop_ids(fmt: ChatFormat, tokenizer) -> set[int]:

@@ -66,7 +66,8 @@ LINES = command_lines()
 RUN_FAST = [r"^gemma4 info --variant \S+$"]
 # Runs as written on the real embedded model in the slow tests.
 RUN_SLOW = [r'^gemma4 generate "The capital of France is"$',
-            r'^echo "Once upon a time" \| gemma4 generate --temp 0.8 --top-p 0.95 --seed 1$']
+            r'^echo "Once upon a time" \| gemma4 generate --temp 0.8 --top-p 0.95 --seed 1$',
+            r'^gemma4 generate --speculative ngram -v "Repeat: a, b, c, a, b, c"$']
 # Checked only (options parse, named files exist); why each is not run.
 WHY_NOT_RUN = {
     r"^(\(command -v chromedriver .*\) && )?python3 -m venv \.venv":

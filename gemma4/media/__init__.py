@@ -62,12 +62,14 @@ def process_prompt(
     unified: bool = False,
     pan_and_scan: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    encode: Any = None,
 ) -> MultimodalPrompt:
     """Decode and process `images` / `videos` and expand the placeholders of the rendered prompt `text`.
 
     `images`: paths, bytes, PIL images, HWC uint8 arrays, or RGB uint8 (3, H, W) tensors already
     decoded. `videos`: paths, bytes or `Video`s (Gemma 4 only). `unified` selects the 12B encoder-free
-    input. `max_soft_tokens` is the per-request image budget (70/140/280/560/1120).
+    input. `max_soft_tokens` is the per-request image budget (70/140/280/560/1120). `encode`:
+    expanded text -> ids, instead of `tokenizer.encode(text, add_bos=False)` (see `expand_prompt`).
     """
     if family not in FAMILIES:
         raise MediaError(f"unknown model family {family!r}; expected one of {FAMILIES}")
@@ -80,7 +82,7 @@ def process_prompt(
         if decoded:
             image_inputs = gemma3_image_inputs(decoded, pan_and_scan=pan_and_scan)
         expansion = expand_prompt(text, family, num_crops=image_inputs["num_crops"] if decoded else (),
-                                  tokenizer=tokenizer)
+                                  tokenizer=tokenizer, encode=encode)
     else:
         if decoded:
             image_inputs = gemma4_image_inputs(decoded, max_soft_tokens, unified=unified)
@@ -92,6 +94,7 @@ def process_prompt(
             video_tokens=video_inputs["num_soft_tokens_per_video"] if clips else (),
             timestamps=video_inputs["timestamps"] if clips else (),
             tokenizer=tokenizer,
+            encode=encode,
         )
     image_keys = [media_key(x, f"{family}:{max_soft_tokens}:{unified}:{pan_and_scan}") for x in decoded]
     video_keys = [media_key(v.frames, f"video:{video_soft_tokens}:{unified}:{v.indices}") for v in clips]

@@ -64,6 +64,7 @@ def expand_prompt(
     timestamps: Sequence[Sequence[float]] = (),
     tokenizer: Any = None,
     gemma3_soft_tokens: int = 256,
+    encode: Any = None,
 ) -> Expansion:
     """Replace each placeholder in `text` by its media block; with `tokenizer`, also ids and spans.
 
@@ -71,7 +72,8 @@ def expand_prompt(
     `len(timestamps[i])` frames of `video_tokens[i]` soft tokens each. Gemma 3: the i-th
     `<start_of_image>` has `num_crops[i]` crops (default 0) of `gemma3_soft_tokens` each.
     `tokenizer` is a gemma4 `Tokenizer` (or anything with `encode(text, add_bos=False)` and
-    `token_to_id`); the text is encoded without adding BOS (a chat prompt carries its own).
+    `token_to_id`); the text is encoded without adding BOS (a chat prompt carries its own), or by
+    `encode(text) -> ids` when given (a server that keeps user-typed special tokens as plain text).
     """
     if family == "gemma4":
         out, plan = _expand_gemma4(text, image_tokens, video_tokens, timestamps)
@@ -81,7 +83,7 @@ def expand_prompt(
         raise MediaError(f"unknown model family {family!r}; expected one of {FAMILIES}")
     if tokenizer is None:
         return Expansion(out)
-    ids = list(tokenizer.encode(out, add_bos=False))
+    ids = list(encode(out) if encode is not None else tokenizer.encode(out, add_bos=False))
     spans, types = _spans(ids, plan, family, tokenizer)
     return Expansion(out, ids, spans, types)
 

@@ -49,6 +49,7 @@ from . import checks, ui
 from .errors import APIError, context_length_error
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .output import Delta, OutputAssembler, logprob_entry
+from .media import MediaPolicy
 from .prompts import PromptBuilder
 from .security import PUBLIC_PATHS, CORSMiddleware, GateMiddleware, allowed_hosts_for, cors_options, read_body
 from .structured import Grammars
@@ -85,6 +86,7 @@ class ServeConfig:
     draft_tokens: int | None = None  # k; default: the drafter's
     poll_interval: float = 0.25  # how often a non-streaming request checks that its client is still there
     ui: bool = True  # serve the chat page at `/`
+    media: MediaPolicy = field(default_factory=MediaPolicy)  # where images and video may come from, limits
 
 
 class ServedModel:
@@ -116,7 +118,9 @@ class ServedModel:
     @property
     def capabilities(self) -> dict:
         """What requests may use, for clients such as the chat page (`/v1/models`)."""
-        return {"image": False, "audio": False, "thinking": self.format.family == "gemma4", "tools": self.has_tools}
+        vision = getattr(self.model, "vision_config", None) is not None
+        return {"image": vision, "video": vision and self.format.family == "gemma4", "audio": False,
+                "thinking": self.format.family == "gemma4", "tools": self.has_tools}
 
 
 @dataclass
@@ -283,7 +287,7 @@ def build_app(
         gen = GenerationRequest(p.ids, p.max_tokens, p.sampling, served.stop_ids,
                                 logprobs=(req.top_logprobs or 0) if req.logprobs else None,
                                 constraints=constraints, logit_bias=p.logit_bias,
-                                stop=req.stop_list, tokenizer=served.tokenizer)
+                                stop=req.stop_list, tokenizer=served.tokenizer, media=p.media)
         starts_open = text.rfind("<|channel>") > text.rfind("<channel|>")
         assembler = OutputAssembler(served.tokenizer, served.format.stream_parser(prompt=text),
                                     (served.ids["channel_open"], served.ids["channel_close"]), starts_open)

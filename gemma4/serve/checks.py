@@ -25,6 +25,7 @@ from ..chat import ChatTemplateError, ToolDefinitionError, normalize_tools
 from ..config import ContextLengthError, check_context
 from ..engine.sampling import SamplingParams
 from .errors import APIError, bad_request, context_length_error, from_validation, prompt_too_long, sanitize
+from .media import has_media, prepare as prepare_media
 from .prompts import PromptTooLong
 from .protocol import ChatCompletionRequest, CompletionRequest, Message
 from .security import MAX_DEPTH, deeper_than, parse_json
@@ -48,6 +49,7 @@ class Prepared:
     logit_bias: dict[int, float] | None
     tools: list[dict] | None = None
     prompt_text: str = ""
+    media: tuple = ()  # images and frames: gemma4.engine.media.MediaInput over their placeholders
 
 
 def prepare_chat(raw: bytes, served: ServedModel, config: ServeConfig) -> Prepared:
@@ -56,15 +58,20 @@ def prepare_chat(raw: bytes, served: ServedModel, config: ServeConfig) -> Prepar
     check_model(req.model, config)
     messages, tools = chat_inputs(req, served)
     requested = req.requested_max_tokens
+    limit, media = served.context - (requested or 1), ()
     try:
-        ids, text = served.prompts.chat(messages, tools, req.enable_thinking,
-                                        limit=served.context - (requested or 1), context=served.context)
+        text, literals = served.prompts.render(messages, tools, req.enable_thinking)
+        if has_media(messages):
+            ids, media = prepare_media(text, messages, served, config,
+                                       lambda t: served.prompts.encode(t, literals, limit, served.context))
+        else:
+            ids = served.prompts.encode(text, literals, limit, served.context)
     except PromptTooLong as error:
         raise too_long(error, requested, served) from None
     except (ValueError, TypeError, ChatTemplateError, ToolDefinitionError) as error:
         raise bad_request(f"cannot build the prompt: {sanitize(str(error))}", param="messages") from None
     return Prepared(req, ids, max_tokens(requested, len(ids), served, config), sampling(req),
-                    logit_bias(req, served), tools, text)
+                    logit_bias(req, served), tools, text, media)
 
 
 def prepare_completion(raw: bytes, served: ServedModel, config: ServeConfig) -> Prepared:
@@ -112,7 +119,7 @@ def chat_inputs(req: ChatCompletionRequest, served: ServedModel) -> tuple[list[d
         where = f"messages.{i}"
         if isinstance(m.content, list):
             for j, part in enumerate(m.content):
-                check_part(part, f"{where}.content.{j}")
+                check_part(part, f"{where}.content.{j}", served)
         if m.role in ("system", "developer", "user") and m.content is None:
             raise bad_request(f"{where}.content: a {m.role} message needs content", param=f"{where}.content")
         for call in m.tool_calls or ():
@@ -152,19 +159,25 @@ def chat_inputs(req: ChatCompletionRequest, served: ServedModel) -> tuple[list[d
     return messages, tools
 
 
-def check_part(part: dict, where: str) -> None:
+def check_part(part: dict, where: str, served: ServedModel) -> None:
     kind = part.get("type")
     if kind == "text":
         if not isinstance(part.get("text"), str):
             raise bad_request(f"{where}.text must be a string", param=where)
         return
-    if kind == "image_url":
-        url = part.get("image_url", {}).get("url", "") if isinstance(part.get("image_url"), dict) else ""
-        if isinstance(url, str) and not url.startswith("data:"):
-            raise bad_request(f"{where}: remote media URLs are disabled; send a data: URL", param=where)
-    if kind in ("image_url", "input_audio", "image", "audio", "video_url", "audio_url"):
-        raise bad_request(f"{where}: image, audio and video inputs are not supported by this server yet",
-                          param=where)
+    if kind in ("image_url", "video_url"):
+        if not served.capabilities["image"]:
+            raise bad_request(f"{where}: this model takes no images or video; send text only", param=where)
+        inner = part.get(kind)
+        if not isinstance(inner, dict) or not isinstance(inner.get("url"), str) or not inner["url"]:
+            raise bad_request(f'{where}.{kind} must be {{"url": "data:...;base64,..."}} (or a URL the server '
+                              "allows)", param=where)
+        if kind == "image_url" and inner.get("detail", "auto") not in ("low", "auto", "high"):
+            raise bad_request(f"{where}.image_url.detail must be low, auto or high", param=where)
+        return
+    if kind in ("input_audio", "image", "audio", "audio_url", "video"):
+        raise bad_request(f"{where}: {kind} parts are not supported by this server; images come as image_url "
+                          "parts, video as video_url parts", param=where)
     raise bad_request(f"{where}: unknown content part type {str(kind)[:40]!r}", param=where)
 
 

@@ -55,6 +55,12 @@ class PromptBuilder:
         """(prompt ids, rendered prompt with sentinels) for OpenAI-style messages and tools;
         PromptTooLong when the prompt has more than `limit` tokens, or its length alone shows that
         it has more than `context`."""
+        text, literals = self.render(messages, tools, enable_thinking)
+        return self.encode(text, literals, limit, context), text
+
+    def render(self, messages: list[dict], tools: list[dict] | None, enable_thinking: bool) -> tuple[str, list[str]]:
+        """The rendered prompt, special tokens typed by users replaced by sentinels, and those literals
+        (they are encoded as plain text, so a user cannot write a turn marker or an image placeholder)."""
         literals: list[str] = []
 
         def protect(text: str) -> str:
@@ -68,7 +74,10 @@ class PromptBuilder:
 
         messages = _walk(messages, protect)
         tools = _walk(tools, protect) if tools else None
-        text = self.format.render(messages, tools, enable_thinking=enable_thinking)
+        return self.format.render(messages, tools, enable_thinking=enable_thinking), literals
+
+    def encode(self, text: str, literals: list[str], limit: int | None = None, context: int | None = None) -> list[int]:
+        """Ids of a rendered prompt from `render` (after any expansion of its media placeholders)."""
         pieces = _SENTINEL.split(text)  # template text, literal index, template text, ...
         texts, kept = pieces[0::2], [literals[int(i)] for i in pieces[1::2]]
         self._check_length(sum(map(len, texts)), len(kept), context)
@@ -80,7 +89,7 @@ class PromptBuilder:
             ids += enc.ids
             if i < len(plain):
                 ids += plain[i].ids
-        return ids, text
+        return ids
 
     def completion(self, prompt: str | list[int], limit: int | None = None, context: int | None = None) -> list[int]:
         """A raw completion prompt: the caller writes the whole text, markers included (`limit` and
