@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gemma4 {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    g = sub.add_parser("generate", help="generate text from a prompt (streamed to stdout)", formatter_class=HelpFormatter,
+    g = sub.add_parser("generate", help="generate text from a prompt (streamed to stdout)",
+                       formatter_class=HelpFormatter,
                        description="Generate from a prompt given as argument or on stdin. Base checkpoints "
                                    "continue the text; instruction checkpoints answer it as a chat message "
                                    "(choose with --format).")

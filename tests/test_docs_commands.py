@@ -98,6 +98,13 @@ def plan(command: str) -> str:
     raise KeyError(command)
 
 
+def _planned(command: str) -> str | None:
+    try:
+        return plan(command)
+    except KeyError:  # reported by test_every_command_line_is_planned, not at collection
+        return None
+
+
 def parsers() -> dict[str, argparse.ArgumentParser]:
     from gemma4.commands import eval as eval_command, finetune, quantize
     from gemma4.serve.cli import parser as serve_parser
@@ -169,7 +176,7 @@ def test_the_readme_install_commands_are_what_ci_runs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [c for _, c in LINES if plan(c) == "slow"] +
+@pytest.mark.parametrize("command", [c for _, c in LINES if _planned(c) == "slow"] +
                          [".venv/bin/gemma4 generate \"The capital of France is\" --max-tokens 32"])
 def test_slow_command_runs_as_written(command):
     """On the real embedded model, as a user types it (`gemma4` is this interpreter's)."""

@@ -197,7 +197,8 @@ def test_quantize_defaults_to_int8_and_int4_is_one_flag_away(monkeypatch, tmp_pa
     import gemma4.commands.quantize as q
 
     seen = []
-    monkeypatch.setattr(q, "quantize_cli", lambda model, out, scheme, group_size, **kw: seen.append((scheme, group_size)))
+    monkeypatch.setattr(q, "quantize_cli",
+                        lambda model, out, scheme, group_size, **kw: seen.append((scheme, group_size)))
     for argv in ([], ["--group-size", "32"], ["--calibration"], ["--scheme", "int4"]):
         assert q.main(["--out", str(tmp_path / "q"), *argv]) == 0
     assert seen == [("int8", 64), ("int4", 32), ("int4", 64), ("int4", 64)]

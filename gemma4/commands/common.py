@@ -40,8 +40,8 @@ def load_from_args(args, ckpt=None):
     adapter = getattr(args, "adapter", None)
     with_adapter = f" with the adapter {adapter}" if adapter else ""
     print(f"loading {args.model or 'the embedded gemma-3-270m'}{with_adapter} ...", file=sys.stderr, flush=True)
-    loaded = load(ckpt if ckpt is not None else args.model, dtype=args.dtype, device=pick_device(args.device), adapter=adapter,
-                            quantize=getattr(args, "quantize", None))
+    loaded = load(ckpt if ckpt is not None else args.model, dtype=args.dtype, device=pick_device(args.device),
+                  adapter=adapter, quantize=getattr(args, "quantize", None))
     if not getattr(args, "exact", True):
         from ..engine.cpu import speed_up
 

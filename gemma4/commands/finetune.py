@@ -84,7 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=t.warmup_steps,
                    help="linear warm-up steps before the cosine decay (default: --warmup-ratio of the steps)")
     g.add_argument("--warmup-ratio", type=float, default=t.warmup_ratio,
-                   help=f"warm-up as a fraction of the steps, unless --warmup-steps is given (default {t.warmup_ratio:g})")
+                   help="warm-up as a fraction of the steps, unless --warmup-steps is given "
+                        f"(default {t.warmup_ratio:g})")
     g.add_argument("--min-lr-ratio", type=float, default=t.min_lr_ratio,
                    help="the cosine decay ends at lr x this (default 0)")
     g.add_argument("--max-grad-norm", type=float, default=t.max_grad_norm, help="0 disables clipping")
@@ -135,8 +136,8 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         lora=lora, epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size,
         micro_batch_size=a.micro_batch_size, lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
-        warmup_ratio=a.warmup_ratio, min_lr_ratio=a.min_lr_ratio, max_grad_norm=a.max_grad_norm or None, max_length=a.max_length,
-        on_bad_data=a.on_bad_data, dtype=a.dtype, quantize=a.quantize,
+        warmup_ratio=a.warmup_ratio, min_lr_ratio=a.min_lr_ratio, max_grad_norm=a.max_grad_norm or None,
+        max_length=a.max_length, on_bad_data=a.on_bad_data, dtype=a.dtype, quantize=a.quantize,
         gradient_checkpointing=not a.no_gradient_checkpointing, ce_chunk_size=a.ce_chunk_size,
         eval_every=a.eval_every, eval_batch_size=a.eval_batch_size, save_every=a.save_every, resume=a.resume,
         overwrite=a.overwrite, export_merged=a.export_merged, seed=a.seed, progress=not a.no_progress,

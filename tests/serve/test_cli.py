@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -25,19 +26,22 @@ def test_serve_cli_process(tiny_dir):
             if m := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line):
                 url = m.group(1)
         assert url, "".join(log)
+        # Keep reading its log: a full pipe would block the server mid-request (one access line a poll).
+        threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
         assert "sk-env-key" not in "".join(log)  # the key is never logged
         for _ in range(600):
-            if httpx.get(url + "/health").status_code == 200:
+            if httpx.get(url + "/health", timeout=60).status_code == 200:
                 break
             time.sleep(0.1)
         body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
-        assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 401
-        r = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-env-key"})
+        assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 401
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-env-key"},
+                       timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
         # The tiny checkpoint ships no chat template: a base model, said in the log and on each chat reply.
         assert "base (pretrained) model" in "".join(log)
         assert "instruction-tuned" in r.headers["x-gemma4-warning"]
-        models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer sk-env-key"}).json()
+        models = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer sk-env-key"}, timeout=60).json()
         assert models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 256
     finally:
         proc.send_signal(signal.SIGTERM)
