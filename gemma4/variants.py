@@ -186,6 +186,8 @@ def multimodal_hf_config(name: str) -> dict[str, Any]:
     if model_type != "gemma3":
         out["audio_config"] = None
     return out
+
+
 # ---- MTP drafters (spec 5): 3 sliding + 1 full layer, all reading the target's K/V ----
 def _drafter(backbone: int, ordered: bool, unified: bool = False, centroids: int = 2048, top_k: int = 32,
              **text: Any) -> dict[str, Any]:

@@ -16,12 +16,15 @@ IMAGE, VIDEO, BOI, EOI = 127, 126, 125, 124  # the tiny variants' placeholder id
 LAYOUTS = {"e2b": "tiny-e2b", "31b": "tiny-31b", "12b": "tiny-12b", "gemma3": "tiny-gemma-3-4b"}
 
 
-def hf_multimodal(layout: str, seed: int = 0):
-    """A transformers multimodal model with random weights (norms, clip ranges and standardize too)."""
+def hf_multimodal(layout: str, seed: int = 0, edit=None):
+    """A transformers multimodal model with random weights (norms, clip ranges and standardize too);
+    `edit(raw)` may change the config.json dict first (e.g. another vocabulary and placeholder ids)."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma4Config, Gemma4ForConditionalGeneration
     from transformers.models.gemma4_unified import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
 
     raw = multimodal_hf_config(LAYOUTS[layout])
+    if edit is not None:
+        edit(raw)
     kind = raw.pop("model_type")
     cls, cfg_cls = {"gemma3": (Gemma3ForConditionalGeneration, Gemma3Config),
                     "gemma4": (Gemma4ForConditionalGeneration, Gemma4Config),
