@@ -144,6 +144,7 @@ def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:  # a wrong --model or --device fails here, with the loader's message, not as a server answering 503
+        check_options(args.speculative, args.draft_model, args.draft_tokens)  # flags first: cheaper still
         ckpt = open_model(args.model, args.device)
     except (ValueError, OSError) as error:  # CheckpointError is a ValueError
         print(f"gemma4 serve: error: {error}", file=sys.stderr)
@@ -173,7 +174,6 @@ def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
         draft_model=args.draft_model,
         draft_tokens=args.draft_tokens,
     )
-    check_options(config.speculative, config.draft_model, config.draft_tokens)  # before a long load
     shown = {k: v for k, v in vars(config).items() if k != "api_key"} | {"api_key": "***" if config.api_key else None}
     log.info("serving with %s", shown)
     if config.ui:  # port 0: uvicorn's line below names the port it got
