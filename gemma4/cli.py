@@ -81,6 +81,15 @@ def _speculative_args(p: argparse.ArgumentParser) -> None:
 def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt (Gemma 3: prepended to the first user turn)")
     p.add_argument("--think", action="store_true", help="enable thinking (Gemma 4); thoughts go to stderr")
+    g = p.add_argument_group("images and video (multimodal checkpoints; docs/multimodal.md)")
+    g.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for the (first) message; repeat for several")
+    g.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="a video for the (first) message (Gemma 4; needs PyAV: pip install 'gemma4[video]')")
+    g.add_argument("--image-tokens", type=int, default=280, choices=[70, 140, 280, 560, 1120],
+                   help="soft tokens per image (Gemma 4): more sees finer detail and costs more prefill")
+    g.add_argument("--text-only", action="store_true",
+                   help="leave out a multimodal checkpoint's vision tower (less memory; no images)")
 
 
 def version() -> str:

@@ -8,11 +8,14 @@ that the next `\"\"\"` line closes (pasted text). On a terminal, the arrow keys 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from .common import (check_speculative_args, engine_from_args, load_from_args, messages_with_system,
-                     open_from_args, prefill_progress, print_events, print_stats, sampling_from_args)
+from .common import (check_media_args, check_speculative_args, engine_from_args, load_from_args,
+                     messages_with_system, open_from_args, prefill_progress, print_events, print_stats,
+                     sampling_from_args, with_media)
 
-HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit"
+HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt), "
+        "/image PATH (attach an image to your next message), /exit")
 MULTILINE = 'end a line with \\ to continue it, or put """ on a line before and after a block'
 
 
@@ -42,13 +45,16 @@ def _line_editing() -> None:
 def run(args) -> int:
     sampling = sampling_from_args(args)
     check_speculative_args(args)
+    check_media_args(args)
     ckpt = open_from_args(args, chat=True)
     model, tokenizer, chat_format = load_from_args(args, ckpt)
     engine = engine_from_args(args, model, session=True)
     from ..api import stream_chat
+    from ..media import MediaError
 
     _line_editing()
     system, history = args.system, []
+    images, videos = list(args.image), list(args.video)  # for the next message
     print(f"chatting with {args.model or 'gemma-3-270m'}; {HELP}; {MULTILINE}; Ctrl-C stops a reply, "
           "Ctrl-D quits", file=sys.stderr)
     while True:
@@ -73,15 +79,28 @@ def run(args) -> int:
             history = []
             print(f"[system prompt {'set' if system else 'cleared'}; conversation cleared]", file=sys.stderr)
             continue
+        if text.startswith("/image"):
+            path = text[len("/image"):].strip()
+            if not Path(path).is_file():
+                print(f"[no such file: {path!r}]", file=sys.stderr)
+            else:
+                images.append(path)
+                print(f"[{len(images)} image(s) attached to your next message]", file=sys.stderr)
+            continue
         if text.startswith("/"):
             print(f"[unknown command; {HELP}]", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": text})
+        history.append({"role": "user", "content": with_media(text, images, videos)})
+        images, videos = [], []
         events = stream_chat(model, tokenizer, messages_with_system(system, history), enable_thinking=args.think,
                              max_tokens=args.max_tokens, sampling=sampling, chat_format=chat_format,
-                             engine=engine, on_prefill=prefill_progress())
+                             engine=engine, on_prefill=prefill_progress(), image_tokens=args.image_tokens)
         try:
             response = print_events(events, show_thoughts=args.think)
+        except MediaError as error:  # a bad image: say so, and keep the session
+            print(f"[{error}]", file=sys.stderr)
+            history.pop()
+            continue
         except KeyboardInterrupt:
             events.close()
             print("\n[stopped]", file=sys.stderr)

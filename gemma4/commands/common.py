@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 import time
 
 import torch
@@ -41,7 +42,8 @@ def load_from_args(args, ckpt=None):
     with_adapter = f" with the adapter {adapter}" if adapter else ""
     print(f"loading {args.model or 'the embedded gemma-3-270m'}{with_adapter} ...", file=sys.stderr, flush=True)
     loaded = load(ckpt if ckpt is not None else args.model, dtype=args.dtype, device=pick_device(args.device),
-                  adapter=adapter, quantize=getattr(args, "quantize", None))
+                  adapter=adapter, quantize=getattr(args, "quantize", None),
+                  text_only=getattr(args, "text_only", False))
     if not getattr(args, "exact", True):
         from ..engine.cpu import speed_up
 
@@ -95,6 +97,22 @@ SESSION_PREFIX_CACHE = 4096
 def sampling_from_args(args) -> SamplingParams:
     return SamplingParams(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def check_media_args(args) -> None:
+    """--image / --video files must exist (checked before a long load)."""
+    for kind in ("image", "video"):
+        for path in getattr(args, kind, None) or ():
+            if not Path(path).is_file():
+                raise ValueError(f"--{kind} {path}: no such file")
+
+
+def with_media(text: str, images=(), videos=()) -> str | list[dict]:
+    """A user message's content: the text alone, or content parts with the images and videos first."""
+    if not images and not videos:
+        return text
+    return ([{"type": "image", "image": p} for p in images] + [{"type": "video", "video": p} for p in videos]
+            + [{"type": "text", "text": text}])
 
 
 def messages_with_system(system: str | None, messages: list[dict]) -> list[dict]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from .common import (check_speculative_args, engine_from_args, load_from_args, messages_with_system,
-                     open_from_args, prefill_progress, print_events, print_stats, sampling_from_args)
+from .common import (check_media_args, check_speculative_args, engine_from_args, load_from_args, messages_with_system,
+                     open_from_args, prefill_progress, print_events, print_stats, sampling_from_args, with_media)
 
 
 def run(args) -> int:
@@ -14,24 +14,31 @@ def run(args) -> int:
         raise ValueError("empty prompt: pass it as an argument or on stdin")
     sampling = sampling_from_args(args)
     check_speculative_args(args)
+    check_media_args(args)
     ckpt = open_from_args(args, chat=False)
     model, tokenizer, fmt = load_from_args(args, ckpt)
     engine = engine_from_args(args, model)
-    chat = args.format == "chat" or (args.format == "auto" and (fmt.template is not None or args.system or args.think))
+    media = bool(args.image or args.video)  # images need the chat format's placeholders
+    chat = args.format == "chat" or (args.format == "auto" and (fmt.template is not None or args.system or args.think
+                                                                or media))
     if chat:
         from ..api import base_model_warning, stream_chat
 
         if warning := base_model_warning(ckpt):
             print(f"gemma4: warning: {warning}", file=sys.stderr, flush=True)
 
-        messages = messages_with_system(args.system, [{"role": "user", "content": prompt}])
+        content = with_media(prompt, args.image, args.video)
+        messages = messages_with_system(args.system, [{"role": "user", "content": content}])
         events = stream_chat(model, tokenizer, messages, enable_thinking=args.think, max_tokens=args.max_tokens,
-                             sampling=sampling, chat_format=fmt, engine=engine, on_prefill=prefill_progress())
+                             sampling=sampling, chat_format=fmt, engine=engine, on_prefill=prefill_progress(),
+                             image_tokens=args.image_tokens)
         response = print_events(events, show_thoughts=True)
         if args.verbose and response:
             print_stats(response)
         _print_speculation(args, engine)
         return 0
+    if media:
+        raise ValueError("--image and --video need the chat format: leave out --format raw")
     from ..engine.generate import stream_generate
 
     last = None

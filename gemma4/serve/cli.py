@@ -14,12 +14,14 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 import uvicorn
 
 from ..engine.speculative import check_options
 from ..helptext import RawHelpFormatter
 from .app import PREFIX_CACHE_TOKENS, ServeConfig, build_app
+from .media import MediaPolicy
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +102,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="seconds to let running requests finish on SIGTERM; the rest end with a 503 error")
     p("--no-ui", action="store_true", default=env("GEMMA4_NO_UI", "") not in ("", "0"),
       help="do not serve the chat page at / (env GEMMA4_NO_UI=1); the API is unchanged")
+    p("--text-only", action="store_true", default=env("GEMMA4_TEXT_ONLY", "") not in ("", "0"),
+      help="leave out a multimodal checkpoint's vision tower: less memory, and images are refused")
+    p("--allowed-media-dir", default=env("GEMMA4_ALLOWED_MEDIA_DIR"), metavar="DIR",
+      help="let image_url / video_url parts name files (paths or file:// URLs) inside DIR; by default only "
+           "data: URLs are read")
+    p("--allow-remote-media", action="store_true", default=env("GEMMA4_ALLOW_REMOTE_MEDIA", "") not in ("", "0"),
+      help="let image_url / video_url parts be http(s) URLs, fetched by the server (20 MB, 10 s each)")
+    p("--max-media-items", type=int, default=int(env("GEMMA4_MAX_MEDIA_ITEMS", "16")),
+      help="images and videos one request may carry")
     return parser
 
 
 def load_checkpoint(path, dtype=None, device=None, adapter: str | None = None,
-                    quantize: str | None = None, exact: bool = False):
+                    quantize: str | None = None, exact: bool = False, text_only: bool = False):
     """(model, tokenizer, chat format) from a checkpoint directory, .gguf file, Hub id or opened
     `Checkpoint` (`gemma4.load`),
     with an unmerged LoRA adapter when `adapter` names one, quantized while loading when `quantize`
@@ -112,7 +123,8 @@ def load_checkpoint(path, dtype=None, device=None, adapter: str | None = None,
     from ..api import load
     from ..engine.cpu import speed_up
 
-    model, tokenizer, chat_format = load(path, dtype=dtype, device=device, adapter=adapter, quantize=quantize)
+    model, tokenizer, chat_format = load(path, dtype=dtype, device=device, adapter=adapter, quantize=quantize,
+                                         text_only=text_only)
     if not exact:
         speed_up(model)  # CPU float32 only; a no-op elsewhere
     return model, tokenizer, chat_format
@@ -173,6 +185,8 @@ def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
         speculative=args.speculative,
         draft_model=args.draft_model,
         draft_tokens=args.draft_tokens,
+        media=MediaPolicy(max_items=args.max_media_items, allow_remote=args.allow_remote_media,
+                          allowed_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None),
     )
     shown = {k: v for k, v in vars(config).items() if k != "api_key"} | {"api_key": "***" if config.api_key else None}
     log.info("serving with %s", shown)
@@ -188,7 +202,7 @@ def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
     def loader():
         try:
             return load_checkpoint(ckpt, dtype=args.dtype, device=args.device, adapter=args.adapter,
-                                   quantize=args.quantize, exact=args.exact)
+                                   quantize=args.quantize, exact=args.exact, text_only=args.text_only)
         except Exception:
             failed.append(True)  # logged by the app; a server with no model stops rather than answer 503
             server.should_exit = True

@@ -179,3 +179,24 @@ def test_a_text_only_model_refuses_images(loaded):
         r = httpx.post(url + "/v1/chat/completions", json={"model": "tiny-gemma4", "messages": _messages(_png(1))},
                        timeout=60)
     assert r.status_code == 400 and "takes no images" in r.json()["error"]["message"]
+
+
+def test_cli_and_python_api_take_images(checkpoint, tmp_path, capsys):
+    """`gemma4 generate --image` and `chat_reply` with an image part give the server's greedy reply
+    (the same engine path); the embedded text-only model refuses an image with one clear line."""
+    import gemma4
+    from gemma4.cli import main
+
+    _, path = checkpoint
+    picture = tmp_path / "picture.png"
+    picture.write_bytes(_png(1))
+    loaded = gemma4.load(str(path))
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(picture)},
+                                             {"type": "text", "text": "What is in the picture?"}]}]
+    reply = gemma4.chat_reply(*loaded[:2], messages, chat_format=loaded.chat_format, max_tokens=4, image_tokens=70)
+    assert reply.prompt_tokens > 70  # the image's soft tokens are in the prompt
+    assert main(["generate", "--model", str(path), "--image", str(picture), "--image-tokens", "70", "--exact",
+                 "--max-tokens", "4", "What is in the picture?"]) == 0
+    assert capsys.readouterr().out.strip() == reply.content.strip()
+    assert main(["generate", "--image", str(picture), "--max-tokens", "2", "What is this?"]) == 1
+    assert "takes no images" in capsys.readouterr().err
