@@ -82,7 +82,7 @@ def _fbgemm_linear(x: torch.Tensor, handle: int, out_features: int, int8: bool) 
         return _fbgemm_call(x, packed, False)
     lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
     span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))  # a constant row maps to 0
-    return torch.addcmul(lo * sums, _fbgemm_call((x - lo) / span, packed, True), span)
+    return _fbgemm_call((x - lo) / span, packed, True).mul_(span).addcmul_(lo, sums)
 
 
 _LIB.impl("fbgemm_linear", _fbgemm_linear, "CPU")
