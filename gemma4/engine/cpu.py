@@ -10,7 +10,7 @@ activations instead (int8/int4 weight-only: to bf16, whose step is 2^-8 of value
 than fp32 (docs/benchmarks.md has the figures).
 
     pack_linears(model, "fp16")           # every nn.Linear and the tied head; in place
-    pack_linears(model, "int8-dynamic")   # int8 weights x int8 activations (per token): fastest,
+    pack_linears(model, "int8-dynamic")   # int8 weights x int8 activations (per row): fastest,
                                           # but it changes greedy output
 
 Packed models are for inference: the packed weights are opaque fbgemm objects, not parameters
@@ -35,8 +35,9 @@ from .fuse import fuse_projections
 
 FORMATS = ("fp16", "int8-dynamic")
 
-# Packed weights by handle; each PackedLinear removes its entry when it is garbage-collected.
-_PACKED: dict[int, object] = {}
+# (packed weight, row sums of the int8 weight or None) by handle; each PackedLinear removes its
+# entry when it is garbage-collected.
+_PACKED: dict[int, tuple] = {}
 _HANDLES = itertools.count()
 
 
@@ -69,8 +70,19 @@ _fbgemm_call = _fbgemm_caller()
 
 
 def _fbgemm_linear(x: torch.Tensor, handle: int, out_features: int, int8: bool) -> torch.Tensor:
-    """x [..., K] fp32 @ the packed weight `handle` [N, K]^T -> [..., N] fp32."""
-    return _fbgemm_call(x, _PACKED[handle], int8)
+    """x [..., K] fp32 @ the packed weight `handle` [N, K]^T -> [..., N] fp32.
+
+    fbgemm quantizes int8 activations with one scale for the whole input, so a row's result (and
+    the rescored head's candidates, hence a greedy pick) would depend on the other rows of its
+    batch. Each row is mapped onto [0, 1] by its own min and span instead: every input then spans
+    exactly [0, 1], so its quantization is the same whatever the batch, and
+    x W^T = span * (x' W^T) + min * (W 1) undoes the map."""
+    packed, sums = _PACKED[handle]
+    if not int8:
+        return _fbgemm_call(x, packed, False)
+    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))  # a constant row maps to 0
+    return _fbgemm_call((x - lo) / span, packed, True).mul_(span).addcmul_(lo, sums)
 
 
 _LIB.impl("fbgemm_linear", _fbgemm_linear, "CPU")
@@ -98,7 +110,7 @@ def fbgemm_works(fmt: str) -> bool:
 
 class PackedLinear(nn.Module):
     """y = x W^T with W [N, K] packed for fbgemm: fp16 weights (fp32 math), or int8 weights per
-    output channel with int8 activations quantized per call ("int8-dynamic")."""
+    output channel with int8 activations quantized per row ("int8-dynamic"; batch-invariant)."""
 
     def __init__(self, weight: torch.Tensor, fmt: str = "fp16"):
         super().__init__()
@@ -115,9 +127,10 @@ class PackedLinear(nn.Module):
                 warnings.simplefilter("ignore")
                 q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
             self.packed = torch.ops.quantized.linear_prepack(q, None)
+            self.sums = q.dequantize().double().sum(1).float()  # W 1, to undo the activations' shift
         self.nbytes = w.numel() * (2 if fmt == "fp16" else 1)
         self.handle = next(_HANDLES)
-        _PACKED[self.handle] = self.packed
+        _PACKED[self.handle] = (self.packed, getattr(self, "sums", None))
         weakref.finalize(self, _PACKED.pop, self.handle, None)
 
     def extra_repr(self) -> str:
