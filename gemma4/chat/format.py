@@ -5,7 +5,7 @@ the reference stack) and with the built-in renderer of the family otherwise, par
 back into content, reasoning and tool calls, and knows the ids that end a turn. Before rendering,
 inputs are brought to the shape templates expect: tools in OpenAI function form, OpenAI's JSON-string
 tool-call arguments decoded to objects (templates would paste the string verbatim), and OpenAI's
-`image_url` / `input_audio` content parts renamed to the `image` / `audio` parts templates know.
+`image_url` / `video_url` / `input_audio` content parts renamed to the `image` / `video` / `audio` parts templates know.
 """
 
 import json
@@ -22,7 +22,7 @@ from .tokens import CHANNEL_CLOSE, CHANNEL_OPEN, GEMMA3_SPECIAL_TOKEN_IDS, GEMMA
 from .tools import normalize_tools
 
 FAMILIES = ("gemma4", "gemma3")
-_PART_TYPES = {"image_url": "image", "input_audio": "audio"}
+_PART_TYPES = {"image_url": "image", "video_url": "video", "input_audio": "audio"}
 
 
 @dataclass(frozen=True)

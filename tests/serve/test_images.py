@@ -7,6 +7,7 @@ import base64
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import tokenizers
@@ -200,3 +201,48 @@ def test_cli_and_python_api_take_images(checkpoint, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == reply.content.strip()
     assert main(["generate", "--image", str(picture), "--max-tokens", "2", "What is this?"]) == 1
     assert "takes no images" in capsys.readouterr().err
+
+
+def _clip(frames: int = 3) -> bytes:
+    """A tiny MPEG-4 clip (PyAV), 1 frame a second."""
+    import tempfile
+
+    av = pytest.importorskip("av", reason="video needs PyAV (pip install 'gemma4[video]')")
+    g = torch.Generator().manual_seed(7)
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+        with av.open(f.name, "w") as container:
+            stream = container.add_stream("mpeg4", rate=1)
+            stream.width, stream.height, stream.pix_fmt = 96, 48, "yuv420p"
+            for _ in range(frames):
+                pixels = torch.randint(0, 256, (48, 96, 3), dtype=torch.uint8, generator=g).numpy()
+                for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        return Path(f.name).read_bytes()
+
+
+def test_a_video_request_gives_the_reference_greedy_tokens(server, checkpoint):
+    from gemma4.media import media_parts, process_prompt
+
+    url, loaded = server
+    clip = _clip()
+    messages = [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(clip).decode()}},
+        {"type": "text", "text": "What happens?"}]}]
+    got = _ask(url, messages)
+    ref, _ = checkpoint
+    _, tokenizer, fmt = loaded
+    text = fmt.render(messages, add_generation_prompt=True)
+    _, videos = media_parts(messages)
+    mm = process_prompt(text, family="gemma4", videos=videos, tokenizer=tokenizer)
+    v = mm.video_inputs
+    ids = torch.tensor([mm.input_ids])
+    assert len(v["timestamps"][0]) == 3 and (ids == IDS["<|video|>"]).sum() > 3
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, pixel_values_videos=v["pixel_values_videos"],
+                           video_position_ids=v["video_position_ids"],
+                           num_frames_per_video=torch.tensor(v["num_frames_per_video"]),
+                           mm_token_type_ids=torch.tensor([mm.mm_token_type_ids]), max_new_tokens=6,
+                           do_sample=False, suppress_tokens=BANNED, eos_token_id=STOPS, pad_token_id=0)
+    assert got == tokenizer.decode(out[0, ids.shape[1]:].tolist())
