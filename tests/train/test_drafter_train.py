@@ -24,7 +24,7 @@ def _prompts(path, n, seed):
 @pytest.mark.parametrize("name", ["tiny-gemma-3-270m", "tiny-e2b"])
 def test_training_lowers_loss_and_saves_a_loadable_drafter(tmp_path, name):
     target, tok = tiny(name)
-    cfg = DrafterTrainConfig(steps=60, batch_size=8, lr=3e-3, warmup_steps=5, draft_steps=3, queries=0,
+    cfg = DrafterTrainConfig(steps=25, batch_size=8, lr=3e-3, warmup_steps=5, draft_steps=3, queries=0,
                              max_new_tokens=12, hidden_size=32, intermediate_size=64, progress=False,
                              sparse=name == "tiny-e2b", centroids=8, centroid_top_k=2)
     data, val = _prompts(tmp_path / "train.txt", 24, 0), _prompts(tmp_path / "val.txt", 6, 1)
@@ -40,7 +40,7 @@ def test_training_lowers_loss_and_saves_a_loadable_drafter(tmp_path, name):
 def test_acceptance_replays_greedy_drafting(tmp_path):
     """The batched replay equals rounds run one at a time with `Drafter.draft` (the engine's call)."""
     target, tok = tiny("tiny-gemma-3-270m")
-    cfg = DrafterTrainConfig(steps=15, batch_size=8, lr=3e-3, max_new_tokens=10, hidden_size=32,
+    cfg = DrafterTrainConfig(steps=10, batch_size=8, lr=3e-3, max_new_tokens=10, hidden_size=32,
                              intermediate_size=64, progress=False)
     data = _prompts(tmp_path / "train.txt", 8, 2)
     train_drafter(target, tok, None, data, tmp_path / "d", config=cfg)
