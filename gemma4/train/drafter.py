@@ -242,7 +242,7 @@ class _Batch:
     kv: dict[str, KV]
 
 
-def _batch(seqs: list[Sequence], k: int, queries: int, rng: random.Random, device) -> _Batch:
+def _batch(seqs: list[Sequence], queries: int, rng: random.Random, device) -> _Batch:
     """Queries p with p+1 in the continuation (p >= start - 1), p >= 1; at most `queries` per row."""
     chosen = []
     for s in seqs:
@@ -327,7 +327,7 @@ def acceptance(drafter: Drafter, target, seqs: list[Sequence], k: int, batch: in
     embed = _embedder(target)
     for lo in range(0, len(seqs), batch):
         group = seqs[lo : lo + batch]
-        b = _batch(group, k, 0, random.Random(0), device)
+        b = _batch(group, 0, random.Random(0), device)
         guesses = []
         x, h = embed(b.ids.gather(1, b.p.clamp(min=0))), b.h
         for _ in range(k):
@@ -406,7 +406,7 @@ def train_drafter(target, tokenizer, chat_format, data: str | Path, out: str | P
             rng.shuffle(more)
             order += more
         picked, order = order[: config.batch_size], order[config.batch_size :]
-        b = _batch([seqs[i] for i in picked], config.draft_steps, config.queries, rng, device)
+        b = _batch([seqs[i] for i in picked], config.queries, rng, device)
         loss, n = drafter_loss(drafter, embed, b, config.draft_steps, config.negatives, gen)
         opt.zero_grad(set_to_none=True)
         (loss / max(n, 1)).backward()
