@@ -124,6 +124,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--draft-steps", type=int, default=3, help="k: chained draft steps trained (default 3)")
     g.add_argument("--drafter-new-tokens", type=int, default=64,
                    help="greedy tokens the model writes per prompt (default 64)")
+    g.add_argument("--drafter-queries", type=int, default=32, help="positions trained per answer and step (default 32)")
     g.add_argument("--drafter-sparse", action="store_true", help="a new drafter gets the 2048-centroid sparse head")
     return p
 
@@ -177,6 +178,7 @@ def _run_drafter(a: argparse.Namespace) -> int:
     check_target(a.out)  # before minutes of loading
     config = DrafterTrainConfig(steps=a.max_steps, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                                 draft_steps=a.draft_steps, max_new_tokens=a.drafter_new_tokens,
+                                queries=a.drafter_queries,
                                 max_length=a.max_length, sparse=a.drafter_sparse, seed=a.seed,
                                 progress=not a.no_progress)
     device = "cuda" if torch.cuda.is_available() else "cpu"

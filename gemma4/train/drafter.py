@@ -52,6 +52,7 @@ class DrafterTrainConfig:
     warmup_steps: int = 10
     draft_steps: int = 3  # k: chained steps in the loss (and drafted per round when measuring)
     queries: int = 32  # positions p trained per sequence and step (sampled; 0 = all)
+    negatives: int = 4096  # sampled softmax: labels + this many random tokens (0 or >= vocab: full softmax)
     max_new_tokens: int = 64  # greedy continuation per prompt
     max_length: int = 1024  # longer prompts are skipped
     hidden_size: int | None = None  # a new drafter's width (default: the target's)
@@ -241,7 +242,7 @@ class _Batch:
     kv: dict[str, KV]
 
 
-def _batch(seqs: list[Sequence], k: int, queries: int, rng: random.Random, device) -> _Batch:
+def _batch(seqs: list[Sequence], queries: int, rng: random.Random, device) -> _Batch:
     """Queries p with p+1 in the continuation (p >= start - 1), p >= 1; at most `queries` per row."""
     chosen = []
     for s in seqs:
@@ -281,15 +282,27 @@ def _chain(drafter: Drafter, embed, batch: _Batch, k: int):
         x = embed(labels)
 
 
-def drafter_loss(drafter: Drafter, embed, batch: _Batch, k: int, chunk: int = 256) -> tuple[torch.Tensor, int]:
-    """Summed CE over the k steps' labelled queries (and the sparse head's cluster CE), and their count."""
+def drafter_loss(drafter: Drafter, embed, batch: _Batch, k: int, negatives: int = 0,
+                 generator: torch.Generator | None = None, chunk: int = 256) -> tuple[torch.Tensor, int]:
+    """Summed CE over the k steps' labelled queries (and the sparse head's cluster CE), and their count.
+
+    `negatives` > 0: a sampled softmax, over the batch's labels plus that many random tokens (the
+    same set for every query), instead of the whole vocabulary: on gemma-3-270m the full head is
+    ~260 GFLOP a step (768 queries x 262144 x 640, forward and backward), which a CPU cannot afford."""
     table = drafter.model.embed_tokens.weight
     total, count = None, 0
     head = drafter.masked_embedding
+    V = table.shape[0]
     for z, labels in _chain(drafter, embed, batch, k):
         keep = labels >= 0
         zs, ts = z[keep], labels[keep]
-        loss = chunked_cross_entropy(lambda x: F.linear(x, table), zs, ts, chunk)
+        if 0 < negatives < V:
+            sample = torch.randint(0, V, (negatives,), generator=generator).to(ts.device)
+            cand, inverse = torch.unique(torch.cat([ts, sample]), return_inverse=True)
+            rows = table[cand]
+            loss = chunked_cross_entropy(lambda x: F.linear(x, rows), zs, inverse[: ts.numel()], chunk)
+        else:
+            loss = chunked_cross_entropy(lambda x: F.linear(x, table), zs, ts, chunk)
         if head is not None:  # which cluster holds the label: the sparse head opens the top clusters
             cluster = torch.empty_like(head.token_ordering)
             cluster[head.token_ordering] = torch.arange(cluster.numel(), device=cluster.device) // (
@@ -314,7 +327,7 @@ def acceptance(drafter: Drafter, target, seqs: list[Sequence], k: int, batch: in
     embed = _embedder(target)
     for lo in range(0, len(seqs), batch):
         group = seqs[lo : lo + batch]
-        b = _batch(group, k, 0, random.Random(0), device)
+        b = _batch(group, 0, random.Random(0), device)
         guesses = []
         x, h = embed(b.ids.gather(1, b.p.clamp(min=0))), b.h
         for _ in range(k):
@@ -377,6 +390,7 @@ def train_drafter(target, tokenizer, chat_format, data: str | Path, out: str | P
     steps = config.steps or max(1, math.ceil(config.epochs * len(seqs) / config.batch_size))
     result = DrafterTrainResult(out, steps)
     embed = _embedder(target)
+    gen = torch.Generator().manual_seed(config.seed)
     drafter.train()
     order: list[int] = []
     bar = _progress(config, steps)
@@ -392,8 +406,8 @@ def train_drafter(target, tokenizer, chat_format, data: str | Path, out: str | P
             rng.shuffle(more)
             order += more
         picked, order = order[: config.batch_size], order[config.batch_size :]
-        b = _batch([seqs[i] for i in picked], config.draft_steps, config.queries, rng, device)
-        loss, n = drafter_loss(drafter, embed, b, config.draft_steps)
+        b = _batch([seqs[i] for i in picked], config.queries, rng, device)
+        loss, n = drafter_loss(drafter, embed, b, config.draft_steps, config.negatives, gen)
         opt.zero_grad(set_to_none=True)
         (loss / max(n, 1)).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
