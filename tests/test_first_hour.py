@@ -23,7 +23,7 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from serve.serve_helpers import save_checkpoint
+    from serve_helpers import save_checkpoint
 
     return save_checkpoint(tmp_path_factory.mktemp("first-hour") / "tiny")
 

@@ -181,7 +181,8 @@ def test_page_is_public_but_the_api_keeps_its_key(server):
     assert httpx.get(url + "/ui/other.js").status_code == 401  # only the page's own files are public
     assert httpx.get(url + "/", headers={"Host": "evil.example"}).status_code == 403  # DNS rebinding
     models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
-    assert models["data"][0]["capabilities"] == {"image": False, "audio": False, "thinking": True, "tools": True}
+    assert models["data"][0]["capabilities"] == {"image": False, "video": False, "audio": False, "thinking": True,
+                                                      "tools": True}
 
 
 def test_no_ui_serves_no_page(loaded):
