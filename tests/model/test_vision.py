@@ -73,7 +73,9 @@ def test_logits_with_images_match_reference(checkpoints, layout, n_images):
         got = ours(**inputs)
         causal = ours(**{k: v for k, v in inputs.items() if k != "groups"})
     assert (exact - expected).abs().max().item() <= 3e-4
-    assert (got - expected).abs().max().item() <= 5e-3
+    # Measured end to end: e2b 6.1e-5, 12b 5.7e-6, gemma3 6.9e-6; tiny-31b 7.8e-4 (its random text
+    # model alone shows 1.5e-4 of fp32 op-order noise on text, which amplifies the tower's 2e-6).
+    assert (got - expected).abs().max().item() <= (5e-3 if layout == "31b" else 1e-4)
     if ours.config.vision_block_types:
         assert (causal - expected).abs().max().item() > 0.1
     else:  # E2B/E4B: purely causal, groups change nothing
