@@ -36,14 +36,16 @@ VOCAB = 384
 MODEL_NAME = "tiny-gemma4"
 
 
-def tiny_tokenizer() -> tokenizers.Tokenizer:
-    pieces = SPECIAL + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581", "\n"] + [chr(c) for c in range(33, 127)]
+def tiny_tokenizer(extra: list[str] = ()) -> tokenizers.Tokenizer:
+    """`extra`: more special tokens, right after Gemma's (e.g. the image placeholders)."""
+    specials = SPECIAL + list(extra)
+    pieces = specials + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581", "\n"] + [chr(c) for c in range(33, 127)]
     pieces += [f"<unused{i}>" for i in range(VOCAB - len(pieces))]
     tok = tokenizers.Tokenizer(BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[], unk_token="<unk>",
                                    byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL])
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
     return tok
 
 

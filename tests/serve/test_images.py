@@ -10,28 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import tokenizers
 import torch
-from serve_helpers import SPECIAL, VOCAB, make_app, running_server
-from tokenizers import AddedToken, decoders, normalizers
-from tokenizers.models import BPE
+from serve_helpers import SPECIAL, VOCAB, make_app, running_server, tiny_tokenizer
 
 MEDIA = ["<|image>", "<image|>", "<|image|>", "<|video|>", "<|audio|>"]
 IDS = {t: len(SPECIAL) + i for i, t in enumerate(MEDIA)}
 BANNED = list(range(len(SPECIAL) + len(MEDIA)))  # special and media ids: random weights would pick them
 STOPS = [SPECIAL.index("<eos>"), SPECIAL.index("<turn|>")]
-
-
-def _tokenizer() -> tokenizers.Tokenizer:
-    specials = SPECIAL + MEDIA
-    pieces = specials + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581", "\n"] + [chr(c) for c in range(33, 127)]
-    pieces += [f"<unused{i}>" for i in range(VOCAB - len(pieces))]
-    tok = tokenizers.Tokenizer(BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[], unk_token="<unk>",
-                                   byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Replace(" ", "\u2581")
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
-    return tok
 
 
 def _edit(raw):
@@ -48,7 +33,7 @@ def checkpoint(tmp_path_factory):
     ref = hf_multimodal("31b", edit=_edit)
     path = tmp_path_factory.mktemp("vision") / "tiny-31b-vision"
     ref.save_pretrained(path)
-    _tokenizer().save(str(path / "tokenizer.json"))
+    tiny_tokenizer(MEDIA).save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
     return ref, path
 
