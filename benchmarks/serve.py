@@ -34,6 +34,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import servers  # noqa: E402
 from servers import default_model, machine, percentile, start_server  # noqa: E402
 
 PROMPTS = [
@@ -50,29 +51,8 @@ PROMPTS = [
 
 async def stream_chat(client: httpx.AsyncClient, model: str, messages: list[dict], max_tokens: int) -> dict:
     """One greedy streamed chat request: the time of each text chunk, the reply, the usage."""
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    times, text, usage = [], "", {}
-    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices", []):
-                delta = choice.get("delta", {})
-                if delta.get("content") or delta.get("reasoning_content"):
-                    times.append(time.perf_counter())
-                    text += delta.get("content") or ""
-    end = time.perf_counter()
-    return {"ttft": (times[0] - start) if times else end - start, "itl": [b - a for a, b in zip(times, times[1:])],
-            "latency": end - start, "text": text, "tokens": usage.get("completion_tokens", 0),
-            "prompt_tokens": usage.get("prompt_tokens", 0),
-            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)}
+    return await servers.stream_chat(client, {"model": model, "messages": messages, "max_tokens": max_tokens,
+                                              "temperature": 0})
 
 
 async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
@@ -74,3 +75,30 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}"
 
 
+
+
+async def stream_chat(client: httpx.AsyncClient, body: dict) -> dict:
+    """One streamed chat request (`body`: model, messages, options): the time of each text chunk,
+    the reply, the usage. An error event raises."""
+    body = body | {"stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    times, text, usage = [], "", {}
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices", []):
+                delta = choice.get("delta", {})
+                if delta.get("content") or delta.get("reasoning_content"):
+                    times.append(time.perf_counter())
+                    text += delta.get("content") or ""
+    end = time.perf_counter()
+    return {"ttft": (times[0] - start) if times else end - start, "itl": [b - a for a, b in zip(times, times[1:])],
+            "latency": end - start, "text": text, "tokens": usage.get("completion_tokens", 0),
+            "prompt_tokens": usage.get("prompt_tokens", 0),
+            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)}

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from servers import default_model, machine, percentile, start_server  # noqa: E402
+from servers import default_model, machine, percentile, start_server, stream_chat  # noqa: E402
 
 PROMPTS = ["Tell me about rivers.", "Write two lines about the sea.", "Name three colours.",
            "What is a bicycle?", "Say something kind.", "Count from one to five.", "Describe a cat.",
@@ -66,25 +66,8 @@ async def _request(client: httpx.AsyncClient, model: str, kind: str, prompt: str
         end = time.perf_counter()
         return {"text": body["choices"][0]["message"]["content"], "tokens": body["usage"]["completion_tokens"],
                 "ttft": end - start, "latency": end - start}
-    payload = {"model": model, "stream": True, "stream_options": {"include_usage": True},
-               **_chat(prompt, max_tokens, **extra)}
-    text, tokens, ttft = "", 0, None
-    async with client.stream("POST", "/v1/chat/completions", json=payload) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
-            for choice in chunk.get("choices", []):
-                piece = choice.get("delta", {}).get("content")
-                if piece:
-                    ttft = ttft if ttft is not None else time.perf_counter() - start
-                    text += piece
-    end = time.perf_counter()
-    return {"text": text, "tokens": tokens, "ttft": ttft if ttft is not None else end - start, "latency": end - start}
+    r = await stream_chat(client, {"model": model, **_chat(prompt, max_tokens, **extra)})
+    return {"text": r["text"], "tokens": r["tokens"], "ttft": r["ttft"], "latency": r["latency"]}
 
 
 def _greedy_key(kind: str, prompt: str) -> tuple[str, str] | None:
