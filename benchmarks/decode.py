@@ -400,7 +400,7 @@ def _llama_cpp_child(gguf: str, prompt: list[int], new_tokens: int, repeat: int,
 # ------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--variant", help="a named variant (real shapes, random weights), e.g. gemma-4-e2b")
@@ -421,6 +421,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--peers", default="transformers,llama.cpp", help="comma-separated; '' for none")
     ap.add_argument("--gguf", default=None, help="GGUF for llama.cpp (default: the embedded 270M's)")
     ap.add_argument("--json", default=None, help="write the results here")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = parser()
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)

@@ -81,6 +81,7 @@ WHY_NOT_RUN = {
     r"^gemma4 (quantize|eval)\b": "minutes of CPU (tests/quant: tests/quant/test_quant_real_270m.py on real weights)",
     r"^gemma4 generate --adapter run1": "needs the adapter of the finetune line above it",
     r"^(\.venv/bin/)?python benchmarks/": "a benchmark: minutes, other engines, sometimes a GPU",
+    r"^bash benchmarks/gpu\.sh": "needs a CUDA GPU (tests/test_benchmarks.py checks the runs it plans)",
     r"^cat ": "writes a file (calib.txt) for the benchmark after it",
     r"^curl ": "needs a running server: run by tests/serve/test_docs.py",
 }
