@@ -1,4 +1,4 @@
-"""Images and video -> model inputs and expanded prompts, equal to transformers' Gemma 3 / Gemma 4 processors.
+"""Images, video and audio -> model inputs and expanded prompts, equal to transformers' Gemma 3 / Gemma 4 processors.
 
 Modules: `decode` (Pillow; any input -> RGB uint8), `resize` (torchvision's uint8 resize without
 torchvision), `gemma4_image` / `gemma3_image` / `video` (pixels, positions, counts under the reference's
@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .audio import MAX_DECODED_SECONDS, SAMPLING_RATE, load_audio
+from .audio_features import MAX_CLIP_SECONDS, audio_token_count, gemma4_audio_inputs
 from .decode import DEFAULT_MAX_PIXELS, load_image, to_rgb_tensor
 from .errors import MediaError
 from .gemma3_image import GEMMA3_SOFT_TOKENS, gemma3_image_inputs, pan_and_scan_crops
@@ -32,6 +34,8 @@ __all__ = [
     "expand_prompt", "process_prompt", "media_key", "media_parts", "data_url_bytes",
     "DEFAULT_MAX_PIXELS", "DEFAULT_BUDGET", "VIDEO_BUDGET", "SOFT_TOKEN_BUDGETS", "DEFAULT_NUM_FRAMES",
     "GEMMA3_SOFT_TOKENS", "FAMILIES",
+    "load_audio", "gemma4_audio_inputs", "audio_token_count", "SAMPLING_RATE", "MAX_CLIP_SECONDS",
+    "MAX_DECODED_SECONDS",
 ]
 
 
