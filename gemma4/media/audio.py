@@ -11,8 +11,8 @@ their rate as a tuple `(array, rate)` or a dict `{"array": ..., "sampling_rate":
 - limits, each a `MediaError`: nothing decoded, more than `MAX_CHANNELS` channels, NaN or infinite
   samples, float samples far outside [-1, 1], and more than `max_seconds` (2 hours by default) of
   decoded audio, checked from the header before decoding where the header says.
-The 30-second limit of one chat clip is the processor's (`audio_features`), not this module's: long
-recordings are decoded whole here and windowed by `gemma4 transcribe`.
+Long recordings are decoded whole here and windowed by `gemma4 transcribe`; a chat prompt decodes with
+`max_seconds=MAX_CLIP_SECONDS`, so a long part is refused from its header, pointing to `transcribe`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,13 @@ import torch
 
 from .errors import MediaError
 
-__all__ = ["SAMPLING_RATE", "MAX_CHANNELS", "MAX_DECODED_SECONDS", "load_audio", "to_model_rate"]
+__all__ = ["SAMPLING_RATE", "MAX_CHANNELS", "MAX_CLIP_SECONDS", "MAX_DECODED_SECONDS", "load_audio",
+           "to_model_rate"]
 
 SAMPLING_RATE = 16_000
+MAX_CLIP_SECONDS = 30  # what the model hears of one clip (750 tokens)
+CLIP_HINT = (f"the model hears at most {MAX_CLIP_SECONDS} s per clip: send a shorter clip, or use "
+             "`gemma4 transcribe FILE` for long recordings")
 MAX_CHANNELS = 8  # 7.1 surround; more is not a recording anyone speaks into
 MAX_DECODED_SECONDS = 2 * 3600
 _RATES = (1_000, 768_000)  # sample rates outside this range are a broken header or a mistake
@@ -106,7 +110,7 @@ def _decode(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
     except MediaError:
         raise
     except Exception as e:  # libsndfile: unknown format, truncated header, unsupported codec
-        refused = f"{type(e).__name__}: {e}"
+        refused = str(getattr(e, "error_string", None) or e)
     else:
         refused = "MP3 goes to FFmpeg"
     return _decode_av(data, max_seconds, refused)
@@ -140,7 +144,8 @@ def _decode_av(data: bytes, max_seconds: float, refused: str) -> tuple[np.ndarra
     except MediaError:
         raise
     except Exception as e:  # av.error.* (InvalidDataError, DecoderNotFoundError, ...)
-        raise MediaError(f"not a readable audio file (soundfile: {refused}; FFmpeg: {type(e).__name__}: {e})") from None
+        said = getattr(e, "strerror", None) or str(e)
+        raise MediaError(f"not a readable audio file (soundfile: {refused}; FFmpeg: {said})") from None
     if not total:
         raise MediaError("the audio file has no decodable samples")
     return np.concatenate(chunks, axis=1).T, rate
@@ -155,8 +160,8 @@ def _check_header(channels: int, rate: int, frames: int, max_seconds: float) -> 
 
 def _check_length(frames: int, rate: int, max_seconds: float) -> None:
     if frames > max_seconds * rate:
-        raise MediaError(f"the audio is {frames / rate:,.1f} s long, over the limit of {max_seconds:,.0f} s; "
-                         "cut it into parts first")
+        hint = CLIP_HINT if max_seconds <= MAX_CLIP_SECONDS else "cut it into parts first"
+        raise MediaError(f"the audio is {frames / rate:,.1f} s long, over the limit of {max_seconds:,.0f} s; {hint}")
 
 
 def _check_rate(rate: Any) -> int:

@@ -24,12 +24,11 @@ from functools import lru_cache
 
 import torch
 
-from .audio import SAMPLING_RATE
+from .audio import CLIP_HINT, MAX_CLIP_SECONDS, SAMPLING_RATE
 from .errors import MediaError
 
-__all__ = ["gemma4_audio_inputs", "audio_token_count", "MAX_CLIP_SECONDS", "MEL_BINS", "FRAME_SAMPLES"]
+__all__ = ["gemma4_audio_inputs", "audio_token_count", "MEL_BINS", "FRAME_SAMPLES"]
 
-MAX_CLIP_SECONDS = 30
 MEL_BINS = 128
 FRAME_SAMPLES = 640  # 12B: samples per soft token
 _WINDOW, _HOP, _FFT, _PAD_TO = 320, 160, 512, 128
@@ -39,7 +38,7 @@ _MEL_FLOOR, _MAX_HZ = 1e-3, 8000.0
 def gemma4_audio_inputs(clips: Sequence[torch.Tensor], *, unified: bool = False) -> dict:
     """`input_features` float32 (clips, T, 128) [12B: (clips, T, 640)], `input_features_mask` bool
     (clips, T), and `num_soft_tokens_per_audio` (the prompt's audio token count per clip)."""
-    clips = [_check_clip(clip, i) for i, clip in enumerate(clips)]
+    clips = [_check_clip(clip, i, unified) for i, clip in enumerate(clips)]
     if not clips:
         raise MediaError("no audio given")
     if unified:
@@ -56,10 +55,6 @@ def gemma4_audio_inputs(clips: Sequence[torch.Tensor], *, unified: bool = False)
     mask = window_ends[None, :] < torch.tensor([len(c) for c in clips])[:, None]
     features = (features * mask[..., None]).float()
     counts = [int(row[::2][::2].sum()) for row in mask]
-    if min(counts) == 0:
-        shortest = min(len(c) for c in clips)
-        raise MediaError(f"an audio clip is too short ({shortest} samples at 16 kHz); it needs at least "
-                         f"{_WINDOW // 2 + 1} samples (about 10 ms)")
     return {"input_features": features, "input_features_mask": mask, "num_soft_tokens_per_audio": counts}
 
 
@@ -75,15 +70,17 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check_clip(clip, index: int) -> torch.Tensor:
+def _check_clip(clip, index: int, unified: bool) -> torch.Tensor:
     if not isinstance(clip, torch.Tensor) or clip.ndim != 1 or not clip.is_floating_point():
         raise MediaError(f"audio clip {index} must be 1-D float samples at 16 kHz (use gemma4.media.load_audio)")
     if clip.numel() == 0:
         raise MediaError(f"audio clip {index} is empty")
     seconds = clip.numel() / SAMPLING_RATE
     if seconds > MAX_CLIP_SECONDS:
-        raise MediaError(f"audio clip {index} is {seconds:.1f} s long; the model hears at most {MAX_CLIP_SECONDS} s "
-                         "per clip: send a shorter clip, or use `gemma4 transcribe FILE` for long recordings")
+        raise MediaError(f"audio clip {index} is {seconds:.1f} s long; {CLIP_HINT}")
+    if not audio_token_count(clip.numel(), unified=unified):
+        raise MediaError(f"audio clip {index} is too short ({clip.numel()} samples at 16 kHz); it needs at least "
+                         f"{_WINDOW // 2 + 1} samples (about 10 ms)")
     return clip.detach().to("cpu", torch.float64)
 
 
