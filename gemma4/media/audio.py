@@ -18,6 +18,7 @@ Long recordings are decoded whole here and windowed by `gemma4 transcribe`; a ch
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +40,7 @@ MAX_CHANNELS = 8  # 7.1 surround; more is not a recording anyone speaks into
 MAX_DECODED_SECONDS = 2 * 3600
 _RATES = (1_000, 768_000)  # sample rates outside this range are a broken header or a mistake
 _FLOAT_PEAK = 2.0  # float samples beyond this are integer PCM stored as float, not overshoot
+_BLOCK = 1 << 20  # frames decoded at a time
 _INT_SCALE = {np.dtype(np.int8): 128.0, np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2.0**31}
 
 
@@ -60,11 +62,7 @@ def load_audio(source: Any, *, max_seconds: float = MAX_DECODED_SECONDS) -> torc
 def to_model_rate(samples: np.ndarray, rate: Any, max_seconds: float = MAX_DECODED_SECONDS) -> torch.Tensor:
     """(frames, channels) or (frames,) samples at `rate` -> checked mono float32 at 16 kHz."""
     rate = _check_rate(rate)
-    samples = _to_float(samples)
-    if samples.ndim == 2:
-        if samples.shape[1] > MAX_CHANNELS:
-            raise MediaError(f"the audio has {samples.shape[1]} channels; at most {MAX_CHANNELS} are supported")
-        samples = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    samples = _mono(_to_float(samples))
     if samples.size == 0:
         raise MediaError("the audio is empty (0 samples)")
     _check_length(samples.shape[0], rate, max_seconds)
@@ -78,6 +76,15 @@ def to_model_rate(samples: np.ndarray, rate: Any, max_seconds: float = MAX_DECOD
     if rate != SAMPLING_RATE:
         samples = _soxr().resample(samples, rate, SAMPLING_RATE, quality="HQ").astype(np.float32, copy=False)
     return torch.from_numpy(np.clip(samples, -1.0, 1.0))
+
+
+def _mono(samples: np.ndarray) -> np.ndarray:
+    """(frames, channels) -> (frames,): the mean of the channels."""
+    if samples.ndim == 1:
+        return samples
+    if samples.shape[1] > MAX_CHANNELS:
+        raise MediaError(f"the audio has {samples.shape[1]} channels; at most {MAX_CHANNELS} are supported")
+    return samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
 
 
 def _read(source: Any) -> bytes:
@@ -97,16 +104,17 @@ def _read(source: Any) -> bytes:
 
 
 def _decode(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
-    """(frames, channels) float32 samples and their rate: soundfile first, PyAV for MP3 and the rest."""
+    """Mono float32 samples and their rate: soundfile first, PyAV for MP3 and the rest. Channels are
+    averaged block by block, so an hour of 48 kHz stereo never sits in memory as stereo."""
     sf = _soundfile()
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             if f.format != "MP3":
                 _check_header(f.channels, f.samplerate, f.frames, max_seconds)
-                samples = f.read(dtype="float32", always_2d=True)
-                if samples.shape[0] == 0:
+                blocks = [_mono(b) for b in f.blocks(_BLOCK, dtype="float32", always_2d=True)]
+                if not blocks or not sum(len(b) for b in blocks):
                     raise MediaError("the audio file has no samples")
-                return samples, f.samplerate
+                return np.concatenate(blocks), f.samplerate
     except MediaError:
         raise
     except Exception as e:  # libsndfile: unknown format, truncated header, unsupported codec
@@ -135,11 +143,10 @@ def _decode_av(data: bytes, max_seconds: float, refused: str) -> tuple[np.ndarra
             seconds = float(container.duration) / av.time_base if container.duration else 0.0
             _check_header(channels, rate, int(seconds * rate) if rate else 0, max_seconds)
             resampler = av.AudioResampler(format="fltp")  # keeps channels and rate; planar float32
-            for frame in container.decode(stream):
+            for frame in itertools.chain(container.decode(stream), [None]):  # None flushes the resampler
                 for out in resampler.resample(frame):
-                    chunk = out.to_ndarray()
-                    chunks.append(chunk)
-                    total += chunk.shape[1]
+                    chunks.append(_mono(out.to_ndarray().T))
+                    total += len(chunks[-1])
                     _check_length(total, rate, max_seconds)
     except MediaError:
         raise
@@ -148,7 +155,7 @@ def _decode_av(data: bytes, max_seconds: float, refused: str) -> tuple[np.ndarra
         raise MediaError(f"not a readable audio file (soundfile: {refused}; FFmpeg: {said})") from None
     if not total:
         raise MediaError("the audio file has no decodable samples")
-    return np.concatenate(chunks, axis=1).T, rate
+    return np.concatenate(chunks), rate
 
 
 def _check_header(channels: int, rate: int, frames: int, max_seconds: float) -> None:
