@@ -62,10 +62,10 @@ def load_audio(source: Any, *, max_seconds: float = MAX_DECODED_SECONDS) -> torc
 def to_model_rate(samples: np.ndarray, rate: Any, max_seconds: float = MAX_DECODED_SECONDS) -> torch.Tensor:
     """(frames, channels) or (frames,) samples at `rate` -> checked mono float32 at 16 kHz."""
     rate = _check_rate(rate)
+    _check_length(len(samples), rate, max_seconds)  # before any copy
     samples = _mono(_to_float(samples))
     if samples.size == 0:
         raise MediaError("the audio is empty (0 samples)")
-    _check_length(samples.shape[0], rate, max_seconds)
     if not np.isfinite(samples).all():
         raise MediaError("the audio has NaN or infinite samples")
     peak = float(np.abs(samples).max())
