@@ -221,7 +221,7 @@ def media_prompt(model, tokenizer, prompt: str, messages: list[dict], image_toke
     video; else its ids with each placeholder expanded (`gemma4.media`) and the engine's inputs."""
     from .media import DEFAULT_BUDGET, MediaError, media_parts, process_prompt
 
-    images, videos = media_parts(messages)
+    images, videos, _audios = media_parts(messages)
     if not images and not videos:
         return prompt, ()
     vision = getattr(model, "vision_config", None)

@@ -58,7 +58,7 @@ def prepare(text: str, messages: list[dict], served: ServedModel, config: ServeC
                           "--text-only): send text only", param="messages")
     policy = config.media
     try:
-        images, videos = media_parts(messages)
+        images, videos, _audios = media_parts(messages)
         if len(images) + len(videos) > policy.max_items:
             raise bad_request(f"{len(images) + len(videos)} images and videos in one request; at most "
                               f"{policy.max_items} (--max-media-items)", param="messages")

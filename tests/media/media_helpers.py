@@ -210,3 +210,16 @@ def write_clip(path: Path, frames: int = 40, fps: int = 10, size=(64, 48), codec
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+# -- audio ----------------------------------------------------------------------------------------
+SPEECH = Path(__file__).parent.parent / "data" / "audio" / "speech_16k.wav"
+
+
+def speech_clip() -> torch.Tensor:
+    """The shipped espeak-ng sentence: 5.8 s of 16 kHz mono float32 in [-1, 1]."""
+    import soundfile
+
+    samples, rate = soundfile.read(SPEECH, dtype="float32")
+    assert rate == 16_000 and samples.ndim == 1
+    return torch.from_numpy(samples)

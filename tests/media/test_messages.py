@@ -41,15 +41,15 @@ def conversation():
 
 
 def test_media_parts_in_order():
-    images, videos = media_parts(conversation())
-    assert images == [IMAGES["rgb_47x300"], IMAGES["rgba_64x50"], IMAGES["rgb_3000x17"]] and videos == []
+    images, videos, audios = media_parts(conversation())
+    assert images == [IMAGES["rgb_47x300"], IMAGES["rgba_64x50"], IMAGES["rgb_3000x17"]] and videos == audios == []
 
 
 def test_gemma4_render_expand_equals_reference():
     backend = tiny_backend()
     messages = conversation()
     text = ChatFormat("gemma4").render(messages)
-    images, _ = media_parts(messages)
+    images, *_ = media_parts(messages)
     ours = process_prompt(text, family="gemma4", images=images, tokenizer=our_tokenizer(backend))
     ref = reference_gemma4_processor(backend)(text=[text], images=[[Image.open(io.BytesIO(i)) for i in images]],
                                               add_special_tokens=False, return_tensors="pt")
@@ -61,7 +61,7 @@ def test_gemma3_render_expand_equals_reference():
     backend = tiny_backend()
     messages = conversation()[1:]
     text = ChatFormat("gemma3").render(messages)
-    images, _ = media_parts(messages)
+    images, *_ = media_parts(messages)
     ours = process_prompt(text, family="gemma3", images=images, tokenizer=our_tokenizer(backend))
     ref = reference_gemma3_processor(backend)(text=[text], images=[[Image.open(io.BytesIO(i)) for i in images]],
                                               add_special_tokens=False, return_tensors="pt")

@@ -79,7 +79,7 @@ def _reference(checkpoint, loaded, messages, n=6):
     ref, _ = checkpoint
     _, tokenizer, fmt = loaded
     text = fmt.render(messages, add_generation_prompt=True)
-    images, _ = media_parts(messages)
+    images, *_ = media_parts(messages)
     mm = process_prompt(text, family="gemma4", images=images, tokenizer=tokenizer, max_soft_tokens=70)
     ids = torch.tensor([mm.input_ids])
     with torch.no_grad():
@@ -219,7 +219,7 @@ def test_a_video_request_gives_the_reference_greedy_tokens(server, checkpoint):
     ref, _ = checkpoint
     _, tokenizer, fmt = loaded
     text = fmt.render(messages, add_generation_prompt=True)
-    _, videos = media_parts(messages)
+    _, videos, _ = media_parts(messages)
     mm = process_prompt(text, family="gemma4", videos=videos, tokenizer=tokenizer)
     v = mm.video_inputs
     ids = torch.tensor([mm.input_ids])
