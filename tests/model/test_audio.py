@@ -203,3 +203,45 @@ def test_a_model_without_audio_says_which_do(tmp_path):
     assert model.audio_config is None
     with pytest.raises(ValueError, match="this model takes no audio: E2B, E4B and the 12B do"):
         model.embed_audio(torch.zeros(1, 10, 128))
+
+
+def test_other_attention_geometry_matches_reference(tmp_path):
+    """Chunks of 5 with 5 past and 2 future frames of context (released: 12, 12, 0) and a kernel-3
+    light conv: the block context, the relative-position table and the window follow the config
+    as the reference's do."""
+    geometry = dict(attention_chunk_size=5, attention_context_left=6, attention_context_right=2, conv_kernel_size=3)
+    ref = hf_multimodal("e2b", edit=lambda raw: raw["audio_config"].update(geometry))
+    ref.save_pretrained(tmp_path)
+    ours = load_model(tmp_path, dtype=torch.float32)
+    x, mask = clips("e2b", [157, 61, 9])
+    with torch.no_grad():
+        expected = reference_soft(ref, x, mask)
+        got = ours.embed_audio(x, mask)
+        released = ours.audio_tower.layers[0].self_attn
+        released.past, released.future = 12, 0  # the released window on this model: no longer the reference
+        other = ours.embed_audio(x, mask)
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert (other - expected).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bfloat16_error_no_worse_than_reference(checkpoints, tmp_path, layout):
+    """The accelerator dtype: fp32 features into bf16 weights run without dtype errors, and against
+    the fp32 soft tokens ours in bf16 are at most 1.5x as far off as the reference's own bf16 ones
+    plus one bf16 step (as the image towers' test)."""
+    import copy
+
+    ref, _ = checkpoints[layout]
+    ref.save_pretrained(tmp_path)
+    half = load_model(tmp_path, dtype=torch.bfloat16)
+    ref16 = copy.deepcopy(ref).to(torch.bfloat16)
+    x, mask = clips(layout, LENGTHS[layout][:2])
+    with torch.no_grad():
+        exact = reference_soft(ref, x, mask)
+        ref_err = (reference_soft(ref16, x.bfloat16(), mask).float() - exact).abs().max().item()
+        soft16 = half.embed_audio(x, mask)
+        logits = half(**half.media_inputs(audio_prompt([processor_count(layout, mask, i) for i in range(2)]),
+                                          [soft16]))
+    assert soft16.dtype == torch.bfloat16 and logits.isfinite().all()
+    our_err = (soft16.float() - exact).abs().max().item()
+    assert our_err <= 1.5 * ref_err + exact.abs().max().item() * 2**-8, (our_err, ref_err)
