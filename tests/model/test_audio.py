@@ -88,6 +88,29 @@ def test_soft_tokens_match_reference(checkpoints, layout):
     torch.testing.assert_close(torch.cat(alone), got, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reference_processor_outputs_plug_in(checkpoints, layout):
+    """The reference feature extractor's own outputs (two waveforms of odd lengths, padded together)
+    go straight in: the processor's counts, the reference's soft tokens."""
+    import numpy as np
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4_unified.feature_extraction_gemma4_unified import (
+        Gemma4UnifiedAudioFeatureExtractor,
+    )
+
+    ref, ours = checkpoints[layout]
+    rng = np.random.default_rng(3)
+    waves = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in (5923, 17011)]
+    extractor = Gemma4AudioFeatureExtractor() if layout == "e2b" else Gemma4UnifiedAudioFeatureExtractor()
+    inputs = extractor(waves, sampling_rate=16000, return_tensors="pt")
+    x, mask = inputs["input_features"], inputs["input_features_mask"]
+    with torch.no_grad():
+        expected = reference_soft(ref, x, mask)
+        got = [ours.embed_audio(x[i], mask[i]) for i in range(2)]
+    assert [g.shape[0] for g in got] == [processor_count(layout, mask, i) for i in range(2)]
+    assert (torch.cat(got) - expected).abs().max().item() <= 1e-4
+
+
 def test_the_mask_matters(checkpoints):
     """Ignoring the mask lets the padding noise into a clip's last token (the subsampling conv reads
     one frame ahead); a hole in the mask zeroes that frame. Both break parity."""
