@@ -129,7 +129,8 @@ class AudioAttention(nn.Module):
         self.post = ClippedLinear(D, D, clip)
         self.relative_k_proj = nn.Linear(D, D, bias=False)
         self.per_dim_scale = nn.Parameter(torch.zeros(self.head_dim))
-        self.chunk, self.past, self.future = c.attention_chunk_size, c.attention_context_left - 1, c.attention_context_right
+        self.chunk, self.future = c.attention_chunk_size, c.attention_context_right
+        self.past = c.attention_context_left - 1
         self.cap, self.invalid = c.attention_logit_cap, c.attention_invalid_logits_value
 
     def _windows(self, x: torch.Tensor, blocks: int) -> torch.Tensor:
