@@ -715,7 +715,9 @@ class AudioConfig:
         if not isinstance(audio, dict):
             raise ConfigError(f"audio_config is {audio!r:.200}; it must be an object")
         g = audio.get
-        eoa = raw.get("eoa_token_id", raw.get("eoa_token_index", 258_883))
+        # transformers' field is eoa_token_index (default 258883); some files also say eoa_token_id.
+        eoa = next((raw[k] for k in ("eoa_token_id", "eoa_token_index") if raw.get(k) is not None),
+                   None if "eoa_token_index" in raw else 258_883)
         common = dict(text_hidden_size=text.hidden_size, audio_token_id=raw.get("audio_token_id", 258_881),
                       boa_token_id=raw.get("boa_token_id", 256_000), eoa_token_id=eoa,
                       rms_norm_eps=g("rms_norm_eps", 1e-6))
