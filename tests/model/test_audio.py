@@ -111,6 +111,22 @@ def test_reference_processor_outputs_plug_in(checkpoints, layout):
     assert (torch.cat(got) - expected).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_our_processor_outputs_plug_in(checkpoints, layout):
+    """gemma4.media's inputs go straight in, each clip from its own padded row, with exactly the
+    soft-token count its prompt expansion wrote."""
+    from gemma4.media import gemma4_audio_inputs
+
+    _, ours = checkpoints[layout]
+    g = torch.Generator().manual_seed(4)
+    waves = [torch.randn(n, generator=g) * 0.1 for n in (161, 5923, 17011)]  # 161: the shortest clip
+    inputs = gemma4_audio_inputs(waves, unified=layout == "12b")
+    with torch.no_grad():
+        counts = [ours.embed_audio(inputs["input_features"][i], inputs["input_features_mask"][i]).shape[0]
+                  for i in range(len(waves))]
+    assert counts == [int(n) for n in inputs["num_soft_tokens_per_audio"]]
+
+
 def test_the_mask_matters(checkpoints):
     """Ignoring the mask lets the padding noise into a clip's last token (the subsampling conv reads
     one frame ahead); a hole in the mask zeroes that frame. Both break parity."""
