@@ -630,6 +630,110 @@ def _activation(vision: dict[str, Any], key: str) -> dict[str, Any]:
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise ConfigError(f"vision_config.{key} is {act!r:.40}; only gelu_pytorch_tanh is supported")
     return {}
+
+
+# ------------------------------------------------------------------------------------------------
+# Audio (spec 6.2, 6.4). Field names follow config.json's `audio_config`.
+AUDIO_KINDS = ("conformer", "unified")  # E2B/E4B's USM-style encoder; the 12B's raw 40 ms frames
+_AUDIO_INTS: dict[str, tuple[int, int]] = {
+    "hidden_size": (1, 1 << 16), "num_hidden_layers": (0, 256), "num_attention_heads": (1, 1 << 10),
+    "conv_kernel_size": (1, 256), "attention_chunk_size": (1, 1 << 12), "attention_context_left": (1, 1 << 12),
+    "attention_context_right": (0, 1 << 12), "output_proj_dims": (1, 1 << 16), "text_hidden_size": (1, 1 << 20),
+    "audio_token_id": _TOKEN_ID,
+}
+
+
+@dataclass
+class AudioConfig:
+    """The audio side of a multimodal checkpoint (`audio_config`; None when absent: 26B, 31B, Gemma 3).
+
+    kind "conformer" (E2B/E4B): `audio_tower` (SSCP subsampling, conformer layers, output_proj) then
+    `embed_audio`; the tower reads log-mel frames of 4 * (subsampling_conv_channels[0] // 4) = 128
+    bins. "unified" (12B): no tower; `embed_audio` maps each raw frame of `output_proj_dims` (= the
+    checkpoint's audio_embed_dim, 640 samples: 40 ms at 16 kHz) to one soft token.
+    boa/eoa: the ids around an audio clip's placeholders (for the processor; the model needs none).
+    """
+
+    kind: str
+    text_hidden_size: int
+    audio_token_id: int
+    boa_token_id: int | None = None
+    eoa_token_id: int | None = None
+    hidden_size: int = 1024
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    subsampling_conv_channels: tuple[int, int] = (128, 32)
+    conv_kernel_size: int = 5
+    residual_weight: float = 0.5
+    attention_chunk_size: int = 12
+    attention_context_left: int = 13
+    attention_context_right: int = 0
+    attention_logit_cap: float = 50.0
+    attention_invalid_logits_value: float = -1e9
+    use_clipped_linears: bool = True
+    gradient_clipping: float = 1e10
+    output_proj_dims: int = 1536
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.kind not in AUDIO_KINDS:
+            raise ConfigError(f"unknown audio kind {self.kind!r:.40}; expected one of {AUDIO_KINDS}")
+        for name, (lo, hi) in _AUDIO_INTS.items():
+            _check_int(f"audio_config.{name}", getattr(self, name), lo, hi)
+        for name in ("boa_token_id", "eoa_token_id"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), *_TOKEN_ID)
+        if not isinstance(self.use_clipped_linears, bool):
+            raise ConfigError(f"audio_config.use_clipped_linears is {self.use_clipped_linears!r:.40}; "
+                              "it must be true or false")
+        for name in ("residual_weight", "attention_logit_cap", "gradient_clipping", "rms_norm_eps"):
+            _number(getattr(self, name), f"audio_config.{name}")
+        _number(self.attention_invalid_logits_value, "audio_config.attention_invalid_logits_value", -math.inf)
+        channels = self.subsampling_conv_channels
+        if not (isinstance(channels, (list, tuple)) and len(channels) == 2):
+            raise ConfigError(f"audio_config.subsampling_conv_channels is {channels!r:.60}; it must be two integers")
+        for c in channels:
+            _check_int("audio_config.subsampling_conv_channels[i]", c, 4, 1 << 12)
+        self.subsampling_conv_channels = tuple(channels)
+        if self.kind == "conformer" and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"audio_config.hidden_size={self.hidden_size} is not a multiple of "
+                              f"num_attention_heads={self.num_attention_heads}")
+
+    @property
+    def mel_bins(self) -> int:
+        """Log-mel bins per input frame that the subsampling's projection fits (128 when released)."""
+        return 4 * (self.subsampling_conv_channels[0] // 4)
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any], text: TextConfig) -> AudioConfig | None:
+        """The audio config of a multimodal config.json; None without one (an empty object means the
+        reference's defaults, as transformers reads it)."""
+        model_type = raw.get("model_type")
+        audio = raw.get("audio_config")
+        if model_type not in ("gemma4", "gemma4_unified") or audio is None:
+            return None
+        if not isinstance(audio, dict):
+            raise ConfigError(f"audio_config is {audio!r:.200}; it must be an object")
+        g = audio.get
+        # transformers' field is eoa_token_index (default 258883); some files also say eoa_token_id.
+        eoa = next((raw[k] for k in ("eoa_token_id", "eoa_token_index") if raw.get(k) is not None),
+                   None if "eoa_token_index" in raw else 258_883)
+        common = dict(text_hidden_size=text.hidden_size, audio_token_id=raw.get("audio_token_id", 258_881),
+                      boa_token_id=raw.get("boa_token_id", 256_000), eoa_token_id=eoa,
+                      rms_norm_eps=g("rms_norm_eps", 1e-6))
+        if model_type == "gemma4_unified":
+            width = g("audio_embed_dim", 640)
+            return cls(kind="unified", **common, hidden_size=width, output_proj_dims=width, num_hidden_layers=0)
+        act = g("hidden_act") or "silu"
+        if act not in ("silu", "swish"):
+            raise ConfigError(f"audio_config.hidden_act is {act!r:.40}; only silu is supported")
+        names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "subsampling_conv_channels",
+                 "conv_kernel_size", "residual_weight", "attention_chunk_size", "attention_context_left",
+                 "attention_context_right", "attention_logit_cap", "attention_invalid_logits_value",
+                 "use_clipped_linears", "gradient_clipping", "output_proj_dims")
+        return cls(kind="conformer", **common, **{n: audio[n] for n in names if audio.get(n) is not None})
+
+
 # The MTP drafter (spec 5): a small Gemma 4 stack whose every layer reads the target's stored K/V.
 
 DRAFTER_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")

@@ -131,10 +131,12 @@ def variant(name: str) -> TextConfig:
 # ---- Multimodal: a text variant plus its image side, as a whole config.json -----------------------
 # Real vision geometry from the spec (6.1, 6.4; Gemma 3's SigLIP so400m); the tiny ones switch on the
 # same features (clipped linears, GQA in the tower, standardize, the 12B embedder, SigLIP pooling) and
-# move the placeholder ids into the tiny vocabulary (127 image, 126 video, 125 BOI, 124 EOI).
+# move the placeholder ids into the tiny vocabulary (127 image, 126 video, 125 BOI, 124 EOI, 123 audio,
+# 122 BOA, 121 EOA).
 _G4_IDS = dict(image_token_id=258_880, video_token_id=258_884, audio_token_id=258_881, boi_token_id=255_999,
-               eoi_token_id=258_882)
-_TINY_IDS = dict(image_token_id=127, video_token_id=126, audio_token_id=123, boi_token_id=125, eoi_token_id=124)
+               eoi_token_id=258_882, boa_token_id=256_000, eoa_token_index=258_883)
+_TINY_IDS = dict(image_token_id=127, video_token_id=126, audio_token_id=123, boi_token_id=125, eoi_token_id=124,
+                 boa_token_id=122, eoa_token_index=121)
 _G3_IDS = dict(image_token_index=262_144, boi_token_index=255_999, eoi_token_index=256_000, mm_tokens_per_image=256)
 _AXIAL = {"rope_type": "axial", "rope_theta": 100.0}
 _G4_SMALL = dict(model_type="gemma4_vision", hidden_size=768, intermediate_size=3072, num_hidden_layers=16,
@@ -173,9 +175,23 @@ MULTIMODAL: dict[str, tuple[str, str, dict[str, Any], dict[str, Any], dict[str, 
 }
 
 
+# Audio (spec 6.2, 6.4): E2B/E4B's conformer (transformers' defaults are the released geometry), the 12B's
+# raw 640-sample frames; 26B/31B and Gemma 3 take no audio. The tiny conformer keeps the released
+# attention geometry (chunks of 12, 12 frames of context) and the 128 mel bins of the real processor
+# (subsampling_conv_channels[0] = 128), and shrinks everything else.
+_CONFORMER = dict(model_type="gemma4_audio")
+_TINY_CONFORMER = dict(model_type="gemma4_audio", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       subsampling_conv_channels=[128, 8], output_proj_dims=48)
+_FRAMES = dict(model_type="gemma4_unified_audio", audio_embed_dim=640)
+AUDIO: dict[str, dict[str, Any]] = {
+    "gemma-4-e2b": _CONFORMER, "gemma-4-e4b": _CONFORMER, "gemma-4-12b": _FRAMES,
+    "tiny-e2b": _TINY_CONFORMER, "tiny-12b": _FRAMES,
+}
+
+
 def multimodal_hf_config(name: str) -> dict[str, Any]:
-    """The whole config.json dict of a named multimodal variant: text_config, vision_config and the
-    placeholder ids (audio towers are left out: audio_config null)."""
+    """The whole config.json dict of a named multimodal variant: text_config, vision_config,
+    audio_config (null where the released model takes no audio) and the placeholder ids."""
     try:
         text_name, model_type, vision, ids, text_overrides = MULTIMODAL[name]
     except KeyError:
@@ -184,7 +200,7 @@ def multimodal_hf_config(name: str) -> dict[str, Any]:
     out = {"model_type": model_type, "text_config": text, "vision_config": dict(vision), **ids,
            "tie_word_embeddings": True}
     if model_type != "gemma3":
-        out["audio_config"] = None
+        out["audio_config"] = dict(AUDIO[name]) if name in AUDIO else None
     return out
 
 

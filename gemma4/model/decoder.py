@@ -18,8 +18,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..config import LayerSpec, TextConfig, VisionConfig, check_context
+from ..config import AudioConfig, LayerSpec, TextConfig, VisionConfig, check_context
 from .attention import KV, Attention, LayerCache
+from .audio import AudioTower
 from .layers import MLP, Experts, RMSNorm, Router, gelu, rope_cos_sin, rope_inv_freq
 from .merge import BLOCKS, block_bounds, merge, vision_groups
 from .siglip import Projector, SiglipTower
@@ -224,17 +225,19 @@ class Gemma(nn.Module):
     """Gemma causal LM: `model` (the decoder) plus the tied LM head and final soft-cap; with a
     `vision` config also the image side under the checkpoint's names (gemma4.model.vision):
     `vision_tower` + `embed_vision` (Gemma 4), `vision_embedder` + `embed_vision` (12B),
-    `vision_tower` + `multi_modal_projector` (Gemma 3).
+    `vision_tower` + `multi_modal_projector` (Gemma 3); with an `audio` config the audio side
+    (gemma4.model.audio): `audio_tower` + `embed_audio` (E2B/E4B), `embed_audio` alone (12B).
 
-    Images, as the engine drives them: `embed_media` turns one image's (or video frame's)
-    processor outputs into soft tokens; `media_inputs` (or the engine itself) places them over the
-    prompt's placeholders; `decode(..., inputs_embeds=, groups=)` runs the prefill.
+    Media, as the engine drives them: `embed_media` (an image or video frame) and `embed_audio`
+    (a clip) turn processor outputs into soft tokens; `media_inputs` (or the engine itself) places
+    them over the prompt's placeholders; `decode(..., inputs_embeds=, groups=)` runs the prefill.
     """
 
-    def __init__(self, config: TextConfig, vision: VisionConfig | None = None):
+    def __init__(self, config: TextConfig, vision: VisionConfig | None = None, audio: AudioConfig | None = None):
         super().__init__()
         self.config = config
         self.vision_config = vision
+        self.audio_config = audio
         self.model = TextModel(config)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, False)
         if vision is not None:
@@ -250,6 +253,13 @@ class Gemma(nn.Module):
                 else:
                     self.vision_embedder = UnifiedEmbedder(vision)
                 self.embed_vision = MultimodalEmbedder(vision.hidden_size, config.hidden_size, vision.rms_norm_eps)
+        if audio is not None:
+            if audio.text_hidden_size != config.hidden_size:
+                raise ValueError(f"audio config projects to width {audio.text_hidden_size}, the text model is "
+                                 f"{config.hidden_size} wide")
+            if audio.kind == "conformer":
+                self.audio_tower = AudioTower(audio)
+            self.embed_audio = MultimodalEmbedder(audio.output_proj_dims, config.hidden_size, audio.rms_norm_eps)
 
     # -- images ---------------------------------------------------------------------------------------
     def embed_media(self, pixel_values: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -283,14 +293,65 @@ class Gemma(nn.Module):
         soft = self.vision_tower(x, pos) if v.kind == "gemma4" else self.vision_embedder(x, pos)
         return self.embed_vision(soft)
 
+    # -- audio ----------------------------------------------------------------------------------------
+    def embed_audio(self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """Soft tokens [n, D_text] of ONE clip (or of N clips, concatenated in order).
+
+        Takes the reference processor's outputs: E2B/E4B `input_features` [N, T, 128] float log-mel
+        frames and `input_features_mask` [N, T] bool (True = real audio); the 12B `input_features`
+        [N, T, 640] float raw 40 ms frames and `input_features_mask` [N, T] bool. N may be left out;
+        a missing mask means every frame is real. n = the clip's placeholder count exactly as the
+        reference processor counts it (`replace_audio_token`): the mask's True entries after
+        `[::2]` twice (E2B/E4B), the mask's True entries (12B).
+        """
+        a = self.audio_config
+        if a is None:
+            raise ValueError("this model takes no audio: E2B, E4B and the 12B do (or it was loaded with "
+                             "text_only=True); send text or images only, or load one of those without text_only")
+        x = input_features[None] if input_features.dim() == 2 else input_features
+        width = a.mel_bins if a.kind == "conformer" else a.output_proj_dims
+        what = f"{width} log-mel bins" if a.kind == "conformer" else f"{width} raw samples"
+        if x.dim() != 3 or x.shape[-1] != width or x.shape[1] == 0 or not x.is_floating_point():
+            raise ValueError(f"input_features of shape {tuple(input_features.shape)} ({input_features.dtype}): this "
+                             f"model takes float [N, frames, {width}] ({what} per frame) from its processor")
+        if input_features_mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        else:
+            mask = input_features_mask[None] if input_features_mask.dim() == 1 else input_features_mask
+            if tuple(mask.shape) != tuple(x.shape[:2]) or mask.is_floating_point() or mask.is_complex():
+                raise ValueError(f"input_features_mask of shape {tuple(input_features_mask.shape)} "
+                                 f"({input_features_mask.dtype}) for input_features {tuple(input_features.shape)}: "
+                                 f"it must be bool [N, frames] = {list(x.shape[:2])}, True at real audio")
+            mask = mask.to(x.device) != 0
+        if a.kind == "unified":
+            return self.audio_embedder(x)[mask]
+        hidden, valid = self.audio_tower(x, mask)
+        return self.audio_embedder(hidden)[valid]
+
+    @property
+    def audio_embedder(self) -> MultimodalEmbedder:
+        """The checkpoint's `embed_audio` module (norm + projection); the name `embed_audio` itself is
+        the method above (the contract), so the module is reached through `_modules`."""
+        return self._modules["embed_audio"]
+
+    def get_submodule(self, target: str) -> nn.Module:
+        """As nn.Module's, except that `embed_audio` resolves to the module, not the method."""
+        head, _, rest = target.partition(".")
+        if head == "embed_audio" and head in self._modules:
+            return self._modules[head].get_submodule(rest) if rest else self._modules[head]
+        return super().get_submodule(target)
+
     def media_inputs(self, input_ids: torch.Tensor, soft_tokens: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Keyword arguments of `decode` for a prompt with images: input_ids (placeholders -> the pad
-        id), inputs_embeds (soft tokens over the placeholders, in order) and groups (each run of
-        placeholders one block). soft_tokens: `embed_media` outputs in prompt order (batch rows in
-        order). Raises ValueError when the counts differ."""
-        v = self.vision_config
+        """Keyword arguments of `decode` for a prompt with images, video or audio: input_ids
+        (placeholders -> the pad id), inputs_embeds (soft tokens over the placeholders, in order) and
+        groups (each run of image/video placeholders one block; audio stays causal). soft_tokens:
+        `embed_media` / `embed_audio` outputs in prompt order (batch rows in order). Raises
+        ValueError when the counts differ."""
+        v, a = self.vision_config, self.audio_config
         placeholders = v.placeholder_ids if v is not None else ()
-        ids, embeds = merge(self.model.embed, input_ids, soft_tokens, placeholders, self.config.pad_token_id)
+        audio = (a.audio_token_id,) if a is not None else ()
+        ids, embeds = merge(self.model.embed, input_ids, soft_tokens, placeholders + audio, self.config.pad_token_id)
         out = {"input_ids": ids, "inputs_embeds": embeds}
         groups = vision_groups(input_ids, placeholders) if placeholders else None
         if groups is not None:

@@ -33,16 +33,17 @@ def merge(embed, input_ids: torch.Tensor, soft: Sequence[torch.Tensor], placehol
           pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids with placeholders -> pad_id, input embeddings with the soft tokens in place).
 
-    embed: ids -> scaled token embeddings (`TextModel.embed`); soft: each image's soft tokens
-    [n_i, D] in prompt order (rows of all batch rows, row-major). Their total must equal the
+    embed: ids -> scaled token embeddings (`TextModel.embed`); soft: each input's soft tokens
+    (an image, video frame or audio clip) [n_i, D] in prompt order (rows of all batch rows, row-major). Their total must equal the
     number of placeholders.
     """
     mask = placeholder_mask(input_ids, placeholders)
     n = sum(int(s.shape[0]) for s in soft)
     count = int(mask.sum())
     if count != n:
-        raise ValueError(f"the prompt holds {count} image/video placeholder tokens but {len(soft)} images gave {n} "
-                         "soft tokens: expand each image's placeholders with the processor of this model")
+        raise ValueError(f"the prompt holds {count} image/video/audio placeholder tokens but {len(soft)} media "
+                         f"inputs gave {n} soft tokens: expand each input's placeholders with the processor of "
+                         "this model")
     ids = input_ids.masked_fill(mask, pad_id)
     embeds = embed(ids)
     if n:

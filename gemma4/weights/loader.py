@@ -2,11 +2,10 @@
 
 The model is built on the meta device (no memory), then every parameter is assigned a tensor
 from the checkpoint (memory-mapped, converted only when the dtype or device differs). Loading is
-strict: a missing, unexpected or mis-shaped tensor is an error naming it, vision towers included.
-The only exceptions are explicit: audio towers (not supported yet, skipped with a notice), the
-vision side when loading `text_only` (skipped on purpose, one log line), the tied LM head, the
-unused K/V weights that released checkpoints ship for KV-shared layers, and a SigLIP pooling
-head that Gemma 3 does not use.
+strict: a missing, unexpected or mis-shaped tensor is an error naming it, vision and audio towers
+included. The only exceptions are explicit: the vision and audio sides when loading `text_only`
+(skipped on purpose, one log line), the tied LM head, the unused K/V weights that released
+checkpoints ship for KV-shared layers, and a SigLIP pooling head that Gemma 3 does not use.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ConfigError, TextConfig, VisionConfig
+from ..config import AudioConfig, ConfigError, TextConfig, VisionConfig
 from ..model import Gemma
 from .errors import CheckpointError
 from .hub import resolve
@@ -43,8 +42,8 @@ VISION_PREFIXES = (
                                                                    "pos_embedding", "pos_norm")),
     ("model.embed_vision.", "embed_vision."),
 )
-# Audio towers: not supported yet (another issue); skipped with a notice.
-AUDIO_PREFIXES = ("model.audio_tower.", "model.embed_audio.")
+# Audio (E2B/E4B: tower and embedder; the 12B: the embedder alone): the released names are the modules'.
+AUDIO_PREFIXES = (("model.audio_tower.", "audio_tower."), ("model.embed_audio.", "embed_audio."))
 Entry = tuple[str, Callable[[], torch.Tensor], tuple[int, ...]]  # (checkpoint name, lazy getter, shape)
 # Swaps the weights a `quantization_config` lists for quantized placeholders on the meta model and
 # returns the names of the tensors to assign as stored (gemma4.quant.prepare_quantized). A hook, so
@@ -85,11 +84,9 @@ def ignored_keys(config: TextConfig) -> set[str]:
     return keys
 
 
-def canonical_name(name: str) -> str | None:
-    """Checkpoint name -> our parameter name; None for the audio tensors we skip."""
-    if name.startswith(AUDIO_PREFIXES):
-        return None
-    for theirs, ours in VISION_PREFIXES:
+def canonical_name(name: str) -> str:
+    """Checkpoint name -> our parameter name."""
+    for theirs, ours in VISION_PREFIXES + AUDIO_PREFIXES:
         if name.startswith(theirs):
             return ours + name[len(theirs):]
     if name == "language_model.lm_head.weight":
@@ -105,6 +102,11 @@ def is_vision(name: str) -> bool:
     return name.startswith(("vision_tower.", "vision_embedder.", "embed_vision.", "multi_modal_projector."))
 
 
+def is_audio(name: str) -> bool:
+    """Whether one of our parameter names belongs to the audio side (skipped by text_only)."""
+    return name.startswith(("audio_tower.", "embed_audio."))
+
+
 @dataclass
 class Checkpoint:
     """An opened checkpoint: its config and its tensors, nothing read yet but the headers.
@@ -117,6 +119,7 @@ class Checkpoint:
     _tensors: Callable[[torch.dtype], list[Entry]]
     gguf: Any = None
     vision: VisionConfig | None = None  # the image side of a multimodal checkpoint
+    audio: AudioConfig | None = None  # its audio side (E2B, E4B, 12B)
 
     def entries(self, gguf_dtype: torch.dtype = torch.float32) -> list[Entry]:
         """Lazy tensors: memory-mapped safetensors, or GGUF tensors dequantized to `gguf_dtype` one
@@ -137,14 +140,14 @@ def load_model(
     text_only: bool = False,
 ) -> Gemma:
     """Load a Gemma 3/4 model from a local checkpoint, a .gguf file, a Hub id or an opened
-    `Checkpoint`: the text model, and the image side of a multimodal checkpoint unless `text_only`
-    (which skips it on purpose, to save memory). A quantized checkpoint needs `prepare`
+    `Checkpoint`: the text model, and the image and audio sides of a multimodal checkpoint unless
+    `text_only` (which skips them on purpose, to save memory). A quantized checkpoint needs `prepare`
     (`gemma4.load_model` passes gemma4.quant's)."""
     device = torch.device(device or "cpu")
     dtype = parse_dtype(dtype, device)
     ckpt = path_or_id if isinstance(path_or_id, Checkpoint) else open_checkpoint(path_or_id, revision)
     return build(ckpt.config, ckpt.entries(dtype), dtype, device, str(ckpt.source), ckpt.quantization, prepare,
-                 vision=ckpt.vision, text_only=text_only)
+                 vision=ckpt.vision, audio=ckpt.audio, text_only=text_only)
 
 
 def open_checkpoint(path_or_id: str | Path, revision: str | None = None) -> Checkpoint:
@@ -170,13 +173,14 @@ def open_checkpoint(path_or_id: str | Path, revision: str | None = None) -> Chec
     try:
         config = TextConfig.from_hf_dict(raw)
         vision = VisionConfig.from_hf_dict(raw, config)
+        audio = AudioConfig.from_hf_dict(raw, config)
     except ConfigError as e:
         fix = ("Download or convert the file again" if gguf is not None
                else "Fix config.json, or use the one that came with these weights")
         raise CheckpointError(f"{source}: {str(e).rstrip('.')}. {fix}.") from None
     if gguf is None:  # a GGUF file checks its block_count against its blk.N tensors itself
         _check_layer_count(config, found, source)
-    return Checkpoint(source, config, raw, tensors, gguf, vision)
+    return Checkpoint(source, config, raw, tensors, gguf, vision, audio)
 
 
 def _check_layer_count(config: TextConfig, entries: list[Entry], source: Path) -> None:
@@ -184,7 +188,7 @@ def _check_layer_count(config: TextConfig, entries: list[Entry], source: Path) -
     (1,000 layers take a second to build even on meta). Tensors beyond it are reported by `_check`."""
     held = set()
     for name, _, _ in entries:
-        parts = (canonical_name(name) or "").split(".", 3)
+        parts = canonical_name(name).split(".", 3)
         if parts[:2] == ["model", "layers"] and len(parts) > 3 and parts[2].isdecimal() and len(parts[2]) < 10:
             held.add(int(parts[2]))
     n = config.num_hidden_layers
@@ -210,15 +214,17 @@ def build(
     prepare: Prepare | None = None,
     vision: VisionConfig | None = None,
     text_only: bool = False,
+    audio: AudioConfig | None = None,
 ) -> Gemma:
     """Build on meta and assign checkpoint tensors, strictly (see module docstring).
 
     `quantization`: a gemma4.quant `quantization_config`; `prepare` swaps its quantized weights in on
     meta first, and their tensors are assigned as stored (no dtype cast, no re-quantization).
-    `vision`: the image side to build and load; `text_only` skips it (and its tensors) on purpose.
+    `vision`, `audio`: the image and audio sides to build and load; `text_only` skips both (and their
+    tensors) on purpose.
     """
     with torch.device("meta"):
-        model = Gemma(config, None if text_only else vision)
+        model = Gemma(config, None if text_only else vision, None if text_only else audio)
     as_stored: set[str] = set()
     if quantization is not None:
         if prepare is None:
@@ -233,20 +239,19 @@ def build(
     # A SigLIP config may declare a pooling head (transformers' default) that Gemma 3 never runs.
     ignore_prefix = ("vision_tower.head.",) if vision is not None and vision.vision_use_head else ()
     found: dict[str, tuple[Callable[[], torch.Tensor], tuple[int, ...]]] = {}
-    audio = unused_vision = 0
+    unused_vision = unused_audio = 0
     for name, get, shape in entries:
         ours = canonical_name(name)
-        if ours is None:
-            audio += 1
-        elif text_only and is_vision(ours):
+        if text_only and is_vision(ours):
             unused_vision += 1
+        elif text_only and is_audio(ours):
+            unused_audio += 1
         elif ours not in ignore and not ours.startswith(ignore_prefix or ("\0",)):
             found[ours] = (get, shape)
-    if audio:
-        log.warning("%s: skipped %d audio tensors (audio input is not supported yet)", source, audio)
-    if unused_vision:
-        log.warning("%s: text_only: skipped the %d vision tensors (images cannot be sent to this model)",
-                 source, unused_vision)
+    if unused_vision or unused_audio:
+        skipped = " and ".join(f"the {n} {what} tensors" for n, what in ((unused_vision, "vision"),
+                                                                         (unused_audio, "audio")) if n)
+        log.warning("%s: text_only: skipped %s (only text can be sent to this model)", source, skipped)
     _check(expected, found, source)
 
     state = {}

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .loader import is_vision
+from .loader import is_audio, is_vision
 from .safetensors import SINGLE
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,11 @@ def save(
     directory = check_target(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
-    if getattr(model, "vision_config", None) is not None:
-        # config.json here describes the text model only; its vision side is not written (yet).
-        state = {k: v for k, v in state.items() if not is_vision(k)}
-        log.warning("%s: the vision tower is not saved; the checkpoint written is the text model", directory)
+    if getattr(model, "vision_config", None) is not None or getattr(model, "audio_config", None) is not None:
+        # config.json here describes the text model only; its vision and audio sides are not written (yet).
+        state = {k: v for k, v in state.items() if not (is_vision(k) or is_audio(k))}
+        log.warning("%s: the vision and audio towers are not saved; the checkpoint written is the text model",
+                    directory)
     write_safetensors(state, directory / SINGLE, metadata={"format": "pt"})
     config = model.config.to_hf_dict()
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)

@@ -110,7 +110,7 @@ def test_counts_must_match(checkpoints):
     _, ours = checkpoints["31b"]
     media = images("31b")
     ids = prompt(media["counts"][:1])
-    with pytest.raises(ValueError, match="placeholder tokens but 1 images gave 7 soft tokens"):
+    with pytest.raises(ValueError, match="placeholder tokens but 1 media inputs gave 7 soft tokens"):
         ours.media_inputs(ids, [_soft(ours, "31b", media)])
 
 
