@@ -1,10 +1,9 @@
 """Sharded loading: each rank reads only its slices of the checkpoint, with the loader's strict checks.
 
 The checks (missing, unexpected, mis-shaped tensors) run against the whole model's shapes, as in a
-single-process load; then each of the rank's tensors is read as its slice: a leading-dim slice
-(vocabulary rows, q/k/v and gate/up rows, experts) stays a view of the memory-mapped file, other
-slices are read with plain file reads of just their bytes (`_Mapped.read_slice`). A GGUF tensor is
-dequantized whole, then sliced (transiently one tensor at a time).
+single-process load; then each of the rank's tensors is read as its slice, with plain file reads of
+just its bytes (`_Mapped.read_slice`); replicated tensors stay views of the memory-mapped file, as
+in a single-process load. A GGUF tensor is dequantized whole, then sliced (one tensor at a time).
 """
 
 from __future__ import annotations

@@ -113,15 +113,16 @@ class _Mapped:
 
     def read_slice(self, block: dict[int, tuple[int, int]]) -> torch.Tensor:
         """The sub-block {dim: (lo, hi)} of this tensor, read with plain file reads (one per
-        contiguous run), so only those bytes reach memory: a tensor-parallel rank's shard.
-        A block that is a leading-dim range stays a view of the memory map (nothing is read)."""
+        contiguous run) into fresh memory: only those bytes are read, and none of the rest of the
+        file is mapped into the process (a memory map's fault-around would map neighbours too).
+        A tensor-parallel rank's shard."""
         shape, dtype = list(self.info["shape"]), _DTYPES.get(self.info["dtype"])
         dims = sorted(block)
-        if dims == [0] or dtype is None:
+        if dtype is None:  # a dtype torch cannot view: safetensors reads it whole
             t = self()
             for d in dims:
                 t = t.narrow(d, block[d][0], block[d][1] - block[d][0])
-            return t if dims == [0] else t.contiguous()
+            return t.clone()
         last = dims[-1]
         inner = math.prod(shape[last + 1:])
         lo, hi = block[last]

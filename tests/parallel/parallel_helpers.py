@@ -115,3 +115,40 @@ def run_greedy(model, prompts, n):
             if e is not None and e.token is not None:
                 out[i].append(e.token)
     return out
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def _peak_kb() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def load_memory(path: str, tp: int, ids: torch.Tensor):
+    """Peak growth of this process's resident memory (bytes) over a load and one forward, which
+    touches every weight: the sharded model's at `tp` ranks, or (tp = 0, rank 0) the plain one's."""
+    import gc
+
+    from gemma4.parallel import load_sharded
+    from gemma4.weights import load_model
+
+    from testing_utils import random_model
+
+    lay = layout(tp) if tp else None
+    if (lay is None and tp) or (not tp and torch.distributed.get_rank() != 0):
+        return None
+    with torch.inference_mode():  # first-forward costs (thread pools, kernel caches) paid before measuring
+        random_model("tiny-31b")(ids)
+    gc.collect()
+    before = _rss_kb()
+    model = load_sharded(path, lay, torch.float32) if tp else load_model(path, dtype=torch.float32)
+    with torch.inference_mode():
+        model(ids)
+    grown = max(_peak_kb(), _rss_kb()) - before
+    del model
+    gc.collect()
+    return grown * 1024

@@ -45,6 +45,25 @@ def checkpoints(tmp_path_factory):
     return get
 
 
+def test_each_rank_loads_its_share(pool, tmp_path):
+    """Resident memory per rank over load + forward is about 1/tp of the weights (first in this
+    module: the workers' heaps are fresh). An 11M-parameter model (44 MB in fp32): large enough
+    that the weights, not the allocator, dominate."""
+    from testing_utils import random_model
+
+    from gemma4.weights.save import save
+
+    model = random_model("tiny-31b", hidden_size=256, intermediate_size=1024, vocab_size=4096)
+    weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    path = str(save(tmp_path / "m", model))
+    del model
+    sharded = pool.run("load_memory", path, 2, IDS)
+    plain = pool.run("load_memory", path, 0, IDS)
+    print(f"weights {weights / 2**20:.1f} MiB; one process {plain / 2**20:.1f} MiB; a rank of 2 {sharded / 2**20:.1f} MiB")
+    assert plain > 0.8 * weights  # the measurement sees the weights
+    assert sharded < 0.7 * plain, "a rank of 2 should hold about half of the weights"  # measured 0.64
+
+
 @pytest.mark.parametrize(("name", "tp", "ep"), [
     ("tiny-e2b", 2, 1), ("tiny-e2b", 4, 1),
     ("tiny-31b", 2, 1), ("tiny-31b", 4, 1),
