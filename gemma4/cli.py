@@ -57,16 +57,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "outputs, not a short one-off prompt")
 
 
-def _parallel_args(p: argparse.ArgumentParser) -> None:
-    """--tp / --ep (gemma4.parallel; docs/scaling.md)."""
-    p.add_argument("--tp", type=int, default=1,
-                   help="tensor-parallel ranks: run under `torchrun --nproc-per-node N` with --tp N; each rank "
-                        "holds 1/N of the attention heads, MLP columns and vocabulary")
-    p.add_argument("--ep", type=int, default=1,
-                   help="expert-parallel ranks (MoE models, a divisor of --tp): the experts are split over "
-                        "ep ranks, each expert's width over tp/ep")
-
-
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
@@ -131,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "has a chat template or --system/--think is given, raw otherwise")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--verbose", "-v", action="store_true", help="print speed statistics to stderr")
-    _parallel_args(g)
+    from .parallel.args import add_parallel_arguments
+
+    add_parallel_arguments(g)
 
     c = sub.add_parser("chat", help="interactive chat (/reset, /system TEXT, /exit; Ctrl-C stops a reply)",
                        formatter_class=HelpFormatter,

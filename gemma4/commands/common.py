@@ -38,34 +38,18 @@ def load_from_args(args, ckpt=None):
     from ..api import load
 
     start = time.perf_counter()
-    layout = getattr(args, "layout", None)
-    if layout is not None:  # --tp: this rank's shard (gemma4.parallel)
-        from ..api import Loaded, load_tokenizer
-        from ..parallel import load_sharded
-
-        print(f"loading rank {layout.rank} of {layout.tp} ...", file=sys.stderr, flush=True)
-        model = load_sharded(ckpt if ckpt is not None else args.model, layout, args.dtype, args.device,
-                             getattr(args, "text_only", False))
-        print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
-        return Loaded(model, *load_tokenizer(model_ckpt(ckpt, args)))
     adapter = getattr(args, "adapter", None)
     with_adapter = f" with the adapter {adapter}" if adapter else ""
     print(f"loading {args.model or 'the embedded gemma-3-270m'}{with_adapter} ...", file=sys.stderr, flush=True)
     loaded = load(ckpt if ckpt is not None else args.model, dtype=args.dtype, device=pick_device(args.device),
                   adapter=adapter, quantize=getattr(args, "quantize", None),
-                  text_only=getattr(args, "text_only", False))
+                  text_only=getattr(args, "text_only", False), layout=getattr(args, "layout", None))
     if not getattr(args, "exact", True):
         from ..engine.cpu import speed_up
 
         speed_up(loaded.model)  # CPU float32 only; a no-op elsewhere
     print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     return loaded
-
-
-def model_ckpt(ckpt, args):
-    from ..weights import open_checkpoint
-
-    return ckpt if ckpt is not None else open_checkpoint(args.model)
 
 
 def check_speculative_args(args) -> None:

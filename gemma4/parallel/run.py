@@ -47,3 +47,4 @@ def start(args) -> Layout | None:
 def finish(layout: Layout | None) -> None:
     if layout is not None and dist.is_initialized():
         dist.destroy_process_group()
+

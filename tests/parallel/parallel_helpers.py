@@ -82,7 +82,7 @@ def layout(tp: int, ep: int = 1):
 
 def logits(path: str, tp: int, ep: int, ids: torch.Tensor):
     """Logits of a plain forward of the sharded model."""
-    from gemma4.parallel import load_sharded
+    from gemma4.parallel.load import load_sharded
 
     lay = layout(tp, ep)
     if lay is None:
@@ -94,7 +94,7 @@ def logits(path: str, tp: int, ep: int, ids: torch.Tensor):
 
 def greedy(path: str, tp: int, ep: int, prompts: list[list[int]], n: int):
     """Greedy tokens of each prompt, generated together by the engine on the sharded model."""
-    from gemma4.parallel import load_sharded
+    from gemma4.parallel.load import load_sharded
 
     lay = layout(tp, ep)
     if lay is None:
@@ -133,7 +133,7 @@ def load_memory(path: str, tp: int, ids: torch.Tensor):
     touches every weight: the sharded model's at `tp` ranks, or (tp = 0, rank 0) the plain one's."""
     import gc
 
-    from gemma4.parallel import load_sharded
+    from gemma4.parallel.load import load_sharded
     from gemma4.weights import load_model
 
     from testing_utils import random_model
