@@ -122,15 +122,10 @@ def _rss_kb() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-def _peak_kb() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def load_memory(path: str, tp: int, ids: torch.Tensor):
-    """Peak growth of this process's resident memory (bytes) over a load and one forward, which
-    touches every weight: the sharded model's at `tp` ranks, or (tp = 0, rank 0) the plain one's."""
+    """Growth of this process's resident memory (bytes) over a load and one forward, which touches
+    every weight: the sharded model's at `tp` ranks, or (tp = 0, rank 0) the plain one's. The
+    current size, not ru_maxrss: a worker's lifetime peak comes from its start-up (~440 MB)."""
     import gc
 
     from gemma4.parallel.load import load_sharded
@@ -148,7 +143,7 @@ def load_memory(path: str, tp: int, ids: torch.Tensor):
     model = load_sharded(path, lay, torch.float32) if tp else load_model(path, dtype=torch.float32)
     with torch.inference_mode():
         model(ids)
-    grown = max(_peak_kb(), _rss_kb()) - before
+    grown = _rss_kb() - before
     del model
     gc.collect()
     return grown * 1024
