@@ -58,10 +58,6 @@ class Layout:
     def etp_index(self) -> int:
         return self.rank % self.etp
 
-    def at(self, rank: int) -> "Layout":
-        """The planning layout of another rank (no groups)."""
-        return Layout(self.tp, self.ep, rank)
-
 
 def join(tp: int, ep: int = 1, timeout: timedelta = DEFAULT_TIMEOUT) -> tuple[Layout, torch.device]:
     """Join (or reuse) the process group torchrun set up and make this rank's groups.

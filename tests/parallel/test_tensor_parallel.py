@@ -60,7 +60,8 @@ def test_each_rank_loads_its_share(pool, tmp_path):
     del model
     sharded = pool.run("load_memory", path, 2, IDS)
     plain = pool.run("load_memory", path, 0, IDS)
-    print(f"weights {weights / 2**20:.1f} MiB; one process {plain / 2**20:.1f} MiB; a rank of 2 {sharded / 2**20:.1f} MiB")
+    mib = 2**20
+    print(f"weights {weights / mib:.1f} MiB; one process {plain / mib:.1f} MiB; a rank of 2 {sharded / mib:.1f} MiB")
     assert plain > 0.8 * weights  # the measurement sees the weights
     assert sharded < 0.7 * plain, "a rank of 2 should hold about half of the weights"  # measured 0.64
 
