@@ -82,7 +82,8 @@ def test_logits_equal_one_process(pool, checkpoints, name, tp, ep):
     assert err < (MOE_ATOL if "26b" in name else ATOL), f"{name} tp={tp} ep={ep}: max |diff| {err:.2e}"
 
 
-@pytest.mark.parametrize(("name", "tp", "ep"), [("tiny-e2b", 2, 1), ("tiny-26b-a4b", 4, 2)])
+@pytest.mark.parametrize(("name", "tp", "ep"),
+                         [("tiny-e2b", 2, 1), ("tiny-gemma-3-270m", 2, 1), ("tiny-26b-a4b", 4, 2)])
 def test_greedy_generation_equal(pool, checkpoints, name, tp, ep):
     """Two prompts of different lengths decoded together by the engine: the same tokens."""
     path = checkpoints(name)
