@@ -65,6 +65,7 @@ def load(
     group_size: int = 64,
     merge_adapter: bool | None = None,
     text_only: bool = False,
+    layout=None,
 ) -> Loaded:
     """Model, tokenizer and chat format from a checkpoint dir, a .gguf file or a Hub id; None = the
     embedded 270M. The chat format is the checkpoint's own template when it has one.
@@ -77,6 +78,7 @@ def load(
     while loading it, one tensor at a time, so no float copy of the model is ever held (what
     `gemma4 quantize` saves; an already quantized checkpoint loads as it is stored, without this).
     `text_only`: skip a multimodal checkpoint's vision tower (it then takes text only; says so).
+    `layout`: a tensor-parallel rank's place (gemma4.parallel.layout): load only its shard.
     """
     check_device(device)
     if isinstance(path_or_id, Checkpoint):
@@ -84,6 +86,12 @@ def load(
     else:
         ckpt = open_checkpoint(resolve(path_or_id, revision=revision) if path_or_id is not None
                                else default_model_path())
+    if layout is not None:
+        if quantize is not None or adapter is not None:
+            raise ValueError("--quantize and --adapter with --tp are not supported yet; leave them out")
+        from .parallel.load import load_sharded
+
+        return Loaded(load_sharded(ckpt, layout, dtype, device, text_only), *load_tokenizer(ckpt))
     if quantize is not None:
         from .quant import quantize_checkpoint
 

@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from .helptext import HelpFormatter
+from .parallel.args import add_parallel_arguments
 
 MODEL_HELP = ("checkpoint directory, .gguf file or Hugging Face Hub id (e.g. google/gemma-4-E2B-it); "
               "default: the embedded gemma-3-270m")
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "has a chat template or --system/--think is given, raw otherwise")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--verbose", "-v", action="store_true", help="print speed statistics to stderr")
+    add_parallel_arguments(g)
 
     c = sub.add_parser("chat", help="interactive chat (/reset, /system TEXT, /exit; Ctrl-C stops a reply)",
                        formatter_class=HelpFormatter,
@@ -151,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", "-m", default=None, help=MODEL_HELP)
     i.add_argument("--variant", default=None, help="a released variant by name, e.g. gemma-4-e2b (see --list)")
     i.add_argument("--list", action="store_true", help="list the released variants")
+    i.add_argument("--context", type=int, default=None,
+                   help="tokens of one sequence for the per-rank KV-cache line (default: the model's context)")
+    add_parallel_arguments(i)
     return parser
 
 

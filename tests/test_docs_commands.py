@@ -63,7 +63,7 @@ def _drop_comment(line: str) -> str:
 LINES = command_lines()
 
 # Runs here, in process, as written (fast: config only).
-RUN_FAST = [r"^gemma4 info --variant \S+$"]
+RUN_FAST = [r"^gemma4 info --variant \S+( --tp \d+)?( --ep \d+)?( --context \d+)?$"]
 # Runs as written on the real embedded model in the slow tests.
 RUN_SLOW = [r'^gemma4 generate "The capital of France is"$',
             r'^echo "Once upon a time" \| gemma4 generate --temp 0.8 --top-p 0.95 --seed 1$',

@@ -43,7 +43,7 @@ def load_from_args(args, ckpt=None):
     print(f"loading {args.model or 'the embedded gemma-3-270m'}{with_adapter} ...", file=sys.stderr, flush=True)
     loaded = load(ckpt if ckpt is not None else args.model, dtype=args.dtype, device=pick_device(args.device),
                   adapter=adapter, quantize=getattr(args, "quantize", None),
-                  text_only=getattr(args, "text_only", False))
+                  text_only=getattr(args, "text_only", False), layout=getattr(args, "layout", None))
     if not getattr(args, "exact", True):
         from ..engine.cpu import speed_up
 

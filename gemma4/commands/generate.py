@@ -9,6 +9,16 @@ from .common import (check_media_args, check_speculative_args, engine_from_args,
 
 
 def run(args) -> int:
+    from ..parallel.run import finish, start
+
+    args.layout = start(args)
+    try:
+        return _run(args)
+    finally:
+        finish(args.layout)
+
+
+def _run(args) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise ValueError("empty prompt: pass it as an argument or on stdin")

@@ -56,7 +56,28 @@ def run(args) -> int:
     print("\n".join(describe(config)))
     if chat:
         print(f"chat format        {chat}")
+    if args.tp > 1 or args.ep > 1 or args.context:
+        print("\n".join(per_rank(config, args.tp, args.ep, args.context or config.max_position_embeddings)))
     return 0
+
+
+def per_rank(config: TextConfig, tp: int, ep: int = 1, context: int = 8192) -> list[str]:
+    """The largest rank's weights and KV cache at --tp / --ep (gemma4.parallel.memory)."""
+    from ..engine.cache import DEFAULT_HEADROOM
+    from ..parallel.layout import Layout
+    from ..parallel.memory import rank_kv_bytes, rank_parameters
+
+    if context > config.max_position_embeddings:
+        raise ValueError(f"--context {context} exceeds the model's {config.max_position_embeddings} tokens")
+    ranks = [Layout(tp, ep, r) for r in range(tp)]
+    n = max(rank_parameters(config, r) for r in ranks)
+    kv = max(rank_kv_bytes(config, r, context, DEFAULT_HEADROOM) for r in ranks)
+    split = f"tp {tp}" + (f", ep {ep}" if ep > 1 else "")
+    return [
+        f"per rank ({split})   {n:,} parameters: "
+        + ", ".join(f"{k} {n * b / 2**30:.2f} GiB" for k, b in BYTES.items() if k in ("float32", "bfloat16")),
+        f"KV cache per rank  {kv / 2**30:.2f} GiB for one sequence of {context} tokens (bf16)",
+    ]
 
 
 def _checkpoint_config(source):

@@ -116,9 +116,14 @@ class Scheduler:
         compile_options: dict | None = None,
         speculation: Speculation | None = None,
     ):
-        self.engine = Engine(model, rows=max_batch, max_len=max_len, mode=mode, prefill_chunk=prefill_chunk,
-                             prefix_cache=prefix_cache, vocab_limit=vocab_limit, compile_options=compile_options,
-                             speculation=speculation)
+        options = dict(rows=max_batch, max_len=max_len, mode=mode, prefill_chunk=prefill_chunk,
+                       prefix_cache=prefix_cache, vocab_limit=vocab_limit, compile_options=compile_options)
+        self.engine = Engine(model, **options, speculation=speculation)
+        layout = getattr(model, "parallel", None)  # a tensor-parallel shard: the other ranks follow (replica.py)
+        if layout is not None:
+            from .replica import Leader
+
+            self.engine = Leader(self.engine, options, layout.tp_group)
         self.model, self.cache = model, self.engine.cache
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.max_len = self.engine.context

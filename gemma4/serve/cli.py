@@ -111,11 +111,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
       help="let image_url / video_url parts be http(s) URLs, fetched by the server (20 MB, 10 s each)")
     p("--max-media-items", type=int, default=int(env("GEMMA4_MAX_MEDIA_ITEMS", "16")),
       help="images and videos one request may carry")
+    from ..parallel.args import add_parallel_arguments
+
+    add_parallel_arguments(parser)
     return parser
 
 
 def load_checkpoint(path, dtype=None, device=None, adapter: str | None = None,
-                    quantize: str | None = None, exact: bool = False, text_only: bool = False):
+                    quantize: str | None = None, exact: bool = False, text_only: bool = False, layout=None):
     """(model, tokenizer, chat format) from a checkpoint directory, .gguf file, Hub id or opened
     `Checkpoint` (`gemma4.load`),
     with an unmerged LoRA adapter when `adapter` names one, quantized while loading when `quantize`
@@ -124,7 +127,7 @@ def load_checkpoint(path, dtype=None, device=None, adapter: str | None = None,
     from ..engine.cpu import speed_up
 
     model, tokenizer, chat_format = load(path, dtype=dtype, device=device, adapter=adapter, quantize=quantize,
-                                         text_only=text_only)
+                                         text_only=text_only, layout=layout)
     if not exact:
         speed_up(model)  # CPU float32 only; a no-op elsewhere
     return model, tokenizer, chat_format
@@ -157,10 +160,21 @@ def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:  # a wrong --model or --device fails here, with the loader's message, not as a server answering 503
         check_options(args.speculative, args.draft_model, args.draft_tokens)  # flags first: cheaper still
+        from ..parallel.run import start
+
+        layout = start(args)  # --tp: join the group; None on one process
         ckpt = open_model(args.model, args.device)
     except (ValueError, OSError) as error:  # CheckpointError is a ValueError
         print(f"gemma4 serve: error: {error}", file=sys.stderr)
         return 1
+    if layout is not None:
+        from .parallel import serve_rank
+
+        return serve_rank(layout, ckpt, args, lambda: _serve(args, ckpt, layout))
+    return _serve(args, ckpt, None)
+
+
+def _serve(args, ckpt, layout) -> int:
     from ..api import base_model_warning
 
     warning = base_model_warning(ckpt)
@@ -202,7 +216,8 @@ def serve_cli(args: argparse.Namespace | list[str] | None = None) -> int:
     def loader():
         try:
             return load_checkpoint(ckpt, dtype=args.dtype, device=args.device, adapter=args.adapter,
-                                   quantize=args.quantize, exact=args.exact, text_only=args.text_only)
+                                   quantize=args.quantize, exact=args.exact, text_only=args.text_only,
+                                   layout=layout)
         except Exception:
             failed.append(True)  # logged by the app; a server with no model stops rather than answer 503
             server.should_exit = True

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ..config import AudioConfig, ConfigError, TextConfig, VisionConfig
 from ..model import Gemma
@@ -49,6 +49,18 @@ Entry = tuple[str, Callable[[], torch.Tensor], tuple[int, ...]]  # (checkpoint n
 # returns the names of the tensors to assign as stored (gemma4.quant.prepare_quantized). A hook, so
 # that loading does not import quantization.
 Prepare = Callable[[Gemma, dict, torch.dtype], set[str]]
+
+
+class Shard(Protocol):
+    """A tensor-parallel rank's part (gemma4.parallel): its own model, and its slice of each tensor."""
+
+    def model(self, config: TextConfig, vision: VisionConfig | None, audio: AudioConfig | None) -> Gemma:
+        """The rank-local model (built on meta by the caller)."""
+        ...
+
+    def read(self, name: str, get: Callable[[], torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        """This rank's slice of checkpoint tensor `name` (global `shape`), reading only that slice."""
+        ...
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -215,6 +227,7 @@ def build(
     vision: VisionConfig | None = None,
     text_only: bool = False,
     audio: AudioConfig | None = None,
+    shard: Shard | None = None,
 ) -> Gemma:
     """Build on meta and assign checkpoint tensors, strictly (see module docstring).
 
@@ -222,6 +235,8 @@ def build(
     meta first, and their tensors are assigned as stored (no dtype cast, no re-quantization).
     `vision`, `audio`: the image and audio sides to build and load; `text_only` skips both (and their
     tensors) on purpose.
+    `shard`: a tensor-parallel rank's part: the checks run against the whole model, then the
+    rank's own model is built and each of its tensors is read as the rank's slice only.
     """
     with torch.device("meta"):
         model = Gemma(config, None if text_only else vision, None if text_only else audio)
@@ -253,10 +268,14 @@ def build(
                                                                          (unused_audio, "audio")) if n)
         log.warning("%s: text_only: skipped %s (only text can be sent to this model)", source, skipped)
     _check(expected, found, source)
+    if shard is not None:
+        with torch.device("meta"):
+            model = shard.model(config, None if text_only else vision, None if text_only else audio)
 
     state = {}
-    for name in tqdm(expected, desc="loading weights", unit="tensor", disable=None, leave=False):
-        tensor = found[name][0]()
+    for name in tqdm(model.state_dict(), desc="loading weights", unit="tensor", disable=None, leave=False):
+        get, shape = found[name]
+        tensor = get() if shard is None else shard.read(name, get, shape)
         cast = tensor.is_floating_point() and name not in as_stored
         state[name] = tensor.to(device=device, dtype=dtype if cast else tensor.dtype)
     model.load_state_dict(state, assign=True, strict=True)

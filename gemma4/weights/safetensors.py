@@ -8,7 +8,9 @@ Never pickle: only safetensors files are read.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -108,3 +110,32 @@ class _Mapped:
             return self.handle.get_tensor(self.name)
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {self.name} from {self.path} ({e}); re-download it") from None
+
+    def read_slice(self, block: dict[int, tuple[int, int]]) -> torch.Tensor:
+        """The sub-block {dim: (lo, hi)} of this tensor, read with plain file reads (one per
+        contiguous run) into fresh memory: only those bytes are read, and none of the rest of the
+        file is mapped into the process (a memory map's fault-around would map neighbours too).
+        A tensor-parallel rank's shard."""
+        shape, dtype = list(self.info["shape"]), _DTYPES.get(self.info["dtype"])
+        dims = sorted(block)
+        if dtype is None:  # a dtype torch cannot view: safetensors reads it whole
+            t = self()
+            for d in dims:
+                t = t.narrow(d, block[d][0], block[d][1] - block[d][0])
+            return t.clone()
+        last = dims[-1]
+        inner = math.prod(shape[last + 1:])
+        lo, hi = block[last]
+        run = (hi - lo) * inner * dtype.itemsize  # bytes of one contiguous run
+        outer = [range(*block.get(d, (0, shape[d]))) for d in range(last)]
+        out_shape = [len(r) for r in outer] + [hi - lo] + shape[last + 1:]
+        out = torch.empty(out_shape, dtype=dtype)
+        buf = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+        base = self.data_start + self.info["data_offsets"][0]
+        with open(self.path, "rb", buffering=0) as f:
+            for i, idx in enumerate(itertools.product(*outer)):
+                f.seek(base + (sum(j * strides[d] for d, j in enumerate(idx)) + lo * inner) * dtype.itemsize)
+                if f.readinto(buf[i * run : (i + 1) * run]) != run:
+                    raise CheckpointError(f"{self.path} ended inside tensor {self.name}; re-download it")
+        return out

@@ -1,0 +1,50 @@
+"""torchrun glue: every rank runs the same command; rank 0 speaks, the others stay silent.
+
+`gemma4 generate --tp N` runs the same program on every rank (SPMD): the same prompt, the same
+engine steps, and logits gathered identically on every rank, so each rank samples the same token
+as long as they share a seed: without --seed, rank 0 draws one and broadcasts it. Only rank 0
+writes to stdout. A rank that dies ends the group: torchrun stops the others, and a collective
+waiting on a dead or hung peer fails after the process group's timeout (never a silent hang).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+
+import torch
+import torch.distributed as dist
+
+from .layout import Layout, join
+
+
+def start(args) -> Layout | None:
+    """Join the group for `--tp N [--ep M]` (None when tp is 1) and set the options every rank shares."""
+    tp, ep = getattr(args, "tp", 1) or 1, getattr(args, "ep", 1) or 1
+    if tp == 1:
+        if ep != 1:
+            raise ValueError(f"--ep {ep} needs --tp: experts are split over the tensor-parallel ranks "
+                             f"(e.g. --tp {ep} --ep {ep})")
+        return None
+    for flag in ("adapter", "quantize", "draft_model", "speculative"):
+        if getattr(args, flag, None):
+            raise ValueError(f"--{flag.replace('_', '-')} with --tp is not supported yet; leave one of them out")
+    if getattr(args, "compile", False):
+        raise ValueError("--compile with --tp is not supported yet (the step's collectives are not traced); "
+                         "leave out --compile")
+    layout, device = join(tp, ep)
+    if layout.rank != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    args.device, args.exact = str(device), True  # one device per rank; no CPU repacking of sharded weights
+    if getattr(args, "seed", 0) is None:
+        seed = torch.tensor([secrets.randbits(62) if layout.rank == 0 else 0], device=device)
+        dist.broadcast(seed, 0)
+        args.seed = int(seed.item())
+    return layout
+
+
+def finish(layout: Layout | None) -> None:
+    if layout is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
