@@ -100,19 +100,19 @@ def sampling_from_args(args) -> SamplingParams:
 
 
 def check_media_args(args) -> None:
-    """--image / --video files must exist (checked before a long load)."""
-    for kind in ("image", "video"):
+    """--image / --video / --audio files must exist (checked before a long load)."""
+    for kind in ("image", "video", "audio"):
         for path in getattr(args, kind, None) or ():
             if not Path(path).is_file():
                 raise ValueError(f"--{kind} {path}: no such file")
 
 
-def with_media(text: str, images=(), videos=()) -> str | list[dict]:
-    """A user message's content: the text alone, or content parts with the images and videos first."""
-    if not images and not videos:
+def with_media(text: str, images=(), videos=(), audios=()) -> str | list[dict]:
+    """A user message's content: the text alone, or content parts with the media first."""
+    if not images and not videos and not audios:
         return text
     return ([{"type": "image", "image": p} for p in images] + [{"type": "video", "video": p} for p in videos]
-            + [{"type": "text", "text": text}])
+            + [{"type": "audio", "audio": p} for p in audios] + [{"type": "text", "text": text}])
 
 
 def messages_with_system(system: str | None, messages: list[dict]) -> list[dict]:

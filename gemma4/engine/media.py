@@ -109,10 +109,19 @@ class EncoderCache:
 
 def media_inputs(model, processed) -> tuple[MediaInput, ...]:
     """The engine's inputs for a processed prompt (`gemma4.media.process_prompt`): one per image,
-    crop or video frame, whose soft tokens `model.embed_media` computes from its own row of pixels
-    when prefill reaches it, keyed by the processor's content hash."""
+    crop, video frame or audio clip, whose soft tokens the model's encoder computes from its own row
+    of inputs when prefill reaches it, keyed by the processor's content hash. Audio is causal
+    (`block=False`): the reference gives audio tokens no bidirectional group."""
     out = []
     for sp in processed.spans or ():
+        if sp.kind == "audio":
+            inputs = processed.audio_inputs
+            mask = inputs.get("input_features_mask")
+            encode = functools.partial(_encode_audio, model, inputs["input_features"][sp.row],
+                                       None if mask is None else mask[sp.row])
+            out.append(MediaInput(sp.start, sp.length, f"audio:{processed.audio_keys[sp.item]}", encode,
+                                  block=False))
+            continue
         if sp.kind == "image":
             inputs, keys, name = processed.image_inputs, processed.image_keys, "image"
             pixels = inputs["pixel_values"][sp.row]
@@ -129,3 +138,10 @@ def _encode(model, pixels: torch.Tensor, positions: torch.Tensor | None) -> torc
     param = next(model.parameters())
     pixels = pixels.to(param.device, param.dtype if param.is_floating_point() else torch.float32)
     return model.embed_media(pixels, None if positions is None else positions.to(param.device))
+
+
+def _encode_audio(model, features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One clip's soft tokens: `model.embed_audio` on its row of features (and mask), batch of one."""
+    param = next(model.parameters())
+    features = features[None].to(param.device, param.dtype if param.is_floating_point() else torch.float32)
+    return model.embed_audio(features, None if mask is None else mask[None].to(param.device))
