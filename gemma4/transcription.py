@@ -24,8 +24,7 @@ import torch
 
 from .engine.sampling import SamplingParams
 from .engine.scheduler import GenerationRequest, Scheduler, TokenEvent
-
-RATE = 16_000  # the audio models' sample rate (spec 6.2)
+from .media import SAMPLING_RATE as RATE  # the audio models' sample rate (spec 6.2)
 INSTRUCTION = "Transcribe this audio."
 SOFT_TOKENS_PER_WINDOW = 750  # 30 s at 25 soft tokens a second (E2B/E4B and the 12B alike)
 FORMATS = ("json", "text", "verbose_json", "srt", "vtt")

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .audio_features import MAX_CLIP_SECONDS
 from .errors import MediaError
 
 __all__ = ["Window", "plan_windows", "trim_repeat", "WINDOW_SECONDS"]
 
-WINDOW_SECONDS = 30.0  # the longest clip the Gemma 4 audio models take (spec 6.2)
+WINDOW_SECONDS = float(MAX_CLIP_SECONDS)  # the longest clip the audio models take (spec 6.2)
 FRAME_SECONDS = 0.02  # the energy frame a cut is placed in
 SILENCE_DB = 35.0  # a frame this far below the recording's loud frames (95th percentile) is silence
 MIN_TAIL_SECONDS = 1.0  # no window shorter than this is left at the end
