@@ -86,11 +86,11 @@ def run_windows(scheduler: Scheduler, make_request: Callable[[int], GenerationRe
         while submitted < min(count, max(1, in_flight)):
             submit()
         while done < count:
+            if cancelled is not None and cancelled():
+                raise TranscriptionCancelled()
             try:
                 i, event = events.get(timeout=0.25)
             except queue.Empty:
-                if cancelled is not None and cancelled():
-                    raise TranscriptionCancelled() from None
                 if scheduler.dead is not None:
                     raise RuntimeError(f"the engine failed: {scheduler.dead}") from None
                 continue
