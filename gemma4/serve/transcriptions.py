@@ -1,13 +1,14 @@
-"""`POST /v1/audio/transcriptions`: OpenAI's transcription route over the audio models, for recordings of any length.
+"""`POST /v1/audio/transcriptions`: OpenAI's transcription route over the audio models, any length.
 
 The body is multipart/form-data as OpenAI's: `file` (the recording: WAV, FLAC, OGG, MP3, ...), `model`,
-and optional `language`, `prompt`, `response_format` (json, text, verbose_json, srt, vtt) and
-`temperature` (0 to 1, default 0). The file may be as large as any media input (`MediaPolicy.max_bytes`,
-20 MB: an hour of speech at 32 kbit/s). It is decoded and cut into windows of at most 30 s
-(gemma4.media.windows), each window becomes one chat turn (the audio, then `instruction(language,
-prompt)`, encoded like every chat prompt here, so a user's text cannot forge special tokens) and runs
-on the server's scheduler, at most half of its slots at a time, so chat requests keep flowing beside a
-long recording. The texts are joined in order with each window's start and end (gemma4.transcription).
+and optional `language`, `prompt`, `response_format` (json, text, verbose_json, srt, vtt),
+`temperature` (0 to 1, default 0) and our extension `max_tokens` (per window, default 256). The file
+may be as large as any media input (`MediaPolicy.max_bytes`, 20 MB: an hour of speech at 32 kbit/s).
+It is decoded and cut into windows of at most 30 s (gemma4.media.windows); each window becomes one chat
+turn (the audio, then `instruction(language, prompt)`, encoded like every chat prompt here, so a user's
+text cannot forge special tokens) and runs on the server's scheduler, at most half of its slots at a
+time, so chat requests keep flowing beside a long recording. The texts are joined in order with each
+window's start and end (gemma4.transcription).
 
 Everything that costs time in proportion to the body (multipart parsing, decoding) runs in a worker
 thread; every bad input is a 400 that says what is wrong; a client that leaves cancels its windows.
@@ -46,9 +47,10 @@ log = logging.getLogger(__name__)
 MULTIPART_OVERHEAD = 64 * 1024  # bytes of form fields and headers allowed beside the file
 MAX_PROMPT_CHARS = 4096
 MAX_FIELDS = 16
-WINDOW_MAX_TOKENS = 256  # tokens a window's text may take (30 s of fast speech is about 120)
+WINDOW_MAX_TOKENS = 256  # tokens a window's text may take by default (30 s of fast speech is about 120)
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})?$")
 _BOUNDARY = re.compile(r'boundary=(?:"([^"]{1,70})"|([^\s;"]{1,70}))', re.I)
+_FIELDS = {"model", "language", "prompt", "response_format", "temperature", "max_tokens"}
 _IGNORED = {"timestamp_granularities[]", "timestamp_granularities", "include[]", "chunking_strategy", "stream"}
 
 
@@ -62,6 +64,7 @@ class Job:
 
     response_format: str
     temperature: float
+    max_tokens: int  # per window
     language: str | None
     text: str  # the instruction sent with every window
     samples: torch.Tensor  # 16 kHz mono
@@ -103,7 +106,7 @@ def prepare(raw: bytes, content_type: str, served: ServedModel, config: ServeCon
     if "model" not in text:
         raise bad_request("the form needs a model field", param="model")
     check_model(text["model"], config)
-    if unknown := sorted(set(text) - {"model", "language", "prompt", "response_format", "temperature"} - _IGNORED):
+    if unknown := sorted(set(text) - _FIELDS - _IGNORED):
         log.debug("ignoring unknown transcription fields: %s", unknown[:10])
     if text.get("stream", "false").lower() not in ("false", "0", ""):
         raise bad_request("streamed transcriptions are not supported; leave out stream", param="stream")
@@ -111,6 +114,10 @@ def prepare(raw: bytes, content_type: str, served: ServedModel, config: ServeCon
     if fmt not in FORMATS:
         raise bad_request(f"response_format must be one of {', '.join(FORMATS)}", param="response_format")
     temperature = _temperature(text.get("temperature"))
+    max_tokens = text.get("max_tokens") or str(WINDOW_MAX_TOKENS)
+    if not (max_tokens.isascii() and max_tokens.isdigit() and 1 <= int(max_tokens) <= served.context):
+        raise bad_request(f"max_tokens (per window) must be a whole number from 1 to {served.context}",
+                          param="max_tokens")
     language = text.get("language") or None
     if language is not None and not _LANGUAGE.match(language):
         raise bad_request("language must be a language code such as en or pt-BR", param="language")
@@ -134,7 +141,7 @@ def prepare(raw: bytes, content_type: str, served: ServedModel, config: ServeCon
         windows = plan_windows(samples, RATE)
     except MediaError as error:
         raise bad_request(f"cannot read the audio: {sanitize(str(error))}", param="file") from None
-    return Job(fmt, temperature, language, instruction(language, prompt), samples, windows)
+    return Job(fmt, temperature, int(max_tokens), language, instruction(language, prompt), samples, windows)
 
 
 def _text(name: str, value: bytes) -> str:
@@ -171,7 +178,9 @@ def window_request(job: Job, i: int, served: ServedModel) -> GenerationRequest:
         raise context_length_error(ContextLengthError(served.context, error.tokens, 1)) from None
     except MediaError as error:
         raise bad_request(f"cannot read the audio: {sanitize(str(error))}", param="file") from None
-    budget = min(WINDOW_MAX_TOKENS, served.context - len(ids))
+    budget = min(job.max_tokens, served.context - len(ids))
+    if budget < 1:
+        raise context_length_error(ContextLengthError(served.context, len(ids), 1))
     sampling = SamplingParams(temperature=job.temperature)
     return GenerationRequest(ids, budget, sampling, served.stop_ids, logprobs=0, tokenizer=served.tokenizer,
                              media=media)
