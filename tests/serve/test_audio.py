@@ -24,8 +24,8 @@ RATE = 16_000
 
 
 def _edit(raw):
-    raw["text_config"].update(vocab_size=VOCAB, eos_token_id=STOPS, bos_token_id=SPECIAL.index("<bos>"),
-                              pad_token_id=0)
+    raw["text_config"].update(vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB, eos_token_id=STOPS,
+                              bos_token_id=SPECIAL.index("<bos>"), pad_token_id=0)
     raw.update(image_token_id=IDS["<|image|>"], video_token_id=IDS["<|video|>"], audio_token_id=IDS["<|audio|>"],
                boi_token_id=IDS["<|image>"], eoi_token_id=IDS["<image|>"], boa_token_id=IDS["<|audio>"],
                eoa_token_index=IDS["<audio|>"], eoa_token_id=IDS["<audio|>"])
@@ -75,14 +75,16 @@ def _part(data: bytes, fmt: str = "wav") -> dict:
     return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt}}
 
 
-def _chat(url, parts, n=6, text="What is said?"):
+def _chat(url, parts, n=6, text="What is said?", tokens=False):
+    """The greedy reply's content (or, with `tokens`, its (token, logprob) pairs) and the messages sent."""
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
     messages = [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
     r = client.chat.completions.create(model="tiny-gemma4", messages=messages, max_tokens=n, temperature=0,
-                                       logit_bias={str(i): -100 for i in BANNED})
-    return r.choices[0].message.content, messages
+                                       logit_bias={str(i): -100 for i in BANNED}, logprobs=tokens)
+    choice = r.choices[0]
+    return [(t.token, t.logprob) for t in choice.logprobs.content] if tokens else choice.message.content, messages
 
 
 def _transcribe(url, data: bytes, **fields) -> httpx.Response:
@@ -97,19 +99,24 @@ def test_an_audio_request_gives_the_reference_greedy_tokens(server, checkpoint):
     from gemma4.media import load_audio, media_parts, process_prompt
 
     url, (_, tokenizer, fmt) = server
-    got, messages = _chat(url, [_part(_wav(_speech(4.3)))])
+    got, messages = _chat(url, [_part(_wav(_speech(4.3)))], tokens=True)
     text = fmt.render(messages, add_generation_prompt=True)
     _, _, audios = media_parts(messages)
     samples = load_audio(audios[0])
-    mm = process_prompt(text, family="gemma4", audios=[samples], tokenizer=tokenizer)
-    features = Gemma4AudioFeatureExtractor()(samples.numpy(), sampling_rate=RATE, return_tensors="pt")
+    mm = process_prompt(text, family="gemma4", audios=[(samples, RATE)], tokenizer=tokenizer)
+    features = Gemma4AudioFeatureExtractor()([samples.numpy()], sampling_rate=RATE, return_tensors="pt")
     ids = torch.tensor([mm.input_ids])
     assert (ids == IDS["<|audio|>"]).sum() == 108  # 4.3 s at 25 soft tokens a second
     with torch.no_grad():
         out = checkpoint[0].generate(input_ids=ids, input_features=features["input_features"],
                                      input_features_mask=features["input_features_mask"], max_new_tokens=6,
-                                     do_sample=False, suppress_tokens=BANNED, eos_token_id=STOPS, pad_token_id=0)
-    assert got == tokenizer.decode(out[0, ids.shape[1]:].tolist())
+                                     do_sample=False, suppress_tokens=BANNED, eos_token_id=STOPS, pad_token_id=0,
+                                     output_logits=True, return_dict_in_generate=True)
+    new = out.sequences[0, ids.shape[1]:].tolist()
+    assert [token for token, _ in got] == [tokenizer.decode([t]) for t in new]
+    # The logprobs too (the same greedy tokens alone hardly depend on a random tower's soft tokens).
+    want = [torch.log_softmax(step[0].double(), -1)[t].item() for step, t in zip(out.logits, new)]
+    assert [lp for _, lp in got] == pytest.approx(want, abs=2e-4)
     models = httpx.get(url + "/v1/models").json()["data"][0]
     assert models["capabilities"]["audio"] is True
 
