@@ -17,7 +17,8 @@ def pick_device(name: str | None) -> str:
 
 def open_from_args(args, *, chat: bool):
     """The checkpoint, opened (config and headers only) so that options are checked against it
-    before a long load; a `chat` use of a base model gets its warning here, plainly, on stderr."""
+    before a long load (audio asked of a model without an audio tower is refused here); a `chat`
+    use of a base model gets its warning here, plainly, on stderr."""
     from ..api import base_model_warning, check_device, default_model_path
     from ..weights import open_checkpoint
     from ..weights.hub import resolve
@@ -28,6 +29,11 @@ def open_from_args(args, *, chat: bool):
     ckpt = open_checkpoint(resolve(args.model) if args.model else default_model_path())
     if getattr(args, "think", False) and ckpt.config.family != "gemma4":
         raise ValueError(f"--think: {ckpt.config.family} models have no thinking mode (Gemma 4 only); drop --think")
+    if (getattr(args, "audio", None) or getattr(args, "command", None) == "transcribe") and (
+            ckpt.audio is None or getattr(args, "text_only", False)):
+        from ..api import NO_AUDIO
+
+        raise ValueError(NO_AUDIO)
     if chat and (warning := base_model_warning(ckpt)):
         print(f"gemma4: warning: {warning}", file=sys.stderr, flush=True)
     return ckpt

@@ -11,20 +11,16 @@ from .common import load_from_args, open_from_args, sampling_from_args
 
 
 def run(args) -> int:
-    from ..transcription import FORMATS, transcribe
+    from ..media import SAMPLING_RATE, load_audio
+    from ..transcription import transcribe
 
     if not Path(args.file).is_file():
         raise ValueError(f"{args.file}: no such file")
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
-    if args.format not in FORMATS:  # argparse checks this too; kept for direct callers
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}")
     sampling = sampling_from_args(args)
-    ckpt = open_from_args(args, chat=False)
-    if getattr(ckpt.config, "audio_config", True) is None:  # refused before a long load
-        from ..api import NO_AUDIO
-
-        raise ValueError(NO_AUDIO)
+    ckpt = open_from_args(args, chat=False)  # refuses a model without audio before loading it
+    samples = load_audio(args.file)  # a file that cannot be read is refused before loading, too
     model, tokenizer, fmt = load_from_args(args, ckpt)
     start = time.perf_counter()
 
@@ -34,8 +30,9 @@ def run(args) -> int:
               f"{_clock(segment.end)}) in {elapsed:.0f} s", end="\n" if done == total else "", file=sys.stderr,
               flush=True)
 
-    result = transcribe(model, tokenizer, args.file, chat_format=fmt, language=args.language, prompt=args.prompt,
-                        max_tokens=args.max_tokens, sampling=sampling, batch=args.batch, on_window=progress)
+    result = transcribe(model, tokenizer, (samples, SAMPLING_RATE), chat_format=fmt, language=args.language,
+                        prompt=args.prompt, max_tokens=args.max_tokens, sampling=sampling, batch=args.batch,
+                        on_window=progress)
     out = result.render(args.format, sampling.temperature)
     sys.stdout.write(json.dumps(out, ensure_ascii=False, indent=2) + "\n" if isinstance(out, dict) else out)
     return 0
