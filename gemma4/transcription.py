@@ -186,9 +186,10 @@ def join_windows(windows, results: list[WindowResult], rate: int = RATE, languag
     return Transcript(text, duration, segments, language)
 
 
-def scheduler_len(max_tokens: int, instruction_tokens: int = 64) -> int:
-    """Tokens per row a window needs: its soft tokens, the chat markup and instruction, the answer."""
-    return SOFT_TOKENS_PER_WINDOW + 32 + instruction_tokens + max_tokens
+def scheduler_len(max_tokens: int, instruction_tokens: int) -> int:
+    """Tokens per row a window needs: its soft tokens, the chat markup (64 is ample), the instruction
+    and the answer."""
+    return SOFT_TOKENS_PER_WINDOW + 64 + instruction_tokens + max_tokens
 
 
 def transcribe(model, tokenizer, audio, *, chat_format=None, language: str | None = None, prompt: str | None = None,
@@ -227,8 +228,9 @@ def transcribe(model, tokenizer, audio, *, chat_format=None, language: str | Non
             on_window(done, len(windows), Segment(i, start, end, result.text.strip()))
 
     context = model.config.max_position_embeddings
+    need = scheduler_len(max_tokens, len(tokenizer.encode(text, add_bos=False)))
     scheduler = Scheduler(model, max_batch=max(1, min(batch, len(windows))), max_queue=max(batch, 1),
-                          max_len=min(context, scheduler_len(max_tokens)), vocab_limit=tokenizer.vocab_size)
+                          max_len=min(context, need), vocab_limit=tokenizer.vocab_size)
     scheduler.start()
     try:
         results = run_windows(scheduler, request, len(windows), in_flight=batch, on_result=report)
