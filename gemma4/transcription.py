@@ -22,9 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .api import check_audio, media_prompt, turn_stop_ids
+from .chat import ChatFormat
 from .engine.sampling import SamplingParams
 from .engine.scheduler import GenerationRequest, Scheduler, TokenEvent
 from .media import SAMPLING_RATE as RATE  # the audio models' sample rate (spec 6.2)
+from .media import load_audio
+from .media.windows import plan_windows, trim_repeat
 INSTRUCTION = "Transcribe this audio."
 SOFT_TOKENS_PER_WINDOW = 750  # 30 s at 25 soft tokens a second (E2B/E4B and the 12B alike)
 FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
@@ -170,8 +174,6 @@ def join_windows(windows, results: list[WindowResult], rate: int = RATE, languag
                  clean: Callable[[str], str] = str.strip) -> Transcript:
     """One segment per window, in order, with its seconds; a window that overlaps the one before
     loses the words both heard (`trim_repeat`). `clean`: a window's raw text -> its transcript."""
-    from .media.windows import trim_repeat
-
     segments, previous = [], ""
     for i, (w, r) in enumerate(zip(windows, results)):
         text = clean(r.text)
@@ -198,11 +200,6 @@ def transcribe(model, tokenizer, audio, *, chat_format=None, language: str | Non
     """Transcribe a recording of any length (module docstring). `audio`: a path, bytes or (array, rate).
     Greedy unless `sampling` says otherwise. `batch`: windows run together. `on_window(done, total,
     segment)` is called as each window finishes (in completion order), e.g. for progress."""
-    from .api import check_audio, media_prompt, turn_stop_ids
-    from .chat import ChatFormat
-    from .media import load_audio
-    from .media.windows import plan_windows
-
     check_audio(model)
     fmt = chat_format or ChatFormat(model.config.family)
     samples = load_audio(audio)
