@@ -28,10 +28,12 @@ import torch
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from ..api import NO_AUDIO
 from ..config import ContextLengthError
 from ..engine.sampling import SamplingParams
 from ..engine.scheduler import GenerationRequest, QueueFullError, SchedulerClosedError
-from ..media import MediaError
+from ..media import MediaError, load_audio
+from ..media.windows import plan_windows
 from ..transcription import (FORMATS, RATE, TranscriptionCancelled, instruction, join_windows, run_windows,
                              window_messages)
 from .checks import check_model
@@ -115,7 +117,8 @@ def prepare(raw: bytes, content_type: str, served: ServedModel, config: ServeCon
         raise bad_request(f"response_format must be one of {', '.join(FORMATS)}", param="response_format")
     temperature = _temperature(text.get("temperature"))
     max_tokens = text.get("max_tokens") or str(WINDOW_MAX_TOKENS)
-    if not (max_tokens.isascii() and max_tokens.isdigit() and 1 <= int(max_tokens) <= served.context):
+    if not (max_tokens.isascii() and max_tokens.isdigit() and len(max_tokens) < 10
+            and 1 <= int(max_tokens) <= served.context):
         raise bad_request(f"max_tokens (per window) must be a whole number from 1 to {served.context}",
                           param="max_tokens")
     language = text.get("language") or None
@@ -125,17 +128,12 @@ def prepare(raw: bytes, content_type: str, served: ServedModel, config: ServeCon
     if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
         raise bad_request(f"prompt is over {MAX_PROMPT_CHARS} characters", param="prompt")
     if not served.capabilities["audio"]:
-        from ..api import NO_AUDIO
-
         raise bad_request(NO_AUDIO, param="model")
     data = fields.get("file")
     if data is None:
         raise bad_request("the form needs a file field: the recording", param="file")
     if len(data) > config.media.max_bytes:
         raise bad_request(f"the file is {len(data)} bytes; at most {config.media.max_bytes}", param="file")
-    from ..media import load_audio
-    from ..media.windows import plan_windows
-
     try:
         samples = load_audio(bytes(data))
         windows = plan_windows(samples, RATE)

@@ -251,6 +251,7 @@ def test_bad_transcription_requests(server):
         (_transcribe(url, wav, temperature="nan"), 400, "temperature"),
         (_transcribe(url, wav, language="english; drop"), 400, "language"),
         (_transcribe(url, wav, max_tokens="0"), 400, "max_tokens"),
+        (_transcribe(url, wav, max_tokens="9" * 5000), 400, "max_tokens"),
         (_transcribe(url, b""), 400, "empty"),
         (_transcribe(url, b"\x00" * 5000), 400, "cannot read the audio"),
         (httpx.post(post, data={"model": "other"}, files={"file": ("a.wav", wav)}), 404, "does not exist"),
