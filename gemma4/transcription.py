@@ -196,10 +196,11 @@ def scheduler_len(max_tokens: int, instruction_tokens: int) -> int:
 
 def transcribe(model, tokenizer, audio, *, chat_format=None, language: str | None = None, prompt: str | None = None,
                max_tokens: int = 256, sampling: SamplingParams | None = None, batch: int = 4,
-               on_window: Callable[[int, int, Segment], None] | None = None) -> Transcript:
+               on_window: Callable[[int, int, Segment], None] | None = None, mode: str = "eager") -> Transcript:
     """Transcribe a recording of any length (module docstring). `audio`: a path, bytes or (array, rate).
     Greedy unless `sampling` says otherwise. `batch`: windows run together. `on_window(done, total,
-    segment)` is called as each window finishes (in completion order), e.g. for progress."""
+    segment)` is called as each window finishes (in completion order), e.g. for progress. `mode`: the
+    decode step, as `Engine`'s ("compile" traces it)."""
     check_audio(model)
     fmt = chat_format or ChatFormat(model.config.family)
     samples = load_audio(audio)
@@ -227,7 +228,7 @@ def transcribe(model, tokenizer, audio, *, chat_format=None, language: str | Non
     context = model.config.max_position_embeddings
     need = scheduler_len(max_tokens, len(tokenizer.encode(text, add_bos=False)))
     scheduler = Scheduler(model, max_batch=max(1, min(batch, len(windows))), max_queue=max(batch, 1),
-                          max_len=min(context, need), vocab_limit=tokenizer.vocab_size)
+                          max_len=min(context, need), vocab_limit=tokenizer.vocab_size, mode=mode)
     scheduler.start()
     try:
         results = run_windows(scheduler, request, len(windows), in_flight=batch, on_result=report)

@@ -72,20 +72,16 @@ def engine_from_args(args, model, *, session: bool = False):
     for --speculative / --draft-model. None when a plain one-shot generation needs none of them."""
     from ..engine.speculative import make_speculation
 
-    compile_step = getattr(args, "compile", False)
     speculation = make_speculation(model, getattr(args, "speculative", None), getattr(args, "draft_model", None),
                                    getattr(args, "draft_tokens", None))
+    if not (getattr(args, "compile", False) or session or speculation):
+        return None
+    from ..engine.core import Engine
+
+    mode = decode_mode(args, model)
+    compile_step = mode != "eager"
     if not (compile_step or session or speculation):
         return None
-    from ..engine.core import Engine, compilable
-
-    if compile_step and not compilable(model):
-        print("--compile: quantized weights cannot be compiled yet; decoding without it", file=sys.stderr)
-        compile_step = False
-        if not (session or speculation):
-            return None
-    device = next(model.parameters()).device
-    mode = ("reduce-overhead" if device.type == "cuda" else "compile") if compile_step else "eager"
     engine = Engine(model, mode=mode, prefix_cache=SESSION_PREFIX_CACHE if session else 0, speculation=speculation)
     if compile_step:
         start = time.perf_counter()
@@ -94,6 +90,19 @@ def engine_from_args(args, model, *, session: bool = False):
         engine.warm_up()
         print(f"compiled in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     return engine
+
+
+def decode_mode(args, model) -> str:
+    """The engine's decode step for --compile: traced (CUDA graphs on a GPU), or eager without the
+    flag or for quantized weights, which cannot be compiled yet (said on stderr)."""
+    if not getattr(args, "compile", False):
+        return "eager"
+    from ..engine.core import compilable
+
+    if not compilable(model):
+        print("--compile: quantized weights cannot be compiled yet; decoding without it", file=sys.stderr)
+        return "eager"
+    return "reduce-overhead" if next(model.parameters()).device.type == "cuda" else "compile"
 
 
 # Tokens of K/V a chat session keeps for its next turns (gemma-3-270m: 36 KB a token in float32).

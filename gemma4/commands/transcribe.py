@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import load_from_args, open_from_args, sampling_from_args
+from .common import decode_mode, load_from_args, open_from_args, sampling_from_args
 
 
 def run(args) -> int:
@@ -22,6 +22,7 @@ def run(args) -> int:
     ckpt = open_from_args(args, chat=False)  # refuses a model without audio before loading it
     samples = load_audio(args.file)  # a file that cannot be read is refused before loading, too
     model, tokenizer, fmt = load_from_args(args, ckpt)
+    mode = decode_mode(args, model)
     start = time.perf_counter()
 
     def progress(done: int, total: int, segment) -> None:
@@ -32,7 +33,7 @@ def run(args) -> int:
 
     result = transcribe(model, tokenizer, (samples, SAMPLING_RATE), chat_format=fmt, language=args.language,
                         prompt=args.prompt, max_tokens=args.max_tokens, sampling=sampling, batch=args.batch,
-                        on_window=progress)
+                        on_window=progress, mode=mode)
     out = result.render(args.format, sampling.temperature)
     sys.stdout.write(json.dumps(out, ensure_ascii=False, indent=2) + "\n" if isinstance(out, dict) else out)
     return 0
