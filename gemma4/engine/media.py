@@ -5,10 +5,11 @@ The processor (gemma4.media) expands each image in a prompt into a run of placeh
 compute its soft tokens (the model's encoder, run when prefill reaches the span). The engine
 then keeps three rules in one place:
 
-- a prefill chunk never splits a span, so the tokens of one image see each other in one forward
-  (the model's bidirectional image blocks; `Sequence.chunk`);
+- a prefill chunk never splits a bidirectional span, so the tokens of one image see each other in
+  one forward (the model's bidirectional image blocks; `Sequence.chunk`); a causal span (an audio
+  clip, up to 750 soft tokens) is cut into chunks like text, so it never stalls decoding for long;
 - the prefix cache keys a span's positions by its content, not by the placeholder id that every
-  image shares (`keyed_tokens`), and never resumes inside a span;
+  image shares (`keyed_tokens`), and never resumes inside a bidirectional span;
 - an input sent again (same digest) is encoded once (`EncoderCache`).
 """
 
@@ -53,17 +54,19 @@ def check_spans(spans: Sequence[MediaInput], prompt_len: int) -> None:
 
 
 def cut(spans: Sequence[MediaInput], start: int, end: int) -> int:
-    """The end of a chunk [start, end) moved so that it splits no span: back to a span's start,
-    or, when the span begins the chunk, on to its end (a chunk holds a whole image)."""
+    """The end of a chunk [start, end) moved so that it splits no bidirectional span: back to the
+    span's start, or, when the span begins the chunk, on to its end (a chunk holds a whole image).
+    Causal spans are split anywhere: their tokens see only earlier ones, as text does."""
     for s in spans:
-        if s.start < end < s.end:
+        if s.block and s.start < end < s.end:
             return s.start if s.start > start else s.end
     return end
 
 
 def resumable(spans: Sequence[MediaInput], n: int) -> bool:
-    """Whether a prompt may be resumed at n (its first n tokens from the prefix cache): not inside a span."""
-    return not any(s.start < n < s.end for s in spans)
+    """Whether a prompt may be resumed at n (its first n tokens from the prefix cache): not inside a
+    bidirectional span (a causal span's positions are keyed by content and offset, like text)."""
+    return not any(s.block and s.start < n < s.end for s in spans)
 
 
 def keyed_tokens(tokens: list[int], spans: Sequence[MediaInput]) -> list[int]:

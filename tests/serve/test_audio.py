@@ -97,17 +97,17 @@ def _transcribe(url, data: bytes, **fields) -> httpx.Response:
 def test_an_audio_request_gives_the_reference_greedy_tokens(server, checkpoint):
     from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 
-    from gemma4.media import load_audio, media_parts, process_prompt
+    from gemma4.media import audio_token_count, load_audio, media_parts, process_prompt
 
     url, (_, tokenizer, fmt) = server
-    got, messages = _chat(url, [_part(_wav(_speech(4.3)))], tokens=True)
+    got, messages = _chat(url, [_part(_wav(_speech(12.3)))], tokens=True)  # 308 soft tokens: two prefill chunks
     text = fmt.render(messages, add_generation_prompt=True)
     _, _, audios = media_parts(messages)
     samples = load_audio(audios[0])
     mm = process_prompt(text, family="gemma4", audios=[(samples, RATE)], tokenizer=tokenizer)
     features = Gemma4AudioFeatureExtractor()([samples.numpy()], sampling_rate=RATE, return_tensors="pt")
     ids = torch.tensor([mm.input_ids])
-    assert (ids == IDS["<|audio|>"]).sum() == 108  # 4.3 s at 25 soft tokens a second
+    assert (ids == IDS["<|audio|>"]).sum() == audio_token_count(samples.numel()) == 308  # 25 a second
     with torch.no_grad():
         out = checkpoint[0].generate(input_ids=ids, input_features=features["input_features"],
                                      input_features_mask=features["input_features_mask"], max_new_tokens=6,
