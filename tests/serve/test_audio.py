@@ -237,6 +237,8 @@ def test_bad_audio_in_chat_is_a_clear_400(server):
     assert r.status_code == 400 and "at most 16" in r.json()["error"]["message"]
     ok, _ = _chat(url, [_part(_wav(stereo8k, rate=8000, subtype="FLOAT"))], n=2)  # 8 kHz stereo float: fine
     assert isinstance(ok, str)
+    ok, _ = _chat(url, [_part(_wav(stereo8k, rate=8000, fmt="FLAC"), "wav")], n=2)  # the bytes decide, as the
+    assert isinstance(ok, str)                                                      # chat page sends FLAC
 
 
 def test_bad_transcription_requests(server):
