@@ -13,10 +13,12 @@ from .engine.core import Engine
 from .engine.speculative import Speculation, make_speculation
 from .model import Gemma
 from .tokenizer import Tokenizer
+from .transcription import Transcript, transcribe
 from .weights import CheckpointError
 
 __all__ = [
     "load", "load_model", "generate", "stream_generate", "batch_generate", "chat_reply", "stream_chat",
     "ChatResponse", "GenerationResponse", "SamplingParams", "Gemma", "TextConfig", "Tokenizer",
     "CheckpointError", "default_model_path", "Engine", "Loaded", "Speculation", "make_speculation",
+    "transcribe", "Transcript",
 ]

@@ -198,9 +198,10 @@ def stream_chat(
     compiled step and, with a prefix cache, the K/V of the conversation so far. Greedy unless told (`sampling=` or
     `temperature=0.7, top_p=0.9, ...` as keywords), as `gemma4 chat` is. `speculative` ("ngram"),
     `draft_model`, `draft_tokens`: speculative decoding, as for `stream_generate` (docs/speculative.md).
-    Images and video: content parts `{"type": "image", "image": <path, bytes or PIL image>}` and
-    `{"type": "video", "video": <path or bytes>}` (docs/multimodal.md); `image_tokens`: soft tokens per
-    image, 70, 140, 280 (the default), 560 or 1120."""
+    Images, video and audio: content parts `{"type": "image", "image": <path, bytes or PIL image>}`,
+    `{"type": "video", "video": <path or bytes>}` and `{"type": "audio", "audio": <path, bytes or
+    (array, rate)>}` (at most 30 s; longer recordings: `gemma4.transcribe`; docs/multimodal.md);
+    `image_tokens`: soft tokens per image, 70, 140, 280 (the default), 560 or 1120."""
     sampling = sampling_from(sampling, **sampling_options)
     fmt = chat_format or ChatFormat(model.config.family)
     prompt = fmt.render(messages, tools=tools, enable_thinking=enable_thinking, add_generation_prompt=True)
@@ -225,20 +226,35 @@ def stream_chat(
 
 def media_prompt(model, tokenizer, prompt: str, messages: list[dict], image_tokens: int | None = None
                  ) -> tuple[str | list[int], tuple]:
-    """The rendered prompt as it goes to the engine: unchanged when the messages hold no images or
-    video; else its ids with each placeholder expanded (`gemma4.media`) and the engine's inputs."""
+    """The rendered prompt as it goes to the engine: unchanged when the messages hold no images,
+    video or audio; else its ids with each placeholder expanded (`gemma4.media`) and the engine's inputs."""
     from .media import DEFAULT_BUDGET, MediaError, media_parts, process_prompt
 
-    images, videos, _audios = media_parts(messages)
-    if not images and not videos:
+    images, videos, audios = media_parts(messages)
+    if not images and not videos and not audios:
         return prompt, ()
     vision = getattr(model, "vision_config", None)
-    if vision is None:
+    if (images or videos) and vision is None:
         raise MediaError("this model takes no images or video (a text-only checkpoint, or loaded with "
                          "text_only=True): send text only, or load a multimodal checkpoint")
-    mm = process_prompt(prompt, family=model.config.family, images=images, videos=videos, tokenizer=tokenizer,
-                        max_soft_tokens=image_tokens or DEFAULT_BUDGET, unified=vision.kind == "unified")
+    if audios:
+        check_audio(model)
+    mm = process_prompt(prompt, family=model.config.family, images=images, videos=videos, audios=audios,
+                        tokenizer=tokenizer, max_soft_tokens=image_tokens or DEFAULT_BUDGET,
+                        unified=vision is not None and vision.kind == "unified")
     return mm.input_ids, media_inputs(model, mm)
+
+
+NO_AUDIO = ("this model takes no audio: only the Gemma 4 E2B, E4B and 12B checkpoints do (not 26B, 31B or "
+            "Gemma 3, and a text-only load leaves the audio tower out); send text, or use one of those models")
+
+
+def check_audio(model) -> None:
+    """A MediaError (a ValueError) naming the models that take audio, unless this one does."""
+    from .media import MediaError
+
+    if getattr(model, "audio_config", None) is None:
+        raise MediaError(NO_AUDIO)
 
 
 def turn_stop_ids(fmt: ChatFormat, tokenizer) -> set[int]:

@@ -8,6 +8,7 @@
     gemma4 chat --adapter run1                                       # ... used unmerged
     gemma4 quantize --out 270m-int8 --scheme int8                     # then: gemma4 chat -m 270m-int8
     gemma4 eval perplexity --model 270m-int8 --file text.txt
+    gemma4 transcribe meeting.mp3 --model google/gemma-4-E2B-it --format srt
 """
 
 from __future__ import annotations
@@ -82,15 +83,18 @@ def _speculative_args(p: argparse.ArgumentParser) -> None:
 def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt (Gemma 3: prepended to the first user turn)")
     p.add_argument("--think", action="store_true", help="enable thinking (Gemma 4); thoughts go to stderr")
-    g = p.add_argument_group("images and video (multimodal checkpoints; docs/multimodal.md)")
+    g = p.add_argument_group("images, video and audio (multimodal checkpoints; docs/multimodal.md)")
     g.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image for the (first) message; repeat for several")
     g.add_argument("--video", action="append", default=[], metavar="PATH",
                    help="a video for the (first) message (Gemma 4; needs PyAV: pip install 'gemma4[video]')")
+    g.add_argument("--audio", action="append", default=[], metavar="PATH",
+                   help="an audio clip of at most 30 s for the (first) message (Gemma 4 E2B, E4B, 12B; "
+                        "pip install 'gemma4[audio]'); longer recordings: `gemma4 transcribe`")
     g.add_argument("--image-tokens", type=int, default=280, choices=[70, 140, 280, 560, 1120],
                    help="soft tokens per image (Gemma 4): more sees finer detail and costs more prefill")
     g.add_argument("--text-only", action="store_true",
-                   help="leave out a multimodal checkpoint's vision tower (less memory; no images)")
+                   help="leave out a multimodal checkpoint's vision and audio towers (less memory; text only)")
 
 
 def version() -> str:
@@ -139,6 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verbose", "-v", action="store_true",
                    help="print tokens and speed (and speculative decoding statistics) after each reply")
 
+    t = sub.add_parser("transcribe", help="transcribe a recording of any length (audio models: Gemma 4 E2B, E4B, 12B)",
+                       formatter_class=HelpFormatter,
+                       description="Transcribe an audio file (WAV, FLAC, OGG, MP3, ...; pip install "
+                                   "'gemma4[audio]') of any length: it is cut into windows of at most 30 s at "
+                                   "silences where it can, several windows run together, and the text is "
+                                   "joined in order with each window's start and end (progress on stderr).")
+    t.add_argument("file", help="the recording")
+    _model_args(t)
+    _sampling_args(t)
+    t.add_argument("--format", choices=["text", "json", "verbose_json", "srt", "vtt"], default="text",
+                   help="text; json {text}; verbose_json with segments (start/end seconds); srt or vtt subtitles")
+    t.add_argument("--language", default=None, help="the spoken language (e.g. en), said in the instruction")
+    t.add_argument("--prompt", default=None, help="context for the model: names and spellings to follow")
+    t.add_argument("--batch", type=int, default=4, help="windows transcribed together")
+
     # Subcommands with their own parsers (and optional extras): arguments are passed through, so
     # `gemma4 --help` never imports the server stack. `gemma4 serve --help` shows their flags.
     for name, text in PASSTHROUGH.items():
@@ -175,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             from .commands.info import run
         elif args.command == "generate":
             from .commands.generate import run
+        elif args.command == "transcribe":
+            from .commands.transcribe import run
         else:
             from .commands.chat import run
         return run(args) or 0

@@ -15,7 +15,7 @@ from .common import (check_media_args, check_speculative_args, engine_from_args,
                      sampling_from_args, with_media)
 
 HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system prompt), "
-        "/image PATH (attach an image to your next message), /exit")
+        "/image PATH or /audio PATH (attach an image or an audio clip to your next message), /exit")
 MULTILINE = 'end a line with \\ to continue it, or put """ on a line before and after a block'
 
 
@@ -54,7 +54,7 @@ def run(args) -> int:
 
     _line_editing()
     system, history = args.system, []
-    images, videos = list(args.image), list(args.video)  # for the next message
+    images, videos, audios = list(args.image), list(args.video), list(args.audio)  # for the next message
     print(f"chatting with {args.model or 'gemma-3-270m'}; {HELP}; {MULTILINE}; Ctrl-C stops a reply, "
           "Ctrl-D quits", file=sys.stderr)
     while True:
@@ -79,25 +79,26 @@ def run(args) -> int:
             history = []
             print(f"[system prompt {'set' if system else 'cleared'}; conversation cleared]", file=sys.stderr)
             continue
-        if text.startswith("/image"):
-            path = text[len("/image"):].strip()
+        if text.startswith(("/image", "/audio")):
+            kind, path = text[1:6], text[len("/image"):].strip()
             if not Path(path).is_file():
                 print(f"[no such file: {path!r}]", file=sys.stderr)
             else:
-                images.append(path)
-                print(f"[{len(images)} image(s) attached to your next message]", file=sys.stderr)
+                attached = images if kind == "image" else audios
+                attached.append(path)
+                print(f"[{len(attached)} {kind}(s) attached to your next message]", file=sys.stderr)
             continue
         if text.startswith("/"):
             print(f"[unknown command; {HELP}]", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": with_media(text, images, videos)})
-        images, videos = [], []
+        history.append({"role": "user", "content": with_media(text, images, videos, audios)})
+        images, videos, audios = [], [], []
         events = stream_chat(model, tokenizer, messages_with_system(system, history), enable_thinking=args.think,
                              max_tokens=args.max_tokens, sampling=sampling, chat_format=chat_format,
                              engine=engine, on_prefill=prefill_progress(), image_tokens=args.image_tokens)
         try:
             response = print_events(events, show_thoughts=args.think)
-        except MediaError as error:  # a bad image: say so, and keep the session
+        except MediaError as error:  # a bad image or clip: say so, and keep the session
             print(f"[{error}]", file=sys.stderr)
             history.pop()
             continue

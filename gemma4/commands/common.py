@@ -17,7 +17,8 @@ def pick_device(name: str | None) -> str:
 
 def open_from_args(args, *, chat: bool):
     """The checkpoint, opened (config and headers only) so that options are checked against it
-    before a long load; a `chat` use of a base model gets its warning here, plainly, on stderr."""
+    before a long load (audio asked of a model without an audio tower is refused here); a `chat`
+    use of a base model gets its warning here, plainly, on stderr."""
     from ..api import base_model_warning, check_device, default_model_path
     from ..weights import open_checkpoint
     from ..weights.hub import resolve
@@ -28,6 +29,11 @@ def open_from_args(args, *, chat: bool):
     ckpt = open_checkpoint(resolve(args.model) if args.model else default_model_path())
     if getattr(args, "think", False) and ckpt.config.family != "gemma4":
         raise ValueError(f"--think: {ckpt.config.family} models have no thinking mode (Gemma 4 only); drop --think")
+    if (getattr(args, "audio", None) or getattr(args, "command", None) == "transcribe") and (
+            ckpt.audio is None or getattr(args, "text_only", False)):
+        from ..api import NO_AUDIO
+
+        raise ValueError(NO_AUDIO)
     if chat and (warning := base_model_warning(ckpt)):
         print(f"gemma4: warning: {warning}", file=sys.stderr, flush=True)
     return ckpt
@@ -66,20 +72,16 @@ def engine_from_args(args, model, *, session: bool = False):
     for --speculative / --draft-model. None when a plain one-shot generation needs none of them."""
     from ..engine.speculative import make_speculation
 
-    compile_step = getattr(args, "compile", False)
     speculation = make_speculation(model, getattr(args, "speculative", None), getattr(args, "draft_model", None),
                                    getattr(args, "draft_tokens", None))
+    if not (getattr(args, "compile", False) or session or speculation):
+        return None
+    from ..engine.core import Engine
+
+    mode = decode_mode(args, model)
+    compile_step = mode != "eager"
     if not (compile_step or session or speculation):
         return None
-    from ..engine.core import Engine, compilable
-
-    if compile_step and not compilable(model):
-        print("--compile: quantized weights cannot be compiled yet; decoding without it", file=sys.stderr)
-        compile_step = False
-        if not (session or speculation):
-            return None
-    device = next(model.parameters()).device
-    mode = ("reduce-overhead" if device.type == "cuda" else "compile") if compile_step else "eager"
     engine = Engine(model, mode=mode, prefix_cache=SESSION_PREFIX_CACHE if session else 0, speculation=speculation)
     if compile_step:
         start = time.perf_counter()
@@ -88,6 +90,19 @@ def engine_from_args(args, model, *, session: bool = False):
         engine.warm_up()
         print(f"compiled in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     return engine
+
+
+def decode_mode(args, model) -> str:
+    """The engine's decode step for --compile: traced (CUDA graphs on a GPU), or eager without the
+    flag or for quantized weights, which cannot be compiled yet (said on stderr)."""
+    if not getattr(args, "compile", False):
+        return "eager"
+    from ..engine.core import compilable
+
+    if not compilable(model):
+        print("--compile: quantized weights cannot be compiled yet; decoding without it", file=sys.stderr)
+        return "eager"
+    return "reduce-overhead" if next(model.parameters()).device.type == "cuda" else "compile"
 
 
 # Tokens of K/V a chat session keeps for its next turns (gemma-3-270m: 36 KB a token in float32).
@@ -100,19 +115,19 @@ def sampling_from_args(args) -> SamplingParams:
 
 
 def check_media_args(args) -> None:
-    """--image / --video files must exist (checked before a long load)."""
-    for kind in ("image", "video"):
+    """--image / --video / --audio files must exist (checked before a long load)."""
+    for kind in ("image", "video", "audio"):
         for path in getattr(args, kind, None) or ():
             if not Path(path).is_file():
                 raise ValueError(f"--{kind} {path}: no such file")
 
 
-def with_media(text: str, images=(), videos=()) -> str | list[dict]:
-    """A user message's content: the text alone, or content parts with the images and videos first."""
-    if not images and not videos:
+def with_media(text: str, images=(), videos=(), audios=()) -> str | list[dict]:
+    """A user message's content: the text alone, or content parts with the media first."""
+    if not images and not videos and not audios:
         return text
     return ([{"type": "image", "image": p} for p in images] + [{"type": "video", "video": p} for p in videos]
-            + [{"type": "text", "text": text}])
+            + [{"type": "audio", "audio": p} for p in audios] + [{"type": "text", "text": text}])
 
 
 def messages_with_system(system: str | None, messages: list[dict]) -> list[dict]:

@@ -28,7 +28,7 @@ def _run(args) -> int:
     ckpt = open_from_args(args, chat=False)
     model, tokenizer, fmt = load_from_args(args, ckpt)
     engine = engine_from_args(args, model)
-    media = bool(args.image or args.video)  # images need the chat format's placeholders
+    media = bool(args.image or args.video or args.audio)  # media need the chat format's placeholders
     chat = args.format == "chat" or (args.format == "auto" and (fmt.template is not None or args.system or args.think
                                                                 or media))
     if chat:
@@ -37,7 +37,7 @@ def _run(args) -> int:
         if warning := base_model_warning(ckpt):
             print(f"gemma4: warning: {warning}", file=sys.stderr, flush=True)
 
-        content = with_media(prompt, args.image, args.video)
+        content = with_media(prompt, args.image, args.video, args.audio)
         messages = messages_with_system(args.system, [{"role": "user", "content": content}])
         events = stream_chat(model, tokenizer, messages, enable_thinking=args.think, max_tokens=args.max_tokens,
                              sampling=sampling, chat_format=fmt, engine=engine, on_prefill=prefill_progress(),
@@ -48,7 +48,7 @@ def _run(args) -> int:
         _print_speculation(args, engine)
         return 0
     if media:
-        raise ValueError("--image and --video need the chat format: leave out --format raw")
+        raise ValueError("--image, --video and --audio need the chat format: leave out --format raw")
     from ..engine.generate import stream_generate
 
     last = None

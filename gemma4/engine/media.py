@@ -5,10 +5,11 @@ The processor (gemma4.media) expands each image in a prompt into a run of placeh
 compute its soft tokens (the model's encoder, run when prefill reaches the span). The engine
 then keeps three rules in one place:
 
-- a prefill chunk never splits a span, so the tokens of one image see each other in one forward
-  (the model's bidirectional image blocks; `Sequence.chunk`);
+- a prefill chunk never splits a bidirectional span, so the tokens of one image see each other in
+  one forward (the model's bidirectional image blocks; `Sequence.chunk`); a causal span (an audio
+  clip, up to 750 soft tokens) is cut into chunks like text, so it never stalls decoding for long;
 - the prefix cache keys a span's positions by its content, not by the placeholder id that every
-  image shares (`keyed_tokens`), and never resumes inside a span;
+  image shares (`keyed_tokens`), and never resumes inside a bidirectional span;
 - an input sent again (same digest) is encoded once (`EncoderCache`).
 """
 
@@ -53,17 +54,19 @@ def check_spans(spans: Sequence[MediaInput], prompt_len: int) -> None:
 
 
 def cut(spans: Sequence[MediaInput], start: int, end: int) -> int:
-    """The end of a chunk [start, end) moved so that it splits no span: back to a span's start,
-    or, when the span begins the chunk, on to its end (a chunk holds a whole image)."""
+    """The end of a chunk [start, end) moved so that it splits no bidirectional span: back to the
+    span's start, or, when the span begins the chunk, on to its end (a chunk holds a whole image).
+    Causal spans are split anywhere: their tokens see only earlier ones, as text does."""
     for s in spans:
-        if s.start < end < s.end:
+        if s.block and s.start < end < s.end:
             return s.start if s.start > start else s.end
     return end
 
 
 def resumable(spans: Sequence[MediaInput], n: int) -> bool:
-    """Whether a prompt may be resumed at n (its first n tokens from the prefix cache): not inside a span."""
-    return not any(s.start < n < s.end for s in spans)
+    """Whether a prompt may be resumed at n (its first n tokens from the prefix cache): not inside a
+    bidirectional span (a causal span's positions are keyed by content and offset, like text)."""
+    return not any(s.block and s.start < n < s.end for s in spans)
 
 
 def keyed_tokens(tokens: list[int], spans: Sequence[MediaInput]) -> list[int]:
@@ -109,10 +112,19 @@ class EncoderCache:
 
 def media_inputs(model, processed) -> tuple[MediaInput, ...]:
     """The engine's inputs for a processed prompt (`gemma4.media.process_prompt`): one per image,
-    crop or video frame, whose soft tokens `model.embed_media` computes from its own row of pixels
-    when prefill reaches it, keyed by the processor's content hash."""
+    crop, video frame or audio clip, whose soft tokens the model's encoder computes from its own row
+    of inputs when prefill reaches it, keyed by the processor's content hash. Audio is causal
+    (`block=False`): the reference gives audio tokens no bidirectional group."""
     out = []
     for sp in processed.spans or ():
+        if sp.kind == "audio":
+            inputs = processed.audio_inputs
+            mask = inputs.get("input_features_mask")
+            encode = functools.partial(_encode_audio, model, inputs["input_features"][sp.row],
+                                       None if mask is None else mask[sp.row])
+            out.append(MediaInput(sp.start, sp.length, f"audio:{processed.audio_keys[sp.item]}", encode,
+                                  block=False))
+            continue
         if sp.kind == "image":
             inputs, keys, name = processed.image_inputs, processed.image_keys, "image"
             pixels = inputs["pixel_values"][sp.row]
@@ -129,3 +141,10 @@ def _encode(model, pixels: torch.Tensor, positions: torch.Tensor | None) -> torc
     param = next(model.parameters())
     pixels = pixels.to(param.device, param.dtype if param.is_floating_point() else torch.float32)
     return model.embed_media(pixels, None if positions is None else positions.to(param.device))
+
+
+def _encode_audio(model, features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One clip's soft tokens: `model.embed_audio` on its row of features (and mask), batch of one."""
+    param = next(model.parameters())
+    features = features[None].to(param.device, param.dtype if param.is_floating_point() else torch.float32)
+    return model.embed_audio(features, None if mask is None else mask[None].to(param.device))

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP app: routes, request checks, streaming, lifecycle.
 
-    POST /v1/chat/completions   POST /v1/completions   GET /v1/models   GET /health   GET /metrics
+    POST /v1/chat/completions   POST /v1/completions   POST /v1/audio/transcriptions (transcriptions.py)
+    GET /v1/models   GET /health   GET /metrics
     GET /   the chat page (ui/; off with `ui=False`)
 
 A request is checked completely (shape, limits, model id, tools, context length, grammar) before
@@ -45,7 +46,7 @@ from ..config import ContextLengthError
 from ..engine.core import PREFILL_CHUNK
 from ..engine.speculative import make_speculation
 from ..engine.scheduler import GenerationRequest, QueueFullError, Scheduler, SchedulerClosedError, TokenEvent
-from . import checks, ui
+from . import checks, transcriptions, ui
 from .errors import APIError, context_length_error
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .output import Delta, OutputAssembler, logprob_entry
@@ -119,7 +120,8 @@ class ServedModel:
     def capabilities(self) -> dict:
         """What requests may use, for clients such as the chat page (`/v1/models`)."""
         vision = getattr(self.model, "vision_config", None) is not None
-        return {"image": vision, "video": vision and self.format.family == "gemma4", "audio": False,
+        audio = getattr(self.model, "audio_config", None) is not None
+        return {"image": vision, "video": vision and self.format.family == "gemma4", "audio": audio,
                 "thinking": self.format.family == "gemma4", "tools": self.has_tools}
 
 
@@ -262,9 +264,10 @@ def build_app(
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    async def body(request: Request) -> bytes:
+    async def body(request: Request, limit: int | None = None, media_type: str = "application/json") -> bytes:
         try:
-            return await read_body(request, config.max_body_bytes, config.body_timeout, state.uploads)
+            return await read_body(request, limit or config.max_body_bytes, config.body_timeout, state.uploads,
+                                   media_type)
         except APIError as error:
             if error.status == 408 and state.status == "stopping":  # cut short by `drain`
                 raise APIError(503, "the server is shutting down", close=True) from None
@@ -304,6 +307,16 @@ def build_app(
                                 stop=req.stop_list, tokenizer=served.tokenizer)
         assembler = OutputAssembler(served.tokenizer, None)
         return await _run(request, state, req, gen, assembler, chat=False)
+
+    @app.post("/v1/audio/transcriptions")
+    async def audio_transcriptions(request: Request):
+        served = state.ready()
+        raw = await body(request, transcriptions.body_limit(config), "multipart/form-data")
+        job = await asyncio.to_thread(transcriptions.prepare, raw, request.headers.get("content-type", ""),
+                                      served, config)
+        if state.status == "stopping":
+            raise _shutting_down()
+        return await transcriptions.transcribe(request, job, served, config, lambda: state.status == "stopping")
 
     return app
 

@@ -1,8 +1,8 @@
 """Request checks the schema cannot express, and the conversion of a valid request for the engine.
 
 Everything here runs before the scheduler sees the request, so a bad request costs no slot and no
-memory: message consistency (a tool message must answer an earlier call), content parts (text
-only for now; remote URLs refused), tools and tool_choice, the context budget, sampling
+memory: message consistency (a tool message must answer an earlier call), content parts (text,
+media the model takes, in OpenAI's shapes), tools and tool_choice, the context budget, sampling
 parameters, logit bias ids, and the token constraints for structured output, tool choice and the
 thinking budget (grammar compilation runs off the event loop, under a timeout).
 
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from ..api import NO_AUDIO
 from ..chat import ChatTemplateError, ToolDefinitionError, normalize_tools
 from ..config import ContextLengthError, check_context
 from ..engine.sampling import SamplingParams
@@ -49,7 +50,7 @@ class Prepared:
     logit_bias: dict[int, float] | None
     tools: list[dict] | None = None
     prompt_text: str = ""
-    media: tuple = ()  # images and frames: gemma4.engine.media.MediaInput over their placeholders
+    media: tuple = ()  # images, frames and audio clips: gemma4.engine.media.MediaInput over their placeholders
 
 
 def prepare_chat(raw: bytes, served: ServedModel, config: ServeConfig) -> Prepared:
@@ -175,9 +176,13 @@ def check_part(part: dict, where: str, served: ServedModel) -> None:
         if kind == "image_url" and inner.get("detail", "auto") not in ("low", "auto", "high"):
             raise bad_request(f"{where}.image_url.detail must be low, auto or high", param=where)
         return
-    if kind in ("input_audio", "image", "audio", "audio_url", "video"):
+    if kind == "input_audio":  # its shape and format: gemma4.media's rules (media_parts), as a 400
+        if not served.capabilities["audio"]:
+            raise bad_request(f"{where}: {NO_AUDIO}", param=where)
+        return
+    if kind in ("image", "audio", "audio_url", "video"):
         raise bad_request(f"{where}: {kind} parts are not supported by this server; images come as image_url "
-                          "parts, video as video_url parts", param=where)
+                          "parts, video as video_url parts, audio as input_audio parts", param=where)
     raise bad_request(f"{where}: unknown content part type {str(kind)[:40]!r}", param=where)
 
 

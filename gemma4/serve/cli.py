@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Serve a model over an OpenAI-compatible HTTP API: /v1/chat/completions and /v1/completions
-(streaming, tools, structured output), /v1/models, /health, /metrics, and a chat page at /
+(streaming, tools, structured output), /v1/audio/transcriptions (audio models, any length),
+/v1/models, /health, /metrics, and a chat page at /
 (off with --no-ui). Requests are batched together on one decode engine. Every flag has a
 GEMMA4_* environment twin (e.g. GEMMA4_PORT); the flag wins. See docs/serving.md."""
 
@@ -103,14 +104,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p("--no-ui", action="store_true", default=env("GEMMA4_NO_UI", "") not in ("", "0"),
       help="do not serve the chat page at / (env GEMMA4_NO_UI=1); the API is unchanged")
     p("--text-only", action="store_true", default=env("GEMMA4_TEXT_ONLY", "") not in ("", "0"),
-      help="leave out a multimodal checkpoint's vision tower: less memory, and images are refused")
+      help="leave out a multimodal checkpoint's vision and audio towers: less memory, and media are refused")
     p("--allowed-media-dir", default=env("GEMMA4_ALLOWED_MEDIA_DIR"), metavar="DIR",
       help="let image_url / video_url parts name files (paths or file:// URLs) inside DIR; by default only "
            "data: URLs are read")
     p("--allow-remote-media", action="store_true", default=env("GEMMA4_ALLOW_REMOTE_MEDIA", "") not in ("", "0"),
       help="let image_url / video_url parts be http(s) URLs, fetched by the server (20 MB, 10 s each)")
     p("--max-media-items", type=int, default=int(env("GEMMA4_MAX_MEDIA_ITEMS", "16")),
-      help="images and videos one request may carry")
+      help="images, videos and audio clips one request may carry")
     from ..parallel.args import add_parallel_arguments
 
     add_parallel_arguments(parser)

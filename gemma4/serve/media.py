@@ -1,6 +1,7 @@
-"""Images and video in chat requests: where their bytes may come from, and their processing.
+"""Images, video and audio in chat requests: where their bytes may come from, and their processing.
 
-A request's `image_url` / `video_url` parts are `data:` URLs by default. A local path (or
+A request's `image_url` / `video_url` parts are `data:` URLs by default, `input_audio` parts base64
+data (OpenAI's shape; at most 30 s a clip, the models' limit). A local path (or
 `file://` URL) is read only under `--allowed-media-dir`; an `http(s)` URL is fetched only with
 `--allow-remote-media`, with httpx, within the same size limit and a time limit. Everything runs in
 the worker thread that prepares the request, before it takes a slot; every refusal is a 400 that
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..api import NO_AUDIO
 from ..engine.media import MediaInput, media_inputs
 from ..media import DEFAULT_BUDGET, MediaError, media_parts, process_prompt
 from .errors import bad_request, sanitize
@@ -21,12 +23,13 @@ from .errors import bad_request, sanitize
 if TYPE_CHECKING:
     from .app import ServeConfig, ServedModel
 
+_MEDIA_PARTS = ("image_url", "image", "video_url", "video", "input_audio", "audio")
 DETAIL_TOKENS = {"low": 70, "auto": None, "high": 1120}  # OpenAI's `detail` -> a soft-token budget
 
 
 @dataclass
 class MediaPolicy:
-    max_items: int = 16  # images and videos in one request
+    max_items: int = 16  # images, videos and audio clips in one request
     allowed_dir: Path | None = None  # local files readable by path
     allow_remote: bool = False  # http(s) URLs fetched by the server
     fetch_timeout: float = 10.0  # seconds for one remote download
@@ -35,7 +38,7 @@ class MediaPolicy:
 
 def has_media(messages: list[dict]) -> bool:
     return any(isinstance(m.get("content"), list) and any(
-        isinstance(p, dict) and p.get("type") in ("image_url", "image", "video_url", "video") for p in m["content"])
+        isinstance(p, dict) and p.get("type") in _MEDIA_PARTS for p in m["content"])
         for m in messages)
 
 
@@ -50,26 +53,37 @@ def budget(messages: list[dict]) -> int:
 
 def prepare(text: str, messages: list[dict], served: ServedModel, config: ServeConfig, encode
             ) -> tuple[list[int], tuple[MediaInput, ...]]:
-    """(prompt ids, engine media) for a rendered chat prompt whose messages hold images or video."""
-    model = served.model
-    vision = getattr(model, "vision_config", None)
-    if vision is None:
-        raise bad_request("this model takes no images or video (a text-only checkpoint, or served with "
-                          "--text-only): send text only", param="messages")
+    """(prompt ids, engine media) for a rendered chat prompt whose messages hold images, video or audio."""
     policy = config.media
     try:
-        images, videos, _audios = media_parts(messages)
-        if len(images) + len(videos) > policy.max_items:
-            raise bad_request(f"{len(images) + len(videos)} images and videos in one request; at most "
+        images, videos, audios = media_parts(messages)
+        count = len(images) + len(videos) + len(audios)
+        if count > policy.max_items:
+            raise bad_request(f"{count} images, videos and audio clips in one request; at most "
                               f"{policy.max_items} (--max-media-items)", param="messages")
         images = [_fetch(x, policy) for x in images]
         videos = [_fetch(x, policy) for x in videos]
-        tokens = budget(messages)
-        mm = process_prompt(text, family=model.config.family, images=images, videos=videos,
-                            tokenizer=served.tokenizer, max_soft_tokens=tokens, unified=vision.kind == "unified",
-                            encode=encode)
+        audios = [_fetch(x, policy) for x in audios]
+        return process(text, served, encode, images=images, videos=videos, audios=audios,
+                       tokens=budget(messages))
     except MediaError as error:
         raise bad_request(f"cannot read the media: {sanitize(str(error))}", param="messages") from None
+
+
+def process(text: str, served: ServedModel, encode, *, images=(), videos=(), audios=(), tokens: int = DEFAULT_BUDGET
+            ) -> tuple[list[int], tuple[MediaInput, ...]]:
+    """Media already in hand (bytes, or decoded audio) -> (prompt ids, engine media); a 400 when the model
+    lacks the tower they need. MediaError passes through for the caller's wording."""
+    model = served.model
+    vision = getattr(model, "vision_config", None)
+    if (images or videos) and vision is None:
+        raise bad_request("this model takes no images or video (a text-only checkpoint, or served with "
+                          "--text-only): send text only", param="messages")
+    if audios and not served.capabilities["audio"]:
+        raise bad_request(NO_AUDIO, param="messages")
+    mm = process_prompt(text, family=model.config.family, images=images, videos=videos, audios=audios,
+                        tokenizer=served.tokenizer, max_soft_tokens=tokens,
+                        unified=vision is not None and vision.kind == "unified", encode=encode)
     return mm.input_ids, media_inputs(model, mm)
 
 
@@ -77,7 +91,7 @@ def _fetch(source: Any, policy: MediaPolicy) -> Any:
     """Bytes of one input: data URLs are already bytes; paths and URLs only as the policy allows."""
     if isinstance(source, (bytes, bytearray)):
         if len(source) > policy.max_bytes:
-            raise bad_request(f"an image or video of {len(source)} bytes; at most {policy.max_bytes}",
+            raise bad_request(f"a media input of {len(source)} bytes; at most {policy.max_bytes}",
                               param="messages")
         return bytes(source)
     if not isinstance(source, str):

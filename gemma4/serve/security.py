@@ -119,17 +119,18 @@ def cors_options(origins: list[str] | None) -> dict:
     return dict(allow_origin_regex=LOCAL_ORIGIN_REGEX, **common)
 
 
-async def read_body(request: Request, limit: int, timeout: float, uploads: set | None = None) -> bytes:
-    """The raw body, or an APIError: 413 over `limit` bytes, 400 not JSON by its Content-Type, 408 not
-    all there after `timeout` seconds. `uploads`, if given, holds the running read's `asyncio.Timeout`
-    meanwhile, so shutdown can end it early (`Timeout.reschedule`)."""
+async def read_body(request: Request, limit: int, timeout: float, uploads: set | None = None,
+                    media_type: str = "application/json") -> bytes:
+    """The raw body, or an APIError: 413 over `limit` bytes, 400 not of `media_type` by its Content-Type,
+    408 not all there after `timeout` seconds. `uploads`, if given, holds the running read's
+    `asyncio.Timeout` meanwhile, so shutdown can end it early (`Timeout.reschedule`)."""
     too_large = APIError(413, f"request body too large (limit {limit} bytes)")  # uvicorn discards the rest
     length = request.headers.get("content-length")
     if length is not None and not (length.isascii() and length.isdigit() and int(length) <= limit):
         raise too_large
     ctype = request.headers.get("content-type", "")
-    if not re.match(r"^application/json\s*(;|$)", ctype, re.I):
-        raise bad_request("Content-Type must be application/json")
+    if not re.match(rf"^{re.escape(media_type)}\s*(;|$)", ctype, re.I):
+        raise bad_request(f"Content-Type must be {media_type}")
     chunks, size = [], 0
     try:
         async with asyncio.timeout(timeout) as deadline:

@@ -30,11 +30,13 @@ class _Encoder:
     def __init__(self, d):
         self.d, self.calls = d, []
 
-    def span(self, start, n, key):
+    def span(self, start, n, key, block=True):
+        """An image-like span (block: kept whole in a chunk; text-only models ignore the groups), or
+        with block=False an audio-like causal one."""
         def encode():
             self.calls.append(key)
             return _soft(key, n, self.d)
-        return MediaInput(start, n, key, encode, block=False)
+        return MediaInput(start, n, key, encode, block=block)
 
 
 def _prompt(vocab, n, seed, spans):
@@ -45,15 +47,19 @@ def _prompt(vocab, n, seed, spans):
 
 
 def _reference(model, ids, spans):
-    """Logits [T, V] of one full forward over the merged embeddings (placeholders looked up as id 0)."""
+    """Logits [T, V] of one full forward over the merged embeddings (placeholders looked up as id 0),
+    each block span one bidirectional group where the model has them."""
     ids0 = torch.tensor(ids)
     for s in spans:
         ids0[s.start : s.end] = 0
     embeds = model.model.embed(ids0[None])
-    for s in spans:
+    groups = torch.full((1, len(ids)), -1, dtype=torch.long)
+    for g, s in enumerate(spans):
         embeds[0, s.start : s.end] = _soft(s.key, s.length, embeds.shape[-1])
+        if s.block:
+            groups[0, s.start : s.end] = g
     with torch.no_grad():
-        return model(ids0[None], inputs_embeds=embeds)[0]
+        return model(ids0[None], inputs_embeds=embeds, groups=groups)[0]
 
 
 def _prefill(engine, ids, spans, budget=None):
@@ -128,6 +134,25 @@ def test_span_helpers():
     assert keyed_tokens([1] * 12, [MediaInput(4, 6, "other", lambda: None)])[4:10] != keyed[4:10]
     with pytest.raises(ValueError, match="overlaps"):
         Sequence(GenerationRequest([1] * 12, 2, media=(s, MediaInput(8, 2, "x", lambda: None))), 100, 64)
+
+
+def test_a_causal_span_is_chunked_like_text_and_resumed_inside():
+    """An audio-like span (block=False) longer than a chunk is cut into chunks as text is, encoded
+    once, and a later prompt resumes from the prefix cache inside it (block [0, 16) ends within the
+    clip [3, 20)); logits equal one full forward. An image-like span there would not be resumed."""
+    model = random_model("tiny-e2b").double()
+    enc = _Encoder(model.config.hidden_size)
+    spans = [enc.span(3, 17, "clip", block=False)]
+    ids = _prompt(model.config.vocab_size, 24, 4, spans)
+    engine = Engine(model, max_len=48, prefill_chunk=4, prefix_cache=256)
+    logits, chunks, _ = _prefill(engine, ids, spans)
+    assert chunks == [4] * 6 and enc.calls == ["clip"]
+    torch.testing.assert_close(logits, _reference(model, ids, spans)[-1], rtol=0, atol=1e-10)
+    longer = ids + [9, 10, 11]
+    logits, _, cached = _prefill(engine, longer, spans)
+    assert cached == 16 and enc.calls == ["clip"]
+    torch.testing.assert_close(logits, _reference(model, longer, spans)[-1], rtol=0, atol=1e-10)
+    assert cut(spans, 0, 8) == 8 and cut([MediaInput(3, 17, "x", lambda: None)], 0, 8) == 3
 
 
 @pytest.fixture(scope="module")

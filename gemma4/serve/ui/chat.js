@@ -475,7 +475,8 @@ function attach(kind, input) {
   if (!file) return;
   const reader = new FileReader();
   reader.onload = () => {
-    const format = (file.name.split(".").pop() || "wav").toLowerCase();
+    // OpenAI's input_audio names only wav or mp3; the server decodes FLAC, OGG, ... from the bytes.
+    const format = (file.name.split(".").pop() || "").toLowerCase() === "mp3" ? "mp3" : "wav";
     state.attachments.push({ kind, name: file.name, url: String(reader.result), format });
     renderAttachments();
   };
