@@ -51,7 +51,6 @@ MAX_PROMPT_CHARS = 4096
 MAX_FIELDS = 16
 WINDOW_MAX_TOKENS = 256  # tokens a window's text may take by default (30 s of fast speech is about 120)
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})?$")
-_BOUNDARY = re.compile(r'boundary=(?:"([^"]{1,70})"|([^\s;"]{1,70}))', re.I)
 _FIELDS = {"model", "language", "prompt", "response_format", "temperature", "max_tokens"}
 _IGNORED = {"timestamp_granularities[]", "timestamp_granularities", "include[]", "chunking_strategy", "stream"}
 
@@ -74,30 +73,59 @@ class Job:
 
 
 def parse_multipart(raw: bytes, content_type: str) -> dict[str, bytes]:
-    """Form fields of a multipart/form-data body by name (a file field's content as it came)."""
-    match = _BOUNDARY.search(content_type)
-    if match is None:
+    """Form fields of a multipart/form-data body by name (a file field's content as it came), parsed
+    by python-multipart (the parser Starlette uses), from bytes already read under the body limit."""
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    kind, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
         raise bad_request("a multipart/form-data body needs a boundary in its Content-Type")
-    delimiter = b"\r\n--" + (match.group(1) or match.group(2)).encode("latin-1")
-    pieces = (b"\r\n" + raw).split(delimiter)
-    if len(pieces) < 3 or not pieces[-1].startswith(b"--"):
-        raise bad_request("the multipart body has no parts, or is not closed by its boundary (truncated?)")
     fields: dict[str, bytes] = {}
-    for piece in pieces[1:-1]:
-        head, sep, content = piece.partition(b"\r\n\r\n")
-        if not sep:
-            raise bad_request("a multipart part has no blank line between its headers and its content")
-        headers = head.decode("latin-1").split("\r\n")[1:]  # [0]: the rest of the boundary line
-        disposition = next((h for h in headers if h.lower().startswith("content-disposition:")), "")
-        name = re.search(r';\s*name="([^"]*)"|;\s*name=([^\s;]+)', disposition)
+    part: dict = {}
+    ended = []
+
+    def on_header_field(data, start, end):
+        part["field"] = part.get("field", b"") + data[start:end]
+
+    def on_header_value(data, start, end):
+        part["value"] = part.get("value", b"") + data[start:end]
+
+    def on_header_end():
+        if part.pop("field", b"").lower() == b"content-disposition":
+            part["disposition"] = part.get("value", b"")
+        part.pop("value", None)
+
+    def on_headers_finished():
+        name = parse_options_header(part.get("disposition", b""))[1].get(b"name")
         if name is None:
             raise bad_request("a multipart part has no Content-Disposition name")
-        key = name.group(1) if name.group(1) is not None else name.group(2)
+        key = name.decode("utf-8", "replace")
         if key in fields:
             raise bad_request(f"the form field {key[:40]!r} is given twice")
         if len(fields) >= MAX_FIELDS:
             raise bad_request(f"more than {MAX_FIELDS} form fields")
-        fields[key] = content
+        part["key"], part["data"] = key, []
+
+    def on_part_data(data, start, end):
+        part["data"].append(data[start:end])
+
+    def on_part_end():
+        fields[part["key"]] = b"".join(part["data"])
+        part.clear()
+
+    callbacks = {"on_header_field": on_header_field, "on_header_value": on_header_value,
+                 "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+                 "on_part_data": on_part_data, "on_part_end": on_part_end, "on_end": lambda: ended.append(True)}
+    try:
+        parser = MultipartParser(boundary, callbacks, max_header_count=MAX_FIELDS)
+        parser.write(raw)
+        parser.finalize()
+    except MultipartParseError as error:
+        raise bad_request(f"the multipart body is malformed: {sanitize(str(error))[:200]}") from None
+    if not ended or not fields:
+        raise bad_request("the multipart body has no parts, or is not closed by its boundary (truncated?)")
     return fields
 
 

@@ -294,19 +294,24 @@ def test_a_model_without_audio_refuses_it(loaded):
 
 
 def test_multipart_parsing():
+    """python-multipart parses the form; what it refuses, and what we refuse beside it, is a 400."""
     from gemma4.serve.errors import APIError
     from gemma4.serve.transcriptions import parse_multipart
 
-    body = (b"preamble\r\n--b0\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ntiny\r\n"
+    body = (b"--b0\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ntiny\r\n"
             b"--b0\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
             b"Content-Type: audio/wav\r\n\r\n\r\n-- b0 --b\r\n\r\n--b0--\r\nepilogue")
     assert parse_multipart(body, 'multipart/form-data; boundary="b0"') == {
         "model": b"tiny", "file": b"\r\n-- b0 --b\r\n"}
     for raw, ctype, message in [
         (body, "multipart/form-data", "boundary"),
+        (body, "application/json; boundary=b0", "boundary"),
         (body.replace(b"--b0--", b"--b1--"), "multipart/form-data; boundary=b0", "not closed"),
+        (body[:60], "multipart/form-data; boundary=b0", "truncated"),
+        (b"", "multipart/form-data; boundary=b0", "no parts"),
         (b"--b0\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b0--", "multipart/form-data; boundary=b0", "name"),
-        (b"--b0\r\nno blank line\r\n--b0--", "multipart/form-data; boundary=b0", "blank line"),
+        (b"--b0\r\nno blank line\r\n--b0--", "multipart/form-data; boundary=b0", "malformed"),
+        (b"preamble\r\n" + body, "multipart/form-data; boundary=b0", "malformed"),
         (b"--b0\r\nContent-Disposition: form-data; name=a\r\n\r\n1\r\n--b0\r\nContent-Disposition: form-data; "
          b"name=a\r\n\r\n2\r\n--b0--", "multipart/form-data; boundary=b0", "twice"),
     ]:
