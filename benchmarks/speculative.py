@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chat", action="store_true",
                     help="render each prompt as one user turn (as `finetune --drafter` reads a prompt file)")
     ap.add_argument("--adapter", default=None, help="a LoRA adapter of the model, merged (a fine-tuned target)")
+    ap.add_argument("--lookup-first", action="store_true",
+                    help="with --draft-model: prompt lookup where a 3-token match is found, the MTP drafter elsewhere")
     ap.add_argument("--replay", action="store_true",
                     help="no timing: the drafter's greedy acceptance replayed on the model's own answers "
                          "(gemma4.train.drafter.acceptance, k = the first --draft-tokens), deterministic")
@@ -114,6 +116,10 @@ def main(argv=None) -> int:
         from gemma4.engine.mtp import MTPDrafter
 
         drafter = MTPDrafter.load(args.draft_model, model)  # once: each run gets fresh statistics
+        if args.lookup_first:
+            from gemma4.engine.draft import LookupFirst
+
+            drafter, kind = LookupFirst(drafter), "ngram+mtp"
     else:
         drafter = NgramDrafter()
     rows, totals = [], {"plain": [0, 0.0], **{k: [0, 0.0] for k in ks}}  # tokens, seconds (all runs)
