@@ -14,7 +14,8 @@ rejection sampling keeps the target's distribution.
 
 On the CPU fast path (a target packed by `engine.cpu.speed_up`) a drafter must cost a small
 fraction of a target step, and a full-width tied head over 262144 tokens costs more than the
-target's body. So the drafter's linears are packed as the target's (fp16 weights, fp32 math), and a
+target's body. So the drafter's linears are packed for fbgemm in int8 (per-row int8 activations, as
+the target's head: a quarter of fp32's bytes; its rounding moves drafts, never the output), and a
 dense-head drafter with a draft vocabulary (`draft_vocabulary.json`, written by `finetune
 --drafter`: the tokens of its training prompts and answers) scores only that vocabulary plus the
 row's own tokens (`ShortlistHead`). Every other token gets probability 0 in the draft: a greedy row
@@ -70,8 +71,8 @@ class MTPDrafter:
         path = resolve(source)
         drafter = load_drafter(path, target.config, dtype=param.dtype, device=param.device)
         fast = _packed(target) and param.dtype == torch.float32 and fbgemm_works("fp16")
-        if fast:  # the target runs on the CPU fast path: so does the drafter (its output only moves acceptance)
-            pack_linears(drafter, "fp16", head=None)
+        if fast:  # the target runs on the CPU fast path: so does the drafter, in int8 (its output only moves acceptance)
+            pack_linears(drafter, "int8-dynamic" if fbgemm_works("int8-dynamic") else "fp16", head=None)
         vocabulary = read_vocabulary(path, target.config.vocab_size) if fast else None
         return cls(drafter, target, _num_assistant_tokens(Path(path)), vocabulary)
 
