@@ -126,6 +126,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="greedy tokens the model writes per prompt (default 64)")
     g.add_argument("--drafter-queries", type=int, default=32, help="positions trained per answer and step (default 32)")
     g.add_argument("--drafter-sparse", action="store_true", help="a new drafter gets the 2048-centroid sparse head")
+    g.add_argument("--drafter-intermediate-size", type=int, default=None,
+                   help="a new drafter's MLP width (default: the model's, at most 4 x its width)")
+    g.add_argument("--adapter", default=None, help="a LoRA adapter of --model (merged first): train or re-align the "
+                   "drafter for the fine-tuned model")
     return p
 
 
@@ -151,6 +155,9 @@ def run(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     if a.drafter:
         return _run_drafter(a)
+    if a.adapter:
+        raise SystemExit("finetune: --adapter names the fine-tuned model a drafter is trained for; it needs "
+                         "--drafter (to continue a LoRA run, use --resume)")
     config = config_from_args(a)
     check_out(a.out, config.resume, config.overwrite)  # before minutes of loading; finetune checks again
     (model, tokenizer, chat_format), source = load_base(a.model, config)
@@ -180,9 +187,13 @@ def _run_drafter(a: argparse.Namespace) -> int:
                                 draft_steps=a.draft_steps, max_new_tokens=a.drafter_new_tokens,
                                 queries=a.drafter_queries,
                                 max_length=a.max_length, sparse=a.drafter_sparse, seed=a.seed,
-                                progress=not a.no_progress)
+                                intermediate_size=a.drafter_intermediate_size, progress=not a.no_progress)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, chat_format = load(str(a.model or default_model_path()), device=device)
+    model, tokenizer, chat_format = load(str(a.model or default_model_path()), device=device, adapter=a.adapter)
+    if device == "cpu":  # the model's answers and states come from the path `generate` decodes with
+        from ..engine.cpu import speed_up
+
+        speed_up(model)
     result = train_drafter(model, tokenizer, chat_format, a.data, a.out, val=a.val, config=config,
                            init=None if a.drafter == "new" else a.drafter)
     logging.getLogger(__name__).info("trained %d steps in %.0f s, loss %.4f -> %.4f; drafter in %s", result.steps,

@@ -77,3 +77,25 @@ class NgramDrafter:
                 start = int(hits[-1]) + n
                 return tokens[start : start + k]
         return []
+
+
+class LookupFirst:
+    """Prompt lookup where it finds a match, another drafter (an MTP drafter) for the other rows.
+
+    A lookup draft costs nothing and, on text the model repeats (a copied list, its own earlier
+    sentences), is accepted whole; the model drafter covers free text. Each row's draft comes from
+    one of them, with that one's distribution (a point mass for a lookup), so verification is
+    unchanged. `min_n` (3): only a match of that many tokens counts, as shorter ones mostly guess."""
+
+    def __init__(self, fallback: Drafter, min_n: int = 3, max_n: int = 3):
+        self.lookup, self.fallback = NgramDrafter(max_n, min_n), fallback
+        self.needs_hidden, self.default_k = fallback.needs_hidden, fallback.default_k
+        self.ring_reach = getattr(fallback, "ring_reach", 0)
+
+    def propose(self, engine: Engine, seqs: list[Sequence], ks: list[int]) -> list[Draft]:
+        drafts = self.lookup.propose(engine, seqs, ks)
+        rest = [i for i, d in enumerate(drafts) if not d.tokens]
+        if rest:
+            for i, d in zip(rest, self.fallback.propose(engine, [seqs[i] for i in rest], [ks[i] for i in rest])):
+                drafts[i] = d
+        return drafts

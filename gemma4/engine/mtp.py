@@ -11,6 +11,17 @@ For each drafting row, at p = the position of its newest token t_p (the cache ho
 k steps from the same p. A greedy row drafts the argmax; a sampling row draws each draft from the
 drafter's distribution after its own sampling settings, and passes that distribution on, so
 rejection sampling keeps the target's distribution.
+
+On the CPU fast path (a target packed by `engine.cpu.speed_up`) a drafter must cost a small
+fraction of a target step, and a full-width tied head over 262144 tokens costs more than the
+target's body. So the drafter's linears are packed for fbgemm in int8 (per-row int8 activations, as
+the target's head: a quarter of fp32's bytes; its rounding moves drafts, never the output), and a
+dense-head drafter with a draft vocabulary (`draft_vocabulary.json`, written by `finetune
+--drafter`: the tokens of its training prompts and answers) scores only that vocabulary plus the
+row's own tokens (`ShortlistHead`). Every other token gets probability 0 in the draft: a greedy row
+drafts the argmax over the shortlist, a sampling row draws from the softmax over it (after its
+sampling settings) and passes exactly that q on, so the output is unchanged either way; a token
+outside the shortlist is simply never drafted.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import torch
 
 from ..config import kv_store_layers
 from .cache import DEFAULT_HEADROOM
+from .cpu import PackedLinear, fbgemm_works, pack_linears
 from .draft import Draft
 from .sampling import draw
 
@@ -32,13 +44,17 @@ class MTPDrafter:
     # of k drafts overwrites ring entries up to p + k - (W + headroom), so k < headroom.
     ring_reach = 1
 
-    def __init__(self, drafter, target, default_k: int | None = None):
+    def __init__(self, drafter, target, default_k: int | None = None, vocabulary: list[int] | None = None):
+        """`vocabulary`: the draft vocabulary a dense-head drafter scores (`ShortlistHead`); None: all."""
         from ..weights.drafter import check_fits
 
         check_fits(drafter.config, target.config)
         self.model, self.target = drafter, target
         self.default_k = min(default_k, DEFAULT_HEADROOM - self.ring_reach) if default_k else None
         self.store = {t: spec.index for t, spec in kv_store_layers(target.config).items()}
+        self.head = None
+        if vocabulary is not None and drafter.masked_embedding is None:
+            self.head = ShortlistHead(drafter.model.embed_tokens.weight, vocabulary, packed=_packed(drafter))
 
     @classmethod
     def load(cls, source, target) -> MTPDrafter:
@@ -49,10 +65,16 @@ class MTPDrafter:
         from ..weights.drafter import load_drafter
         from ..weights.hub import resolve
 
+        from ..weights.drafter import read_vocabulary
+
         param = next(target.parameters())
         path = resolve(source)
         drafter = load_drafter(path, target.config, dtype=param.dtype, device=param.device)
-        return cls(drafter, target, _num_assistant_tokens(Path(path)))
+        fast = _packed(target) and param.dtype == torch.float32 and fbgemm_works("fp16")
+        if fast:  # the target runs on the CPU fast path: so does the drafter, in int8 (its output only moves acceptance)
+            pack_linears(drafter, "int8-dynamic" if fbgemm_works("int8-dynamic") else "fp16", head=None)
+        vocabulary = read_vocabulary(path, target.config.vocab_size) if fast else None
+        return cls(drafter, target, _num_assistant_tokens(Path(path)), vocabulary)
 
     def propose(self, engine, seqs, ks) -> list[Draft]:
         cache, device = engine.cache, engine.device
@@ -73,21 +95,84 @@ class MTPDrafter:
         ids, p = ids.to(device), p.to(device)
         tokens: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        done = [False] * len(seqs)
+        if self.head is not None:
+            self.head.start([s.tokens for s in seqs], [s.row - lo for s in seqs], hi - lo)
         for step in range(max(ks)):
-            out = self.model.step(self.target.model.embed(ids), h, kv, p)
-            ids, h = out.logits.argmax(-1), out.hidden
-            picked = ids.tolist()
+            embeds = self.target.model.embed(ids)
+            if self.head is None:
+                out = self.model.step(embeds, h, kv, p)
+                logits, h = out.logits, out.hidden
+                picked = logits.argmax(-1).tolist()
+            else:
+                z, h = self.model.run(embeds[:, None], h[:, None], kv, p[:, None])
+                z, h, logits = z[:, 0], h[:, 0], None
+                picked = self.head(z)
             for i, s in enumerate(seqs):
-                if step >= ks[i]:
+                if step >= ks[i] or done[i]:
                     continue
                 r = s.row - lo
                 if not s.sampler.params.greedy:
-                    processed = s.sampler.process(out.logits[r])
+                    row = logits[r] if logits is not None else self.head.full(z, r)
+                    processed = s.sampler.process(row)
+                    if not processed.isfinite().any():  # the sampling settings remove every drafted token
+                        done[i] = True
+                        continue
                     picked[r] = draw(processed, s.sampler.generator)
                     probs[i].append(processed.softmax(-1))
                 tokens[i].append(picked[r])
             ids = torch.tensor(picked, device=device)
         return [Draft(t, torch.stack(q) if q else None) for t, q in zip(tokens, probs)]
+
+
+class ShortlistHead:
+    """The drafter's tied head over a draft vocabulary plus each row's own tokens (prompt and output
+    so far, which hold the names and words a continuation repeats): on gemma-3-270m ~10^4 of 262144
+    rows, a few MB per step instead of 671 MB (fp32) or 168 MB (int8). `start` sets the rows of a
+    round; `__call__` gives each row's argmax over its candidates, `full` a row's logits [V] with
+    -inf outside them (the distribution a sampling row drafts from)."""
+
+    def __init__(self, table: torch.Tensor, vocabulary: list[int], packed: bool = False):
+        self.table = table
+        self.ids = torch.tensor(sorted(set(vocabulary)), dtype=torch.long, device=table.device)
+        rows = table[self.ids]
+        self.linear = PackedLinear(rows, "fp16") if packed else (lambda z, w=rows: z @ w.T)
+        self.known = torch.zeros(table.shape[0], dtype=torch.bool, device=table.device)
+        self.known[self.ids] = True
+
+    def start(self, tokens: list[list[int]], rows: list[int], batch: int) -> None:
+        """Each row's extra candidates: its tokens outside the vocabulary (a mask over their union)."""
+        own = [torch.tensor(t, dtype=torch.long, device=self.table.device).unique() for t in tokens]
+        own = [t[~self.known[t]] for t in own]
+        self.extra = torch.cat(own).unique() if own else self.ids[:0]
+        self.mask = torch.zeros(batch, len(self.extra), dtype=torch.bool, device=self.table.device)
+        for r, t in zip(rows, own):
+            self.mask[r] = torch.isin(self.extra, t)
+        self.extra_rows = self.table[self.extra]
+
+    def _scores(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fixed = self.linear(z).float()
+        extra = (z @ self.extra_rows.T).float().masked_fill(~self.mask, float("-inf"))
+        return fixed, extra
+
+    def __call__(self, z: torch.Tensor) -> list[int]:
+        """z [B, d] -> each row's best candidate id."""
+        scores = torch.cat(self._scores(z), -1)
+        best = scores.argmax(-1)
+        return torch.cat([self.ids, self.extra])[best].tolist()
+
+    def full(self, z: torch.Tensor, row: int) -> torch.Tensor:
+        """Row `row`'s logits over the whole vocabulary: its candidates' scores, -inf elsewhere."""
+        fixed, extra = self._scores(z[row : row + 1])
+        out = torch.full((self.table.shape[0],), float("-inf"), device=z.device)
+        out[self.ids] = fixed[0]
+        keep = self.mask[row]
+        out[self.extra[keep]] = extra[0, keep]
+        return out
+
+
+def _packed(model) -> bool:
+    return any(isinstance(m, PackedLinear) for m in model.modules())
 
 
 def _num_assistant_tokens(path: Path) -> int | None:

@@ -35,7 +35,7 @@ from ..engine.generate import TokenGenerator
 from ..engine.sampling import SamplingParams
 from ..model.attention import KV
 from ..model.drafter import Drafter
-from ..weights.drafter import check_fits, load_drafter, save_drafter
+from ..weights.drafter import check_fits, load_drafter, read_vocabulary, save_drafter, save_vocabulary
 from ..weights.save import check_target
 from .data import DataError, chat_segments
 from .loss import chunked_cross_entropy
@@ -426,6 +426,11 @@ def train_drafter(target, tokenizer, chat_format, data: str | Path, out: str | P
         result.acceptance = acceptance(drafter, target, held, config.draft_steps)
         say(f"held-out greedy acceptance: {result.acceptance}")
     save_drafter(out, drafter, num_assistant_tokens=config.draft_steps)
+    # The tokens of its training prompts and answers (and an INIT drafter's): what the CPU fast path scores.
+    seen = [i for s in seqs for i in s.ids]
+    if isinstance(init, (str, Path)):
+        seen += read_vocabulary(init, target.config.vocab_size) or []
+    save_vocabulary(out, seen)
     (out / "train_log.json").write_text(json.dumps({"losses": result.losses, "seconds": result.seconds,
                                                     "acceptance": result.acceptance}) + "\n")
     return result

@@ -91,3 +91,29 @@ def save_drafter(directory: str | Path, model: Drafter, num_assistant_tokens: in
     generation = {"num_assistant_tokens": num_assistant_tokens, "num_assistant_tokens_schedule": "constant"}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     return directory
+
+
+VOCABULARY = "draft_vocabulary.json"  # beside the released files; transformers ignores it
+
+
+def save_vocabulary(directory: str | Path, ids) -> Path:
+    """Write the token ids a drafter's training saw (prompts and answers), which its CPU fast path
+    scores instead of the whole vocabulary (gemma4/engine/mtp.py)."""
+    path = Path(directory) / VOCABULARY
+    path.write_text(json.dumps({"token_ids": sorted({int(i) for i in ids})}) + "\n", encoding="utf-8")
+    return path
+
+
+def read_vocabulary(directory: str | Path, vocab_size: int) -> list[int] | None:
+    """The drafter's shortlist (`save_vocabulary`), or None when it has none (released drafters)."""
+    path = Path(directory) / VOCABULARY
+    if not path.is_file():
+        return None
+    try:
+        ids = json.loads(path.read_text(encoding="utf-8"))["token_ids"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a draft vocabulary ({e}); delete it or retrain the drafter") from None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids):
+        raise CheckpointError(f"{path}: token_ids must be a list of ids below {vocab_size}; delete it or retrain "
+                              "the drafter")
+    return ids

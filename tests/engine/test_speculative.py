@@ -144,7 +144,8 @@ def test_sampling_keeps_the_target_distribution():
     next two from one verify step of k = 2) against its exact value, computed from the target
     alone, by Pearson's chi-square over the outcomes; for a drafter with its own distribution q, a
     deterministic one that always proposes the least likely allowed token (rejected most of the
-    time: the residual draw does the work), and a random MTP drafter sampling its drafts.
+    time: the residual draw does the work), and a random MTP drafter sampling its drafts, with the
+    full head and with a shortlist head (`ShortlistHead`: q restricted to a third of the vocabulary).
 
     Threshold: p > 0.001. The seeds are fixed, so the test is deterministic: it cannot flake; a
     correct sampler passes with probability 0.999 over seed choices, and this one passes with
@@ -194,7 +195,9 @@ def test_sampling_keeps_the_target_distribution():
                 out.append(Draft([worst(s.tokens[-1]) if s.produced == 1 else 0] * k))
             return out
 
-    for drafter in (QDrafter(), Worst(), MTPDrafter(random_drafter(model), model)):
+    shortlist = list(range(0, V, 3))  # the MTP drafter's restricted head: q is 0 off it and the prompt's tokens
+    for drafter in (QDrafter(), Worst(), MTPDrafter(random_drafter(model), model),
+                    MTPDrafter(random_drafter(model, seed=1), model, vocabulary=shortlist)):
         counts: dict[tuple, int] = {}
         for batch in range(N // rows):
             requests = [GenerationRequest(prompt, 4, SamplingParams(**{**params.__dict__, "seed": batch * rows + i}))

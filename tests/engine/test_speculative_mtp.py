@@ -98,3 +98,49 @@ def test_a_drafter_for_another_target_is_refused_clearly(tmp_path):
     path = save_drafter(tmp_path / "other", other)
     with pytest.raises(CheckpointError, match="not made for this target"):
         make_speculation(model, draft_model=str(path))
+
+
+def test_on_the_cpu_fast_path_the_drafter_is_packed_and_drafts_from_its_vocabulary(tmp_path):
+    """A target packed by `speed_up` gets a packed drafter, and a drafter saved with a draft
+    vocabulary scores only it and each row's own tokens (`ShortlistHead`): every draft comes from
+    there, its argmax equals the full head's restricted to those tokens, and greedy output is the
+    packed target's own."""
+    from gemma4.engine.cpu import PackedLinear, fbgemm_works, speed_up
+    from gemma4.engine.mtp import ShortlistHead
+    from gemma4.weights.drafter import save_drafter, save_vocabulary
+
+    if not (fbgemm_works("fp16") and fbgemm_works("int8-dynamic")):
+        pytest.skip("no fbgemm kernels in this torch build")
+    model = random_model("tiny-gemma-3-270m", embed_std=0.05)
+    V = model.config.vocab_size
+    path = save_drafter(tmp_path / "drafter", random_drafter(model))
+    vocabulary = list(range(1, V, 2))
+    save_vocabulary(path, vocabulary)
+    prompts = [_tokens(V, 6, 41), _tokens(V, 11, 42)]
+    requests = [GenerationRequest(p, 20, GREEDY) for p in prompts]
+    assert speed_up(model)
+    want = _ids(_run(model, requests)[0])
+    spec = make_speculation(model, draft_model=str(path), draft_tokens=3)
+    drafter = spec.drafter
+    assert isinstance(drafter.head, ShortlistHead)
+    assert any(isinstance(m, PackedLinear) for m in drafter.model.modules())
+    seen, propose = [], drafter.propose
+
+    def checked(engine, seqs, ks):
+        drafts = propose(engine, seqs, ks)
+        for s, d in zip(seqs, drafts):
+            allowed = set(vocabulary) | set(s.tokens)
+            assert set(d.tokens) <= allowed
+            seen.extend(d.tokens)
+        return drafts
+
+    drafter.propose = checked
+    got, engine = _run(model, requests, spec)
+    assert _ids(got) == want and len(seen) > 20
+    # The head's pick is the full head's argmax over the allowed tokens.
+    z = torch.randn(2, drafter.model.config.text.hidden_size)
+    drafter.head.start([prompts[0], prompts[1]], [0, 1], 2)
+    full = drafter.model.logits(z)
+    for r, prompt in enumerate(prompts):
+        allowed = torch.tensor(sorted(set(vocabulary) | set(prompt)))
+        assert drafter.head(z)[r] == int(allowed[full[r, allowed].argmax()])

@@ -78,3 +78,46 @@ def test_finetune_drafter_command(tmp_path):
     load_drafter(tmp_path / "d", target.config)
     with pytest.raises(FileExistsError):  # a used --out is refused before loading
         main(["--drafter", "--data", str(data), "--out", str(tmp_path / "d")])
+
+
+def test_realigning_for_a_fine_tuned_model_reads_its_adapter_and_keeps_the_vocabulary(tmp_path):
+    """`finetune --drafter INIT --adapter LORA`: the target is the model with the adapter merged
+    (its answers, not the base model's, are the labels), and the draft vocabulary grows from INIT's."""
+    import json
+
+    from train_helpers import tiny_dir
+
+    from gemma4.commands.finetune import main
+    from gemma4.train import LoraConfig, apply_lora, save_adapter
+    from gemma4.weights import load_model
+    from gemma4.weights.drafter import read_vocabulary
+
+    model_dir = tiny_dir("tiny-gemma-3-270m")
+    target = load_model(model_dir)
+    config = LoraConfig(r=2, alpha=4, target_modules=("q_proj", "down_proj"))
+    apply_lora(target, config)
+    with torch.no_grad():
+        for name, p in target.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    save_adapter(target, tmp_path / "lora", config)
+    data = _prompts(tmp_path / "p.txt", 8, 3)
+    common = ["--model", str(model_dir), "--data", str(data), "--max-steps", "2", "--drafter-new-tokens", "4",
+              "--no-progress"]
+    assert main(["--drafter", *common, "--out", str(tmp_path / "d")]) == 0
+    V = target.config.vocab_size
+    first = read_vocabulary(tmp_path / "d", V)
+    assert first and set(first) >= set(_ids_of(tmp_path / "p.txt"))
+    (tmp_path / "d" / "draft_vocabulary.json").write_text(json.dumps({"token_ids": first + [V - 1]}))
+    assert main(["--drafter", str(tmp_path / "d"), *common, "--adapter", str(tmp_path / "lora"),
+                 "--out", str(tmp_path / "re")]) == 0
+    assert V - 1 in read_vocabulary(tmp_path / "re", V)
+    with pytest.raises(SystemExit, match="needs --drafter"):
+        main(["--adapter", str(tmp_path / "lora"), *common[:4], "--out", str(tmp_path / "x")])
+
+
+def _ids_of(path):
+    from train_helpers import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    return [i for line in path.read_text().splitlines() if line for i in tok.encode(line, add_bos=True)]
