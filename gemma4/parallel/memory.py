@@ -1,7 +1,7 @@
 """Per-rank memory from the geometry alone, so a user can pick --tp / --ep before renting GPUs.
 
 `rank_parameters` counts what `plan.shard_model` builds for a rank (checked against that meta
-build by tests/parallel/test_memory.py); `rank_kv_bytes` what the engine's KV cache holds for one
+build by tests/parallel/test_tp_memory.py); `rank_kv_bytes` what the engine's KV cache holds for one
 sequence of `context` tokens on a rank (its KV heads only: a KV head replicated over ranks costs
 each of them).
 """
