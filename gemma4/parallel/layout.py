@@ -78,23 +78,24 @@ def join(tp: int, ep: int = 1, timeout: timedelta = DEFAULT_TIMEOUT) -> tuple[La
         raise ValueError(f"--tp {tp} but {world} processes were started; give torchrun --nproc-per-node "
                          f"(times --nnodes) equal to --tp")
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    return make_groups(tp, ep), device
+    return make_groups(tp, ep, timeout=timeout), device
 
 
-def make_groups(tp: int, ep: int = 1, first: int = 0) -> Layout | None:
+def make_groups(tp: int, ep: int = 1, first: int = 0, timeout: timedelta = DEFAULT_TIMEOUT) -> Layout | None:
     """The Layout of ranks [first, first + tp) of the world, with its process groups; None on a
-    rank outside them. Collective: every rank of the world calls it (new_group demands it)."""
+    rank outside them. Collective: every rank of the world calls it (new_group demands it).
+    Each group gets `timeout` (torch's own default for a new group is 30 minutes on gloo, 10 on NCCL)."""
     rank = dist.get_rank()
     mine = first <= rank < first + tp
     layout = Layout(tp, ep, rank - first if mine else 0)
     etp = layout.etp
-    group = dist.new_group(list(range(first, first + tp))) if tp < dist.get_world_size() else dist.group.WORLD
+    group = dist.new_group(list(range(first, first + tp)), timeout=timeout) if tp < dist.get_world_size() else dist.group.WORLD
     for j in range(etp):  # every rank creates every group, in the same order
-        g = dist.new_group([first + e * etp + j for e in range(ep)])
+        g = dist.new_group([first + e * etp + j for e in range(ep)], timeout=timeout)
         if mine and j == layout.etp_index:
             layout.ep_group = g
     for e in range(ep):
-        g = dist.new_group([first + e * etp + j for j in range(etp)])
+        g = dist.new_group([first + e * etp + j for j in range(etp)], timeout=timeout)
         if mine and e == layout.ep_index:
             layout.etp_group = g
     if not mine:

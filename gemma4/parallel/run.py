@@ -3,8 +3,10 @@
 `gemma4 generate --tp N` runs the same program on every rank (SPMD): the same prompt, the same
 engine steps, and logits gathered identically on every rank, so each rank samples the same token
 as long as they share a seed: without --seed, rank 0 draws one and broadcasts it. Only rank 0
-writes to stdout. A rank that dies ends the group: torchrun stops the others, and a collective
-waiting on a dead or hung peer fails after the process group's timeout (never a silent hang).
+writes to stdout. A rank that dies ends the group: torchrun stops the others (its summary names
+the rank that failed first), a collective with a dead peer fails at once (its connection closes)
+and one waiting on a hung peer after the process group's timeout; the rank then says so and exits
+(`lost_group`), never a silent hang.
 """
 
 from __future__ import annotations
@@ -48,3 +50,14 @@ def finish(layout: Layout | None) -> None:
     if layout is not None and dist.is_initialized():
         dist.destroy_process_group()
 
+
+
+def lost_group(layout: Layout | None, error: BaseException, command: str) -> bool:
+    """When `error` is a collective of the --tp group failing (a peer died, hung or left), say so
+    on stderr and return True: the caller exits non-zero instead of printing a traceback."""
+    text = str(error)
+    if layout is None or not (isinstance(error, dist.DistError) or "gloo" in text or "NCCL" in text):
+        return False
+    print(f"gemma4 {command}: rank {layout.rank}: the tensor-parallel group broke (another rank died or hung; "
+          f"torchrun's summary names it); stopping. {text.splitlines()[0] if text else ''}", file=sys.stderr)
+    return True

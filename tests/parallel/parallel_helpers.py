@@ -182,3 +182,12 @@ def quantized(path: str, tp: int, ids: torch.Tensor, prompts: list[list[int]], n
     with torch.inference_mode():
         out = model(ids)
     return out, run_greedy(model, prompts, n), sliced, whole
+
+
+def group_timeouts(tp: int, ep: int):
+    """Seconds a collective of each of this rank's groups (tp, ep, etp) waits before failing."""
+    lay = layout(tp, ep)
+    if lay is None:
+        return None
+    cpu = torch.device("cpu")
+    return [g._get_backend(cpu).options._timeout.total_seconds() for g in (lay.tp_group, lay.ep_group, lay.etp_group)]

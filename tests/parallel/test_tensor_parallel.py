@@ -140,3 +140,11 @@ def test_quantized_split_that_cuts_groups_is_refused(quantized_checkpoints):
         load_sharded(quantized_checkpoints["int4"], Layout(4), torch.float32, quantized=QuantizedSlices)
     with pytest.raises(CheckpointError, match="load it with gemma4.load"):
         load_sharded(quantized_checkpoints["int8"], Layout(2), torch.float32)
+
+
+def test_every_group_times_out_like_the_world(pool):
+    """A collective waiting on a hung peer fails after layout.DEFAULT_TIMEOUT in every group: torch
+    gives a new group 30 minutes unless told (tp 2 of 4 ranks: the tp group is not the world's)."""
+    from gemma4.parallel.layout import DEFAULT_TIMEOUT
+
+    assert pool.run("group_timeouts", 2, 2) == [DEFAULT_TIMEOUT.total_seconds()] * 3
