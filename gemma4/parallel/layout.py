@@ -34,6 +34,9 @@ class Layout:
     tp: int
     ep: int = 1
     rank: int = 0
+    # MLP and expert widths are cut in multiples of this many columns where it divides them: an int4
+    # checkpoint's group, so that each rank's input columns of down_proj are whole groups.
+    unit: int = 1
     tp_group: object = field(default=None, repr=False)
     ep_group: object = field(default=None, repr=False)
     etp_group: object = field(default=None, repr=False)
@@ -45,6 +48,12 @@ class Layout:
             raise ValueError(f"--ep {self.ep} must divide --tp {self.tp} (experts are split over ep of the tp ranks)")
         if not 0 <= self.rank < self.tp:
             raise ValueError(f"rank {self.rank} is outside the {self.tp} tensor-parallel ranks")
+
+    def width(self, n: int, parts: int, i: int) -> tuple[int, int]:
+        """[lo, hi) of part i of an MLP width of n columns, in whole units where the unit divides n."""
+        u = self.unit if n % self.unit == 0 else 1
+        lo, hi = split(n // u, parts, i)
+        return lo * u, hi * u
 
     @property
     def etp(self) -> int:

@@ -8,12 +8,15 @@ input columns of `qweight` and their scales:
 - input columns (row-parallel o_proj, down_proj): the same columns of `qweight` (int4: two a
   byte) and of `col_scales`; int8's per-row `scales` whole; int4's per-group `scales` and `zeros`
   for the rank's groups only, so a split must fall on a group boundary (and on a rotation block's,
-  for rotated weights), else the checkpoint is refused for that --tp, naming the ones that fit.
+  for rotated weights). The MLP widths are therefore cut in whole groups (`Layout.unit`: the ranks
+  may get a group more or less); a head's columns are whole groups already. Where a split still
+  cuts a group, the checkpoint is refused for that --tp, naming the ones that fit.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -25,6 +28,7 @@ from .quantize import prepare_quantized
 
 Block = dict[int, tuple[int, int]]
 PARTS = ("qweight", "scales", "zeros", "col_scales")
+_MLP_DOWN = re.compile(r"\.(mlp\.down_proj\.weight|experts\.down_proj)$")  # input columns: MLP width
 
 
 class QuantizedSlices:
@@ -43,6 +47,7 @@ class QuantizedSlices:
         if not self.shapes:
             params = dict(model.named_parameters())
             self.shapes = {n: tuple(params[n].shape) for n in self.tensors if n in params}
+            self.layout.unit = math.lcm(1, *(_unit(spec) for n, spec in self.tensors.items() if _MLP_DOWN.search(n)))
             check_split(self.config, self.layout, self.tensors, self.shapes)
         return prepare_quantized(model, qconfig, dtype)
 
@@ -62,7 +67,7 @@ def part_blocks(blocks: list[Block], part: str, ndim: int, spec: dict) -> list[B
     k = ndim - 1  # the input dim: row-parallel splits cut it
     out = []
     for block in blocks:
-        b = {}
+        b: Block = {}
         for dim, (lo, hi) in block.items():
             if part == "col_scales":  # [..., K]: no row dim
                 if dim < k - 1:
@@ -95,7 +100,7 @@ def _cut(config: TextConfig, layout: Layout, tensors: dict, shapes: dict) -> str
         if unit == 1 or shape is None:
             continue
         for r in range(layout.tp):
-            here = Layout(layout.tp, layout.ep, r)
+            here = Layout(layout.tp, layout.ep, r, unit=layout.unit)
             for block in ranges(config, here, name, shape):
                 lo, hi = block.get(len(shape) - 1, (0, 0))
                 if lo % unit or hi % unit:
@@ -114,12 +119,12 @@ def check_split(config: TextConfig, layout: Layout, tensors: dict, shapes: dict)
         return
     fits = []
     for n in range(1, config.num_attention_heads + 1):
-        ep = layout.ep if n % layout.ep == 0 else 1
+        candidate = Layout(n, layout.ep if n % layout.ep == 0 else 1, unit=layout.unit)
         try:
-            check(config, Layout(n, ep))
+            check(config, candidate)
         except ValueError:
             continue
-        if _cut(config, Layout(n, ep), tensors, shapes) is None:
+        if _cut(config, candidate, tensors, shapes) is None:
             fits.append(n)
     raise ValueError(f"--tp {layout.tp} does not fit this quantized checkpoint: {why}. Use --tp in {fits}, "
                      "or quantize with a smaller --group-size")
