@@ -14,11 +14,16 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .layout import Layout, join
+
+_RAISED = (EOFError, KeyboardInterrupt)
+T = TypeVar("T")
 
 
 def start(args) -> Layout | None:
@@ -61,3 +66,25 @@ def lost_group(layout: Layout | None, error: BaseException, command: str) -> boo
     print(f"gemma4 {command}: rank {layout.rank}: the tensor-parallel group broke (another rank died or hung; "
           f"torchrun's summary names it); stopping. {text.splitlines()[0] if text else ''}", file=sys.stderr)
     return True
+
+
+def shared_input(layout: Layout | None, read: Callable[[], T]) -> Callable[[], T]:
+    """`read` for an interactive command under --tp: rank 0 reads (the terminal), every rank gets
+    what it read, or the EOFError / KeyboardInterrupt it raised, so all act on the same input."""
+    if layout is None:
+        return read
+
+    def shared() -> T:
+        box = [None]
+        if layout.rank == 0:
+            try:
+                box = [(True, read())]
+            except _RAISED as error:
+                box = [(False, _RAISED.index(type(error)))]
+        dist.broadcast_object_list(box, src=0, group=layout.tp_group)
+        ok, value = box[0]
+        if not ok:
+            raise _RAISED[value]()
+        return value
+
+    return shared
