@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "serve"))
-from serve_helpers import save_checkpoint  # noqa: E402
+from serve_helpers import VOCAB, save_checkpoint  # noqa: E402
+from testing_utils import rewrite_config  # noqa: E402
 
 BOUND = 60  # seconds from the kill to the whole group's exit
 
@@ -32,12 +33,14 @@ def _child_with_rank(parent: int, rank: int) -> int | None:
 
 def test_a_killed_rank_stops_the_group(tmp_path):
     """`gemma4 generate --tp 2` under torchrun; rank 1 is SIGKILLed once both ranks have loaded,
-    while they generate (a 2,000-token sampled run takes seconds): rank 0, in a collective with the
-    dead rank, fails at once and says so, torchrun ends the group and its summary names rank 1."""
+    while they generate (greedy, with an end-of-sequence id it never picks: the whole context, ~500
+    tokens, some seconds): rank 0, in a collective with the dead rank, fails at once, torchrun ends
+    the group and its summary names rank 1."""
     path = save_checkpoint(tmp_path / "tiny")
+    rewrite_config(path, lambda c: c | {"eos_token_id": [VOCAB - 1]})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "gemma4",
-           "generate", "--tp", "2", "--model", str(path), "--max-tokens", "2000", "--temp", "1", "--seed", "1",
-           "--format", "raw", "once upon a time"]
+           "generate", "--tp", "2", "--model", str(path), "--max-tokens", "2000", "--temp", "0", "--format", "raw",
+           "once upon a time"]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
