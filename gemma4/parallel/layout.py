@@ -98,7 +98,8 @@ def make_groups(tp: int, ep: int = 1, first: int = 0, timeout: timedelta = DEFAU
     mine = first <= rank < first + tp
     layout = Layout(tp, ep, rank - first if mine else 0)
     etp = layout.etp
-    group = dist.new_group(list(range(first, first + tp)), timeout=timeout) if tp < dist.get_world_size() else dist.group.WORLD
+    whole = list(range(first, first + tp))
+    group = dist.new_group(whole, timeout=timeout) if tp < dist.get_world_size() else dist.group.WORLD
     for j in range(etp):  # every rank creates every group, in the same order
         g = dist.new_group([first + e * etp + j for e in range(ep)], timeout=timeout)
         if mine and j == layout.etp_index:

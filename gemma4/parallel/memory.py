@@ -40,7 +40,8 @@ def rank_parameters(config: TextConfig, layout: Layout) -> int:
             e = config.num_experts
             total += e * d + d + e  # the router, replicated
             experts = _n(split(e, layout.ep, layout.ep_index))
-            total += experts * 3 * _n(layout.width(config.moe_intermediate_size, layout.etp, layout.etp_index)) * d + 3 * d
+            width = _n(layout.width(config.moe_intermediate_size, layout.etp, layout.etp_index))
+            total += experts * 3 * width * d + 3 * d
     return total
 
 

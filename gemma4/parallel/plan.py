@@ -64,10 +64,11 @@ def kv_heads(num_kv: int, layout: Layout) -> tuple[int, int]:
 def local_config(config: TextConfig, layout: Layout) -> TextConfig:
     """The rank's geometry: H/tp heads, its KV heads and MLP columns per layer; the rest global."""
     check(config, layout)
+    tp = layout.tp
     local = copy.copy(config)
     local.num_attention_heads = config.num_attention_heads // layout.tp
     local.layers = [dataclasses.replace(s, num_kv_heads=_width(kv_heads(s.num_kv_heads, layout)),
-                                        intermediate_size=_width(layout.width(s.intermediate_size, layout.tp, layout.rank)))
+                                        intermediate_size=_width(layout.width(s.intermediate_size, tp, layout.rank)))
                     for s in config.layers]
     return local
 
