@@ -91,7 +91,10 @@ def load(
             raise ValueError("--quantize and --adapter with --tp are not supported yet; leave them out")
         from .parallel.load import load_sharded
 
-        return Loaded(load_sharded(ckpt, layout, dtype, device, text_only), *load_tokenizer(ckpt))
+        quantized = None
+        if ckpt.quantization is not None:
+            from .quant.shard import QuantizedSlices as quantized
+        return Loaded(load_sharded(ckpt, layout, dtype, device, text_only, quantized), *load_tokenizer(ckpt))
     if quantize is not None:
         from .quant import quantize_checkpoint
 

@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _speculative_args(c)
     c.add_argument("--verbose", "-v", action="store_true",
                    help="print tokens and speed (and speculative decoding statistics) after each reply")
+    add_parallel_arguments(c)
 
     t = sub.add_parser("transcribe", help="transcribe a recording of any length (audio models: Gemma 4 E2B, E4B, 12B)",
                        formatter_class=HelpFormatter,

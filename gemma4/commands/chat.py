@@ -43,6 +43,22 @@ def _line_editing() -> None:
 
 
 def run(args) -> int:
+    from ..parallel.run import finish, lost_group, start
+
+    args.layout = start(args)  # --tp: rank 0 reads the terminal, every rank runs each turn
+    try:
+        return _run(args)
+    except RuntimeError as error:
+        if lost_group(args.layout, error, "chat"):
+            return 1
+        raise
+    finally:
+        finish(args.layout)
+
+
+def _run(args) -> int:
+    from ..parallel.run import shared_input
+
     sampling = sampling_from_args(args)
     check_speculative_args(args)
     check_media_args(args)
@@ -57,9 +73,10 @@ def run(args) -> int:
     images, videos, audios = list(args.image), list(args.video), list(args.audio)  # for the next message
     print(f"chatting with {args.model or 'gemma-3-270m'}; {HELP}; {MULTILINE}; Ctrl-C stops a reply, "
           "Ctrl-D quits", file=sys.stderr)
+    read = shared_input(args.layout, read_message)
     while True:
         try:
-            text = read_message().strip()
+            text = read().strip()
         except EOFError:
             print(file=sys.stderr)
             return 0
@@ -103,6 +120,8 @@ def run(args) -> int:
             history.pop()
             continue
         except KeyboardInterrupt:
+            if args.layout is not None:  # the other ranks are still in this reply: stop them all
+                raise
             events.close()
             print("\n[stopped]", file=sys.stderr)
             history.pop()

@@ -9,11 +9,15 @@ from .common import (check_media_args, check_speculative_args, engine_from_args,
 
 
 def run(args) -> int:
-    from ..parallel.run import finish, start
+    from ..parallel.run import finish, lost_group, start
 
     args.layout = start(args)
     try:
         return _run(args)
+    except RuntimeError as error:
+        if lost_group(args.layout, error, "generate"):
+            return 1
+        raise
     finally:
         finish(args.layout)
 

@@ -75,6 +75,9 @@ class Engine:
         cfg = model.config
         param = next(model.parameters())
         self.model, self.mode, self.prefill_chunk, self.vocab_limit = model, mode, prefill_chunk, vocab_limit
+        # A tensor-parallel rank (gemma4.parallel): a failed forward leaves the ranks' collectives out of
+        # step, so it is not survivable per row; it propagates and the group stops.
+        self.sharded = getattr(model, "parallel", None) is not None
         self.device, self.dtype = param.device, param.dtype
         self.context = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         compiled = mode != "eager"
@@ -197,6 +200,8 @@ class Engine:
             media = self._media_inputs(run, lo, ids) if any(s.request.media for s in run) else {}
             hidden = self._forward(lo, hi, ids, pos, max(ends), keep, **media)
         except Exception as error:  # noqa: BLE001 - e.g. out of memory: these rows fail, the engine goes on
+            if self.sharded:
+                raise
             log.exception("a prefill forward failed")
             for s in run:
                 events.append((s, self.cancel(s, "error", _describe(error))))
@@ -235,6 +240,8 @@ class Engine:
             logits = self.step_logits(lo, hi, torch.tensor(tokens), torch.tensor(positions),
                                       max(s.fed for s in rows) + 1)
         except Exception as error:  # noqa: BLE001 - e.g. out of memory: these rows fail, the engine goes on
+            if self.sharded:
+                raise
             log.exception("a decode step failed")
             return [(s, self.cancel(s, "error", _describe(error))) for s in rows]
         self.steps += 1

@@ -10,7 +10,9 @@ when the client gave none), so every rank samples the same tokens and frees the 
 
 While the leader is idle it sends an empty message every `HEARTBEAT` seconds, so a follower's
 wait never reaches the process group's timeout; a follower whose leader died sees the collective
-fail and exits with a message (torchrun then stops the group).
+fail and exits with a message (torchrun then stops the group). A leader whose step or heartbeat
+fails (a follower died or hung) cannot keep the ranks in step: it says so and exits the process
+(`lost`), rather than serve errors from a broken group.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 import secrets
 import threading
 import time
@@ -77,9 +80,12 @@ class Leader:
 
     def step(self, budget: int | None = None):
         self._events.append(("step", budget))
-        send(self._events, self._group)
-        self._events = []
-        out = self._engine.step(budget)
+        try:
+            send(self._events, self._group)
+            self._events = []
+            out = self._engine.step(budget)
+        except Exception as error:  # noqa: BLE001 - the followers ran (or wait in) this step: no way back
+            lost(error)
         for seq, _ in out:
             if seq.finished:
                 self._seq_ids.pop(id(seq), None)
@@ -91,8 +97,17 @@ class Leader:
             if time.monotonic() - _last_send[0] > HEARTBEAT:
                 try:
                     send([], self._group)
-                except Exception:  # noqa: BLE001 - the group is gone; the next step reports it
-                    return
+                except Exception as error:  # noqa: BLE001 - the group is gone
+                    lost(error)
+
+
+def lost(error: BaseException) -> None:
+    """The leader's ranks are out of step (a follower died or hung, or a step failed): exit the
+    process non-zero with the reason; torchrun then ends the other ranks."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    log.critical("rank 0: the tensor-parallel group broke (%s): another rank died or hung, or a step failed; "
+                 "stopping every rank", first)
+    os._exit(1)
 
 
 def stop(group=None) -> None:

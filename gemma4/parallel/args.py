@@ -1,4 +1,4 @@
-"""The --tp / --ep flags (no torch import: the CLI's parser reads them)."""
+"""The --tp / --ep flags of `generate`, `chat` and `serve` (no torch import: the CLI's parser reads them)."""
 
 from __future__ import annotations
 

@@ -34,6 +34,9 @@ class Layout:
     tp: int
     ep: int = 1
     rank: int = 0
+    # MLP and expert widths are cut in multiples of this many columns where it divides them: an int4
+    # checkpoint's group, so that each rank's input columns of down_proj are whole groups.
+    unit: int = 1
     tp_group: object = field(default=None, repr=False)
     ep_group: object = field(default=None, repr=False)
     etp_group: object = field(default=None, repr=False)
@@ -45,6 +48,12 @@ class Layout:
             raise ValueError(f"--ep {self.ep} must divide --tp {self.tp} (experts are split over ep of the tp ranks)")
         if not 0 <= self.rank < self.tp:
             raise ValueError(f"rank {self.rank} is outside the {self.tp} tensor-parallel ranks")
+
+    def width(self, n: int, parts: int, i: int) -> tuple[int, int]:
+        """[lo, hi) of part i of an MLP width of n columns, in whole units where the unit divides n."""
+        u = self.unit if n % self.unit == 0 else 1
+        lo, hi = split(n // u, parts, i)
+        return lo * u, hi * u
 
     @property
     def etp(self) -> int:
@@ -78,23 +87,25 @@ def join(tp: int, ep: int = 1, timeout: timedelta = DEFAULT_TIMEOUT) -> tuple[La
         raise ValueError(f"--tp {tp} but {world} processes were started; give torchrun --nproc-per-node "
                          f"(times --nnodes) equal to --tp")
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    return make_groups(tp, ep), device
+    return make_groups(tp, ep, timeout=timeout), device
 
 
-def make_groups(tp: int, ep: int = 1, first: int = 0) -> Layout | None:
+def make_groups(tp: int, ep: int = 1, first: int = 0, timeout: timedelta = DEFAULT_TIMEOUT) -> Layout | None:
     """The Layout of ranks [first, first + tp) of the world, with its process groups; None on a
-    rank outside them. Collective: every rank of the world calls it (new_group demands it)."""
+    rank outside them. Collective: every rank of the world calls it (new_group demands it).
+    Each group gets `timeout` (torch's own default for a new group is 30 minutes on gloo, 10 on NCCL)."""
     rank = dist.get_rank()
     mine = first <= rank < first + tp
     layout = Layout(tp, ep, rank - first if mine else 0)
     etp = layout.etp
-    group = dist.new_group(list(range(first, first + tp))) if tp < dist.get_world_size() else dist.group.WORLD
+    whole = list(range(first, first + tp))
+    group = dist.new_group(whole, timeout=timeout) if tp < dist.get_world_size() else dist.group.WORLD
     for j in range(etp):  # every rank creates every group, in the same order
-        g = dist.new_group([first + e * etp + j for e in range(ep)])
+        g = dist.new_group([first + e * etp + j for e in range(ep)], timeout=timeout)
         if mine and j == layout.etp_index:
             layout.ep_group = g
     for e in range(ep):
-        g = dist.new_group([first + e * etp + j for j in range(etp)])
+        g = dist.new_group([first + e * etp + j for j in range(etp)], timeout=timeout)
         if mine and e == layout.ep_index:
             layout.etp_group = g
     if not mine:

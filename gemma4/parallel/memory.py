@@ -33,14 +33,15 @@ def rank_parameters(config: TextConfig, layout: Layout) -> int:
         total += 2 * heads * hd * d + hd  # q_proj, o_proj, q_norm
         if not spec.shares_kv:
             total += _n(kv_heads(spec.num_kv_heads, layout)) * hd * d * (1 if spec.k_eq_v else 2) + hd
-        total += 3 * _n(split(spec.intermediate_size, tp, r)) * d + 4 * d
+        total += 3 * _n(layout.width(spec.intermediate_size, tp, r)) * d + 4 * d
         if p:
             total += 2 * p * d + d
         if config.enable_moe_block:
             e = config.num_experts
             total += e * d + d + e  # the router, replicated
             experts = _n(split(e, layout.ep, layout.ep_index))
-            total += experts * 3 * _n(split(config.moe_intermediate_size, layout.etp, layout.etp_index)) * d + 3 * d
+            width = _n(layout.width(config.moe_intermediate_size, layout.etp, layout.etp_index))
+            total += experts * 3 * width * d + 3 * d
     return total
 
 

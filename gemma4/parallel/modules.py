@@ -96,7 +96,7 @@ class ParallelExperts(Experts):
 
     def __init__(self, num_experts: int, dim: int, hidden: int, layout: Layout, impl: str = "auto"):
         self.lo, self.hi = split(num_experts, layout.ep, layout.ep_index)
-        a, b = split(hidden, layout.etp, layout.etp_index)
+        a, b = layout.width(hidden, layout.etp, layout.etp_index)
         super().__init__(self.hi - self.lo, dim, b - a, impl)
         self.num_global = num_experts
         self.owner_starts = [split(num_experts, layout.ep, e)[0] for e in range(layout.ep)]

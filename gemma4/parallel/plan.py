@@ -64,10 +64,11 @@ def kv_heads(num_kv: int, layout: Layout) -> tuple[int, int]:
 def local_config(config: TextConfig, layout: Layout) -> TextConfig:
     """The rank's geometry: H/tp heads, its KV heads and MLP columns per layer; the rest global."""
     check(config, layout)
+    tp = layout.tp
     local = copy.copy(config)
     local.num_attention_heads = config.num_attention_heads // layout.tp
     local.layers = [dataclasses.replace(s, num_kv_heads=_width(kv_heads(s.num_kv_heads, layout)),
-                                        intermediate_size=_width(split(s.intermediate_size, layout.tp, layout.rank)))
+                                        intermediate_size=_width(layout.width(s.intermediate_size, tp, layout.rank)))
                     for s in config.layers]
     return local
 
@@ -121,11 +122,11 @@ def ranges(config: TextConfig, layout: Layout, name: str, shape: tuple[int, ...]
             return [{0: (lo * d, hi * d)}]
         return []
     if part == "mlp":
-        cols = split(spec.intermediate_size, tp, r)
+        cols = layout.width(spec.intermediate_size, tp, r)
         return [{1: cols}] if proj == "down_proj" else [{0: cols}]
     experts = split(config.num_experts, layout.ep, layout.ep_index)
     I = config.moe_intermediate_size
-    a, b = split(I, layout.etp, layout.etp_index)
+    a, b = layout.width(I, layout.etp, layout.etp_index)
     if proj == "gate_up_proj":  # [E, 2I, D]: gate rows 0..I-1, up rows I..2I-1
         return [{0: experts, 1: (a, b)}, {0: experts, 1: (I + a, I + b)}]
     return [{0: experts, 2: (a, b)}]  # down_proj [E, D, I]

@@ -147,3 +147,47 @@ def load_memory(path: str, tp: int, ids: torch.Tensor):
     del model
     gc.collect()
     return grown * 1024
+
+
+def quantized(path: str, tp: int, ids: torch.Tensor, prompts: list[list[int]], n: int):
+    """A quantized checkpoint at `tp` ranks: (logits, greedy tokens, bytes of `qweight` each part
+    read of it as a slice, names of the quantized parts it read whole). Kernels off: the same
+    dequantized math as the one-process reference."""
+    from gemma4.parallel.load import load_sharded
+    from gemma4.quant import set_kernels
+    from gemma4.quant.shard import QuantizedSlices
+    from gemma4.weights import safetensors
+
+    lay = layout(tp)
+    if lay is None:
+        return None
+    sliced, whole = {}, []
+    mapped = safetensors._Mapped
+    read_slice, call = mapped.read_slice, mapped.__call__
+
+    def spy_slice(self, block):
+        out = read_slice(self, block)
+        sliced[self.name] = out.nbytes
+        return out
+
+    def spy_call(self):
+        whole.append(self.name)
+        return call(self)
+
+    mapped.read_slice, mapped.__call__ = spy_slice, spy_call
+    try:
+        model = set_kernels(load_sharded(path, lay, torch.float32, quantized=QuantizedSlices), False)
+    finally:
+        mapped.read_slice, mapped.__call__ = read_slice, call
+    with torch.inference_mode():
+        out = model(ids)
+    return out, run_greedy(model, prompts, n), sliced, whole
+
+
+def group_timeouts(tp: int, ep: int):
+    """Seconds a collective of each of this rank's groups (tp, ep, etp) waits before failing."""
+    lay = layout(tp, ep)
+    if lay is None:
+        return None
+    cpu = torch.device("cpu")
+    return [g._get_backend(cpu).options._timeout.total_seconds() for g in (lay.tp_group, lay.ep_group, lay.etp_group)]

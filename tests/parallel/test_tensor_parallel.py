@@ -12,6 +12,9 @@ another order across ranks, and that model's fp32 logits are only that good anyw
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 from parallel_helpers import Pool, run_greedy
@@ -90,3 +93,69 @@ def test_greedy_generation_equal(pool, checkpoints, name, tp, ep):
     prompts = [IDS[0, :5].tolist(), IDS[1].tolist()]
     want = run_greedy(load_model(path, dtype=torch.float32), prompts, 8)
     assert pool.run("greedy", path, tp, ep, prompts, 8) == want
+
+
+QUANTIZED = {"int8": ("tiny-31b", 64), "int4": ("tiny-e2b", 32)}  # scheme: (model, int4 group)
+
+
+@pytest.fixture(scope="module")
+def quantized_checkpoints(checkpoints, tmp_path_factory):
+    from gemma4.quant import quantize, save_quantized
+
+    root = tmp_path_factory.mktemp("quantized")
+    return {scheme: str(save_quantized(quantize(load_model(checkpoints(name), dtype=torch.float32), scheme, group),
+                                       root / scheme)) for scheme, (name, group) in QUANTIZED.items()}
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_checkpoint_equals_one_process(pool, quantized_checkpoints, scheme):
+    """int8 (per-row scales) tiny-31b and int4 tiny-e2b (groups of 32: its 96-wide MLP is cut in
+    whole groups, 64 + 32 columns) at 2 ranks: the logits of the same checkpoint in one process
+    within 1e-5 (the same dequantized weights; only the row-parallel sums change order; kernels off
+    on both sides), the same greedy tokens, and rank 0 read only its slices of
+    the codes of every sharded weight (replicated ones stay memory-mapped views, as in one process)."""
+    from gemma4.api import load_model as load_quantized
+    from gemma4.parallel.layout import Layout
+    from gemma4.parallel.plan import ranges
+    from gemma4.quant import set_kernels
+    from gemma4.weights import open_checkpoint
+    from gemma4.weights.safetensors import open_tensors, shard_files
+
+    path = quantized_checkpoints[scheme]
+    prompts = [IDS[0, :5].tolist(), IDS[1].tolist()]
+    one = set_kernels(load_quantized(path, dtype=torch.float32), False)
+    want = one(IDS)
+    got, tokens, sliced, whole = pool.run("quantized", path, 2, IDS, prompts, 6)
+    err = (got - want).abs().max().item()
+    print(f"{scheme} tp=2: max |diff| {err:.2e}")
+    assert err < ATOL
+    assert tokens == run_greedy(one, prompts, 6)
+    config = open_checkpoint(path).config
+    codes = {name: math.prod(shape) for name, _, shape in open_tensors(shard_files(Path(path)))
+             if name.endswith(".qweight") and ranges(config, Layout(2), name.removesuffix(".qweight"), shape)}
+    assert not codes.keys() & set(whole), "a rank read a whole quantized weight that is sharded"
+    assert sliced.keys() >= codes.keys()
+    share = sum(sliced[n] for n in codes) / sum(codes.values())
+    print(f"rank 0 read {share:.3f} of the codes")
+    assert share == 0.5 if scheme == "int8" else 0.5 < share < 0.6  # int4: 2 of the MLPs' 3 groups
+
+
+def test_quantized_split_that_cuts_groups_is_refused(quantized_checkpoints):
+    """At 4 ranks the tiny-e2b's o_proj (64 inputs) would give each rank 16: half of an int4 group."""
+    from gemma4.parallel.layout import Layout
+    from gemma4.parallel.load import load_sharded
+    from gemma4.quant.shard import QuantizedSlices
+    from gemma4.weights.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"--tp 4 does not fit .*groups of 32.*Use --tp in \[1, 2\]"):
+        load_sharded(quantized_checkpoints["int4"], Layout(4), torch.float32, quantized=QuantizedSlices)
+    with pytest.raises(CheckpointError, match="load it with gemma4.load"):
+        load_sharded(quantized_checkpoints["int8"], Layout(2), torch.float32)
+
+
+def test_every_group_times_out_like_the_world(pool):
+    """A collective waiting on a hung peer fails after layout.DEFAULT_TIMEOUT in every group: torch
+    gives a new group 30 minutes unless told (tp 2 of 4 ranks: the tp group is not the world's)."""
+    from gemma4.parallel.layout import DEFAULT_TIMEOUT
+
+    assert pool.run("group_timeouts", 2, 2) == [DEFAULT_TIMEOUT.total_seconds()] * 3

@@ -46,18 +46,6 @@ def test_a_split_that_does_not_fit_is_refused(capsys):
         rank_parameters(variant("gemma-4-31b"), Layout(2, 2, 0))
 
 
-def test_a_quantized_checkpoint_is_refused_clearly(tmp_path):
-    from testing_utils import hf_model, rewrite_config
-
-    from gemma4.parallel.load import load_sharded
-    from gemma4.weights import CheckpointError
-
-    hf_model("tiny-31b").save_pretrained(tmp_path)
-    rewrite_config(tmp_path, lambda c: c | {"quantization_config": {"quant_method": "gemma4", "bits": 8}})
-    with pytest.raises(CheckpointError, match="--tp with a quantized checkpoint is not supported yet"):
-        load_sharded(str(tmp_path), Layout(2, 1, 0))
-
-
 def test_bad_splits_say_what_fits():
     with pytest.raises(ValueError, match=r"use --tp in \[1, 2, 4, 8\]"):
         rank_parameters(variant("tiny-31b"), Layout(3, 1, 0))
