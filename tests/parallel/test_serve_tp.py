@@ -4,11 +4,9 @@ one process: greedy chat and completions, two requests at once (rows batched on 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +14,7 @@ import httpx
 from openai import OpenAI
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "serve"))
-from serve_helpers import make_app, running_server, save_checkpoint  # noqa: E402
+from serve_helpers import make_app, running_server, save_checkpoint, started_url  # noqa: E402
 
 
 def ask(url: str) -> list[str]:
@@ -43,16 +41,7 @@ def test_tp_server_answers_like_one_process(tmp_path):
            "serve", "--tp", "2", "--model", str(path), "--served-model-name", "tiny", "--port", "0", "--no-ui"]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
-        url, log = None, []
-        deadline = time.monotonic() + 120
-        while url is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            assert line or proc.poll() is None, "".join(log)
-            log.append(line)
-            if m := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line):
-                url = m.group(1)
-        assert url, "".join(log)
-        threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
+        url, log = started_url(proc)
         for _ in range(600):
             if httpx.get(url + "/health", timeout=60).status_code == 200:
                 break

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 import time
 
@@ -120,6 +121,30 @@ class ScriptHook:
             if f"#{name}" in text.split():
                 return [ForcedTokens(self.tokenizer.encode(script, add_bos=False), VOCAB)]
         return []
+
+
+def started_url(proc, timeout: float = 120) -> tuple[str, list[str]]:
+    """The URL a `gemma4 serve` subprocess (stderr piped, text) says it listens on, and its log so
+    far, which keeps growing: a thread goes on reading, since a full pipe would block the server."""
+    url, log = None, []
+    deadline = time.monotonic() + timeout
+    while url is None and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        assert line or proc.poll() is None, "".join(log)
+        log.append(line)
+        if m := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line):
+            url = m.group(1)
+    assert url, "".join(log)
+    threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
+    return url, log
+
+
+def save_reference(ref, directory, media_tokens: list[str]):
+    """A transformers model saved as a checkpoint directory with this tiny tokenizer plus `media_tokens`."""
+    ref.save_pretrained(directory)
+    tiny_tokenizer(media_tokens).save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    return directory
 
 
 @contextlib.contextmanager

@@ -1,14 +1,13 @@
 """`python -m gemma4.serve` as a process: flags and env, API key, clean exit on SIGTERM."""
 
 import os
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
+from serve_helpers import started_url
 
 
 def test_serve_cli_process(tiny_dir):
@@ -17,17 +16,7 @@ def test_serve_cli_process(tiny_dir):
                "--port", "0", "--max-batch", "2", "--max-tokens-default", "4"]
     proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
-        url, log = None, []
-        deadline = time.monotonic() + 120
-        while url is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            assert line or proc.poll() is None, "".join(log)
-            log.append(line)
-            if m := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line):
-                url = m.group(1)
-        assert url, "".join(log)
-        # Keep reading its log: a full pipe would block the server mid-request (one access line a poll).
-        threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
+        url, log = started_url(proc)
         assert "sk-env-key" not in "".join(log)  # the key is never logged
         for _ in range(600):
             if httpx.get(url + "/health", timeout=60).status_code == 200:

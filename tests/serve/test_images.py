@@ -5,13 +5,12 @@ requests give the tokens each gets alone; bad media are clear 400s and the serve
 
 import base64
 import io
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from serve_helpers import SPECIAL, VOCAB, make_app, running_server, tiny_tokenizer
+from serve_helpers import SPECIAL, VOCAB, make_app, running_server, save_reference
 
 MEDIA = ["<|image>", "<image|>", "<|image|>", "<|video|>", "<|audio|>"]
 IDS = {t: len(SPECIAL) + i for i, t in enumerate(MEDIA)}
@@ -32,10 +31,7 @@ def checkpoint(tmp_path_factory):
 
     ref = hf_multimodal("31b", edit=_edit)
     path = tmp_path_factory.mktemp("vision") / "tiny-31b-vision"
-    ref.save_pretrained(path)
-    tiny_tokenizer(MEDIA).save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
-    return ref, path
+    return ref, save_reference(ref, path, MEDIA)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from serve_helpers import SPECIAL, VOCAB, make_app, running_server, tiny_tokenizer
+from serve_helpers import SPECIAL, VOCAB, make_app, running_server, save_reference
 
 from gemma4.media.windows import plan_windows
 
@@ -38,10 +38,7 @@ def checkpoint(tmp_path_factory):
 
     ref = hf_multimodal("e2b", edit=_edit)
     path = tmp_path_factory.mktemp("audio") / "tiny-e2b-audio"
-    ref.save_pretrained(path)
-    tiny_tokenizer(MEDIA).save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
-    return ref, path
+    return ref, save_reference(ref, path, MEDIA)
 
 
 @pytest.fixture(scope="module")
