@@ -138,3 +138,29 @@ def video_prompt(counts: list[int], seed: int = 4) -> torch.Tensor:
     for n in counts:
         parts += [torch.randint(1, 120, (2,), generator=g), torch.tensor([BOI] + [VIDEO] * n + [EOI])]
     return torch.cat(parts + [torch.randint(1, 120, (3,), generator=g)])[None]
+
+
+def saved_layouts(tmp_path_factory, layouts) -> dict:
+    """layout -> (its checkpoint dir, its tensors): a reference model of each saved once."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for layout in layouts:
+        path = tmp_path_factory.mktemp(layout)
+        hf_multimodal(layout).save_pretrained(path)
+        out[layout] = (path, load_file(path / "model.safetensors"))
+    return out
+
+
+def write_edited(saved: dict, layout: str, directory, edit):
+    """A copy of a saved layout in `directory` with its tensors edited: `edit` changes the dict in
+    place or returns a new one."""
+    from safetensors.torch import save_file
+
+    path, state = saved[layout]
+    state = dict(state)
+    state = edit(state) or state
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text((path / "config.json").read_text())
+    save_file(state, directory / "model.safetensors")
+    return directory

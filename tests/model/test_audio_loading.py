@@ -7,8 +7,7 @@ import logging
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from vision_refs import hf_multimodal
+from vision_refs import saved_layouts, write_edited
 
 from gemma4.config import AudioConfig, ConfigError, TextConfig
 from gemma4.variants import multimodal_hf_config
@@ -28,21 +27,7 @@ AUDIO = {
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    out = {}
-    for layout in AUDIO:
-        path = tmp_path_factory.mktemp(layout)
-        hf_multimodal(layout).save_pretrained(path)
-        out[layout] = (path, load_file(path / "model.safetensors"))
-    return out
-
-
-def _write(saved, layout, tmp_path, edit):
-    path, state = saved[layout]
-    state = dict(state)
-    state = edit(state) or state
-    (tmp_path / "config.json").write_text((path / "config.json").read_text())
-    save_file(state, tmp_path / "model.safetensors")
-    return tmp_path
+    return saved_layouts(tmp_path_factory, AUDIO)
 
 
 def test_released_names_are_all_used(saved):
@@ -57,7 +42,7 @@ def test_released_names_are_all_used(saved):
 
 @pytest.mark.parametrize("layout, name", [(lay, n) for lay, names in AUDIO.items() for n in names])
 def test_missing_audio_tensor(saved, tmp_path, layout, name):
-    path = _write(saved, layout, tmp_path, lambda s: {k: v for k, v in s.items() if k != name})
+    path = write_edited(saved, layout, tmp_path, lambda s: {k: v for k, v in s.items() if k != name})
     with pytest.raises(CheckpointError, match=f"missing tensors the config requires: {name.removeprefix('model.')}"):
         load_model(path)
 
@@ -67,17 +52,17 @@ def test_extra_and_misshaped_audio_tensors(saved, tmp_path, layout):
     name = AUDIO[layout][0]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    extra = _write(saved, layout, tmp_path / "a", lambda s: s.__setitem__(name + "_surprise", torch.zeros(2)))
+    extra = write_edited(saved, layout, tmp_path / "a", lambda s: s.__setitem__(name + "_surprise", torch.zeros(2)))
     with pytest.raises(CheckpointError, match="tensors this config does not use: .*surprise"):
         load_model(extra)
-    wrong = _write(saved, layout, tmp_path / "b", lambda s: s.__setitem__(name, torch.zeros(3, 5)))
+    wrong = write_edited(saved, layout, tmp_path / "b", lambda s: s.__setitem__(name, torch.zeros(3, 5)))
     with pytest.raises(CheckpointError, match="wrong shape"):
         load_model(wrong)
 
 
 def test_audio_tensors_without_an_audio_config_are_refused(saved, tmp_path):
     """A config without audio_config does not silently drop the checkpoint's audio tensors."""
-    path = _write(saved, "e2b", tmp_path, lambda s: None)
+    path = write_edited(saved, "e2b", tmp_path, lambda s: None)
     raw = json.loads((path / "config.json").read_text())
     raw["audio_config"] = None
     (path / "config.json").write_text(json.dumps(raw))
@@ -164,7 +149,7 @@ def test_hostile_audio_configs_are_refused(edit, message):
 
 
 def test_bad_audio_config_is_a_checkpoint_error(saved, tmp_path):
-    path = _write(saved, "e2b", tmp_path, lambda s: None)
+    path = write_edited(saved, "e2b", tmp_path, lambda s: None)
     raw = json.loads((path / "config.json").read_text())
     raw["audio_config"]["hidden_act"] = "gelu"
     (path / "config.json").write_text(json.dumps(raw))

@@ -6,8 +6,7 @@ import logging
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from vision_refs import LAYOUTS, hf_multimodal
+from vision_refs import LAYOUTS, saved_layouts, write_edited
 
 from gemma4.weights import CheckpointError, load_model
 
@@ -24,27 +23,12 @@ TOWER = {
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """layout -> tensors of its checkpoint; the config.json of each in its own dir."""
-    out = {}
-    for layout in LAYOUTS:
-        path = tmp_path_factory.mktemp(layout)
-        hf_multimodal(layout).save_pretrained(path)
-        out[layout] = (path, load_file(path / "model.safetensors"))
-    return out
-
-
-def _write(saved, layout, tmp_path, edit):
-    path, state = saved[layout]
-    state = dict(state)
-    state = edit(state) or state  # edit changes the copy in place, or returns a new dict
-    (tmp_path / "config.json").write_text((path / "config.json").read_text())
-    save_file(state, tmp_path / "model.safetensors")
-    return tmp_path
+    return saved_layouts(tmp_path_factory, LAYOUTS)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_missing_tower_tensor(saved, tmp_path, layout):
-    path = _write(saved, layout, tmp_path, lambda s: {k: v for k, v in s.items() if k != TOWER[layout]})
+    path = write_edited(saved, layout, tmp_path, lambda s: {k: v for k, v in s.items() if k != TOWER[layout]})
     with pytest.raises(CheckpointError, match="missing tensors the config requires"):
         load_model(path)
 
@@ -52,7 +36,7 @@ def test_missing_tower_tensor(saved, tmp_path, layout):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_extra_tower_tensor(saved, tmp_path, layout):
     name = TOWER[layout].rsplit(".", 1)[0] + ".surprise"
-    path = _write(saved, layout, tmp_path, lambda s: s.__setitem__(name, torch.zeros(2)))
+    path = write_edited(saved, layout, tmp_path, lambda s: s.__setitem__(name, torch.zeros(2)))
     with pytest.raises(CheckpointError, match="tensors this config does not use: .*surprise"):
         load_model(path)
 
@@ -61,14 +45,14 @@ def test_extra_tower_tensor(saved, tmp_path, layout):
 def test_misshaped_tower_tensor(saved, tmp_path, layout):
     def edit(s):
         s[TOWER[layout]] = torch.zeros(*(d + 1 for d in s[TOWER[layout]].shape), 1)
-    path = _write(saved, layout, tmp_path, edit)
+    path = write_edited(saved, layout, tmp_path, edit)
     with pytest.raises(CheckpointError, match="wrong shape"):
         load_model(path)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_text_only_skips_the_vision_side(saved, tmp_path, layout, caplog):
-    path = _write(saved, layout, tmp_path, lambda s: None)
+    path = write_edited(saved, layout, tmp_path, lambda s: None)
     full = load_model(path)
     with caplog.at_level(logging.WARNING):
         text = load_model(path, text_only=True)
@@ -87,7 +71,7 @@ def test_released_layouts_of_older_writers(saved, tmp_path):
     transformers' in-memory names (embed_vision.patch_ln1, embed_vision.multimodal_embedder.*)."""
     renamed = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in saved["gemma3"][1].items()}
     (tmp_path / "g3").mkdir()
-    g3 = _write(saved, "gemma3", tmp_path / "g3", lambda s: renamed)
+    g3 = write_edited(saved, "gemma3", tmp_path / "g3", lambda s: renamed)
     assert load_model(g3).vision_config.kind == "siglip"
 
     def hf_names(s):
@@ -96,14 +80,14 @@ def test_released_layouts_of_older_writers(saved, tmp_path):
             "model.embed_vision.embedding_projection.weight")
         return out
     (tmp_path / "u").mkdir()
-    unified = _write(saved, "12b", tmp_path / "u", hf_names)
+    unified = write_edited(saved, "12b", tmp_path / "u", hf_names)
     assert load_model(unified).vision_config.kind == "unified"
 
 
 def test_bad_vision_config_is_a_checkpoint_error(saved, tmp_path):
     import json
 
-    path = _write(saved, "31b", tmp_path, lambda s: None)
+    path = write_edited(saved, "31b", tmp_path, lambda s: None)
     raw = json.loads((path / "config.json").read_text())
     raw["vision_config"]["head_dim"] = 10**9
     (path / "config.json").write_text(json.dumps(raw))
@@ -116,7 +100,7 @@ def test_save_writes_the_text_model_of_a_multimodal_one(saved, tmp_path):
     from gemma4.weights import save
 
     (tmp_path / "in").mkdir()
-    model = load_model(_write(saved, "31b", tmp_path / "in", lambda s: None))
+    model = load_model(write_edited(saved, "31b", tmp_path / "in", lambda s: None))
     out = save(tmp_path / "out", model)
     again = load_model(out)
     ids = torch.randint(1, 120, (1, 7))
