@@ -164,3 +164,16 @@ def write_edited(saved: dict, layout: str, directory, edit):
     (directory / "config.json").write_text((path / "config.json").read_text())
     save_file(state, directory / "model.safetensors")
     return directory
+
+
+def loaded_layouts(tmp_path_factory, layouts) -> dict:
+    """layout -> (reference model, our model loaded in float32 from its save_pretrained output)."""
+    from gemma4.weights import load_model
+
+    out = {}
+    for layout in layouts:
+        ref = hf_multimodal(layout)
+        path = tmp_path_factory.mktemp(layout)
+        ref.save_pretrained(path)
+        out[layout] = (ref, load_model(path, dtype=torch.float32))
+    return out

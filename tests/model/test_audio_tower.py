@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from vision_refs import IMAGE, hf_multimodal, images
+from vision_refs import IMAGE, hf_multimodal, images, loaded_layouts
 
 from gemma4.engine.cache import KVCache
 from gemma4.weights import load_model
@@ -21,14 +21,7 @@ WIDTH = {"e2b": 128, "12b": 640}  # mel bins; samples per 40 ms frame
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """layout -> (reference model, our model loaded from its save_pretrained output)."""
-    out = {}
-    for layout in LAYOUTS:
-        ref = hf_multimodal(layout)
-        path = tmp_path_factory.mktemp(layout)
-        ref.save_pretrained(path)
-        out[layout] = (ref, load_model(path, dtype=torch.float32))
-    return out
+    return loaded_layouts(tmp_path_factory, LAYOUTS)
 
 
 def clips(layout: str, lengths: list[int], seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:

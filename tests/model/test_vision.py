@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from vision_refs import LAYOUTS, VIDEO, hf_multimodal, images, prompt, reference_logits, video, video_prompt
+from vision_refs import LAYOUTS, VIDEO, images, loaded_layouts, prompt, reference_logits, video, video_prompt
 
 from gemma4.engine.cache import KVCache
 from gemma4.weights import load_model
@@ -16,14 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """layout -> (reference model, our model loaded from its save_pretrained output), built once."""
-    out = {}
-    for layout in LAYOUTS:
-        ref = hf_multimodal(layout)
-        path = tmp_path_factory.mktemp(layout)
-        ref.save_pretrained(path)
-        out[layout] = (ref, load_model(path, dtype=torch.float32))
-    return out
+    return loaded_layouts(tmp_path_factory, LAYOUTS)
 
 
 def _soft(model, layout, media, which=slice(None)):
