@@ -58,7 +58,7 @@ def run_one(args) -> None:
     from gemma4.model import Gemma
     from gemma4.quant import model_nbytes
     from gemma4.variants import variant
-    from gemma4.weights import load_model
+    from gemma4.api import load_model  # quantized checkpoints too (gemma4.weights.load_model refuses them)
 
     torch.set_num_threads(args.threads)
     ids = json.loads(Path(args.ids).read_text())

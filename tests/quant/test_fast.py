@@ -52,11 +52,15 @@ def test_quant_linear_matches_the_plain_path(bits, int4):
     assert rel(got, want) < {8: 1e-3, 4: 2e-2 if int4 == "int8" else 5e-3}[bits]
 
 
-def test_rescored_table_is_exact_at_its_top():
+@pytest.mark.parametrize("scores", ["int8", "int4"])
+def test_rescored_table_is_exact_at_its_top(scores):
     table = QuantizedTensor.from_float(torch.randn(4096, 64, generator=GEN), 8)
     x = activations(2, 64)
     want = x @ table.dequantize().T
-    got = RescoredTable(table, k=16)(x)
+    head = RescoredTable(table, k=16, scores=scores)
+    got = head(x)
+    if scores == "int4":  # scores of an int4 copy, through torch's int4 kernel where it has one
+        assert head.approx.qt.bits == 4
     top = want.topk(4, -1).indices  # the true best 4 are among the 16 best int8 scores here
     torch.testing.assert_close(got.gather(-1, top), want.gather(-1, top), rtol=1e-5, atol=1e-4)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
