@@ -148,7 +148,8 @@ class PackedLinear(nn.Module):
 
     def _pack_int8(self, q: torch.Tensor) -> None:
         self.packed = torch.ops.quantized.linear_prepack(q, None)
-        self.sums = q.dequantize().double().sum(1).float()  # W 1, to undo the activations' shift
+        # W 1, to undo the activations' shift: integer row sums times the scales, without a float copy of W
+        self.sums = (q.int_repr().sum(1, dtype=torch.int64).double() * q.q_per_channel_scales()).float()
 
     def _register(self, nbytes: int) -> None:
         self.nbytes = nbytes
