@@ -266,7 +266,9 @@ OTHER_PACKERS: list = []
 def speed_up(model: nn.Module) -> bool:
     """Apply the CPU decode fast path (`pack_linears` defaults) to a float32 CPU model, in place,
     where fbgemm is available; True if applied. Greedy output is unchanged (see pack_linears);
-    sampled logits differ from float32 by fp16 weight rounding and, off the top 64, int8 error."""
+    sampled logits differ from float32 by fp16 weight rounding and, off the top 64, int8 error.
+    A model of other weights (quantized) goes to the packers in OTHER_PACKERS
+    (`gemma4.quant.speed_up_quantized`)."""
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         return True  # packed already (e.g. a model loaded once and used by several commands)
     weight = model.model.embed_tokens.weight

@@ -7,11 +7,13 @@ float model's fp16 fast path (docs/benchmarks.md). `speed_up_quantized` (what `s
 quantized model) makes it the float path's shape, over the *stored* codes:
 - q/k/v and gate/up fused into one linear each (`engine.fuse`'s classes), where their formats agree;
 - int8 weights packed for fbgemm as stored (per-row scales: no second rounding) and multiplied
-  with int8 activations quantized per row (`PackedLinear.from_int8`; batch-invariant);
+  with each activation row sent as two int8 rows, coarse and residual (`two_pass_int8`: ~1e-4
+  relative error, batch-invariant);
 - int4 weights through torch's int4 CPU kernel (`int4="int4pack"`, bf16 activations, half the
   bytes) or, `int4="int8"`, re-rounded per row to int8 for fbgemm;
-- the tied head (an int8 table) scored by fbgemm in int8, its `k` best recomputed exactly from the
-  table in fp32 (`RescoredTable`), as the float path does with its fp32 table.
+- the tied head (an int8 table) scored by fbgemm in int8 (or, `head="int4"`, from an int4 copy),
+  its `k` best recomputed exactly from the table in fp32 (`RescoredTable`), as the float path
+  does with its fp32 table.
 Column scales and rotations (tensor.py) are applied to the activations first, as stored.
 """
 
@@ -174,7 +176,8 @@ class RescoredTable(nn.Module):
             raise ValueError(f"unknown head scores {scores!r}; use one of {', '.join(HEAD_SCORES)}")
         # "int4": scores from an int4 copy of the table (groups of 64; + ~32% of the table's memory),
         # read at half the bytes of int8 by torch's int4 kernel; the rescored top is exact either way.
-        self.approx = QuantLinear(int4_copy(table) if scores == "int4" else table, int4="int4pack", exact=False)
+        int4 = scores == "int4" and table.shape[-1] % HEAD_GROUP == 0  # else int8 scores
+        self.approx = QuantLinear(int4_copy(table) if int4 else table, int4="int4pack", exact=False)
         self.table, self.k = table, k  # shared with the embedding lookup, not a copy
 
     def extra_repr(self) -> str:
