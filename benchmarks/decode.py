@@ -4,6 +4,7 @@
     python benchmarks/decode.py --weights float,fp16 --threads 1   # several weight formats, one run
     python benchmarks/decode.py --variant gemma-4-e2b --device cuda --mode cuda-graph,reduce-overhead
     python benchmarks/decode.py --variant gemma-4-26b-a4b --layers 6 --dtype bfloat16   # a smoke run
+    python benchmarks/decode.py --model ./270m-int8 --weights fast --peers ""   # a quantized checkpoint, CLI path
 
 What one run measures, for ours and for each peer, on the same device, dtype and prompt:
   prefill tok/s (a --prompt-len prompt, chunked), time to first token, batch-1 decode tok/s,
@@ -50,7 +51,7 @@ from gemma4.model.layers import Experts  # noqa: E402
 from gemma4.variants import variant_hf_config  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0)
-WEIGHTS = ("float", "fp16", "fp16-all", "int8-dynamic", "int8", "int4")
+WEIGHTS = ("float", "fp16", "fp16-all", "int8-dynamic", "int8", "int4", "fast", "fast-int4-head")
 
 
 @dataclass
@@ -170,6 +171,15 @@ def apply_weights(model: Gemma, fmt: str) -> Gemma:
         # fp16: the CPU default (fp16 linears, an int8 head rescored exactly at its top 64)
         body = fmt.removesuffix("-all")
         return pack_linears(model, body, head="rescored" if fmt == "fp16" else body)
+    if fmt.startswith("fast"):  # what the CLI runs: speed_up (a quantized --model: gemma4.quant.speed_up_quantized)
+        from gemma4.engine.cpu import speed_up
+        from gemma4.quant import QuantizedTensor, speed_up_quantized
+
+        if fmt == "fast-int4-head" and any(isinstance(m, QuantizedTensor) for m in model.modules()):
+            speed_up_quantized(model, head="int4")
+        else:
+            speed_up(model)
+        return model
     if fmt in ("int8", "int4"):
         from gemma4.quant import quantize
 

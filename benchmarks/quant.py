@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/quant.py --configs float32 int4 int4-calibrated   # GPTQ on the shipped text
     .venv/bin/python benchmarks/quant.py --configs float32 int4-calibrated --calibration notes.txt
     .venv/bin/python benchmarks/quant.py --text tests/data/eval/sketches.txt   # a second, held-out text
+    .venv/bin/python benchmarks/quant.py --fast --keep /tmp/q   # through the CPU fast path (`speed_up`)
 
 The float32 model is the embedded Q4_K_M GGUF dequantized (the reference the quantized models are
 compared with); int8 / int4 are quantized from that file tensor by tensor (`gemma4 quantize`) into
@@ -17,6 +18,9 @@ own process, so its peak RSS is its own. Reported per configuration:
 - perplexity of `--text` (default tests/data/eval/essays.txt; sliding windows), and agreement of each position's
   greedy (argmax) prediction with float32's;
 - decode tok/s: greedy, batch 1, after a 16-token prompt, mean over `--decode-tokens` steps.
+With `--fast`, each model is measured (perplexity and decode) through `gemma4.engine.cpu.speed_up`, what the CLI
+runs: fp16 linears and a rescored int8 head for float32, `gemma4.quant.speed_up_quantized` for int8 / int4.
+`--keep DIR` keeps the quantized checkpoints in DIR/<config> and reuses those already there (GPTQ takes minutes).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def run_one(args) -> None:
     from gemma4.model import Gemma
     from gemma4.quant import model_nbytes
     from gemma4.variants import variant
-    from gemma4.weights import load_model
+    from gemma4.api import load_model  # quantized checkpoints too (gemma4.weights.load_model refuses them)
 
     torch.set_num_threads(args.threads)
     ids = json.loads(Path(args.ids).read_text())
@@ -64,6 +68,10 @@ def run_one(args) -> None:
     start = time.perf_counter()
     model = load_model(args.one, dtype=torch.float32)
     load_s = time.perf_counter() - start
+    if args.fast:
+        from gemma4.engine.cpu import speed_up
+
+        speed_up(model)
     for t in model.state_dict().values():  # read every byte (mapped files load lazily); max: no copy
         t.reshape(-1).view(torch.uint8).max()
     rss_loaded, load_peak = status("VmRSS"), status("VmHWM") - rss_before
@@ -99,6 +107,8 @@ def main() -> None:
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--fast", action="store_true", help="measure through the CPU fast path (gemma4.engine.cpu.speed_up)")
+    p.add_argument("--keep", type=Path, default=None, help="keep quantized checkpoints here (DIR/<config>) and reuse them")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--ids", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -131,12 +141,14 @@ def main() -> None:
             scheme, group = CONFIGS[name]
             start = time.perf_counter()
             calibration = (args.calibration or CALIBRATION_TEXT) if name.endswith("-calibrated") else None
-            out = quantize_cli(gguf, tmp / name, scheme, group, calibration=calibration)
+            out = (args.keep or tmp) / name
+            if not (out / "model.safetensors").is_file():
+                out = quantize_cli(gguf, out, scheme, group, calibration=calibration)
             quant_s = time.perf_counter() - start
             source, file_bytes = str(out), (out / "model.safetensors").stat().st_size
         cmd = [sys.executable, __file__, "--one", source, "--ids", str(tmp / "ids.json"),
                "--window", str(args.window), "--stride", str(args.stride), "--decode-tokens",
-               str(args.decode_tokens), "--threads", str(args.threads)]
+               str(args.decode_tokens), "--threads", str(args.threads)] + ["--fast"] * args.fast
         print(f"[{name}] running ...", file=sys.stderr, flush=True)
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
         if res.returncode:
@@ -149,7 +161,7 @@ def main() -> None:
     base = rows.get("float32")
     mib = 2**20
     print(f"\ngemma-3-270m ({params / 1e6:.0f}M parameters), {platform.processor() or platform.machine()}, "
-          f"{args.threads} threads, torch {torch.__version__}")
+          f"{args.threads} threads, torch {torch.__version__}" + (", CPU fast path (speed_up)" if args.fast else ""))
     print(f"text: {args.text} (sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]}), "
           f"{len(ids)} tokens, window {args.window}, stride {args.stride}\n")
     print("| config | weights MiB | file MiB | % of bf16 | load peak MiB | RSS loaded / peak MiB | perplexity | "

@@ -126,9 +126,33 @@ class PackedLinear(nn.Module):
             with warnings.catch_warnings():  # quantized tensors are deprecated as a user type, not as fbgemm input
                 warnings.simplefilter("ignore")
                 q = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(q, None)
-            self.sums = q.dequantize().double().sum(1).float()  # W 1, to undo the activations' shift
-        self.nbytes = w.numel() * (2 if fmt == "fp16" else 1)
+            self._pack_int8(q)
+        self._register(w.numel() * (2 if fmt == "fp16" else 1))
+
+    @classmethod
+    def from_int8(cls, qweight: torch.Tensor, scales: torch.Tensor) -> PackedLinear:
+        """An "int8-dynamic" PackedLinear of an already quantized weight: int8 codes [N, K] (symmetric,
+        in [-127, 127]) times per-row `scales` [N], packed as they are (no second rounding)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = qweight.shape
+        self.fmt, self.int8 = "int8-dynamic", True
+        s = scales.detach().double().clamp(min=1e-12).cpu()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = torch._make_per_channel_quantized_tensor(qweight.detach().cpu().contiguous(), s,
+                                                         torch.zeros_like(s, dtype=torch.long), 0)
+        self._pack_int8(q)
+        self._register(qweight.numel())
+        return self
+
+    def _pack_int8(self, q: torch.Tensor) -> None:
+        self.packed = torch.ops.quantized.linear_prepack(q, None)
+        # W 1, to undo the activations' shift: integer row sums times the scales, without a float copy of W
+        self.sums = (q.int_repr().sum(1, dtype=torch.int64).double() * q.q_per_channel_scales()).float()
+
+    def _register(self, nbytes: int) -> None:
+        self.nbytes = nbytes
         self.handle = next(_HANDLES)
         _PACKED[self.handle] = (self.packed, getattr(self, "sums", None))
         weakref.finalize(self, _PACKED.pop, self.handle, None)
@@ -233,15 +257,25 @@ def pack_linears(model: nn.Module, fmt: str = "fp16", head: str | None = "rescor
     return model
 
 
+# Fast paths for models whose weights are not float tensors, registered by the package that makes
+# them (gemma4.quant: the engine may not import the layers above it). Each takes the model and
+# returns True if it applied itself.
+OTHER_PACKERS: list = []
+
+
 def speed_up(model: nn.Module) -> bool:
     """Apply the CPU decode fast path (`pack_linears` defaults) to a float32 CPU model, in place,
     where fbgemm is available; True if applied. Greedy output is unchanged (see pack_linears);
-    sampled logits differ from float32 by fp16 weight rounding and, off the top 64, int8 error."""
+    sampled logits differ from float32 by fp16 weight rounding and, off the top 64, int8 error.
+    A model of other weights (quantized) goes to the packers in OTHER_PACKERS
+    (`gemma4.quant.speed_up_quantized`)."""
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         return True  # packed already (e.g. a model loaded once and used by several commands)
     weight = model.model.embed_tokens.weight
-    if not isinstance(weight, torch.Tensor) or weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return False  # a GPU, half-precision or quantized model
+    if not isinstance(weight, torch.Tensor):  # e.g. quantized: a packer registered by its package, if any
+        return any(pack(model) for pack in OTHER_PACKERS)
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return False  # a GPU or half-precision model
     if not (fbgemm_works("fp16") and fbgemm_works("int8-dynamic")):
         return False
     pack_linears(model)

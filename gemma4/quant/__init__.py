@@ -16,6 +16,7 @@ formats in tensor.py, the recorded config in quantize.py.
 
 from .calibrate import activation_scales
 from .checkpoint import quantize_checkpoint
+from .fast import speed_up_quantized
 from .gptq import gptq_quantize
 from .quantize import (
     default_predicate,
@@ -45,5 +46,6 @@ __all__ = [
     "sample_windows",
     "save_quantized",
     "set_kernels",
+    "speed_up_quantized",
     "tune_norms",
 ]

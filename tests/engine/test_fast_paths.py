@@ -364,12 +364,14 @@ def test_top_indices_is_topk_set(shape):
 
 
 @needs_fbgemm
-def test_speed_up_packs_float32_cpu_models_only_and_leaves_adapters_float():
+def test_speed_up_packs_float32_and_quantized_cpu_models_only_and_leaves_adapters_float():
     from gemma4.quant import quantize
+    from gemma4.quant.fast import RescoredTable
     from gemma4.train.lora import LoraConfig, apply_lora, lora_modules
 
     assert not speed_up(random_model("tiny-gemma-3-270m").to(torch.bfloat16))
-    assert not speed_up(quantize(random_model("tiny-gemma-3-270m"), "int8", progress=False))
+    quantized = quantize(random_model("tiny-gemma-3-270m"), "int8", progress=False)
+    assert speed_up(quantized) and isinstance(quantized.lm_head, RescoredTable)  # gemma4.quant's own packer
     model = random_model("tiny-gemma-3-270m")
     apply_lora(model, LoraConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"]))
     for _, m in lora_modules(model):
