@@ -89,6 +89,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chat", action="store_true",
                     help="render each prompt as one user turn (as `finetune --drafter` reads a prompt file)")
     ap.add_argument("--adapter", default=None, help="a LoRA adapter of the model, merged (a fine-tuned target)")
+    ap.add_argument("--min-confidence", type=float, default=None,
+                    help="with --draft-model: a greedy row's drafts end before a token of lower drafter "
+                         "probability (default: the drafter's, 0.3; 0: always k)")
     ap.add_argument("--lookup-first", action="store_true",
                     help="with --draft-model: prompt lookup where a 3-token match is found, the MTP drafter elsewhere")
     ap.add_argument("--replay", action="store_true",
@@ -116,6 +119,8 @@ def main(argv=None) -> int:
         from gemma4.engine.mtp import MTPDrafter
 
         drafter = MTPDrafter.load(args.draft_model, model)  # once: each run gets fresh statistics
+        if args.min_confidence is not None:
+            drafter.min_confidence = args.min_confidence
         if args.lookup_first:
             from gemma4.engine.draft import LookupFirst
 

@@ -23,7 +23,7 @@ class Checked(MTPDrafter):
     """The adapter, each proposal checked against the drafter run on a cacheless forward of the
     row's tokens: the K/V of the store layers and the hidden state at p - 1 it should be fed."""
 
-    calls = 0
+    calls = asked = 0
 
     def propose(self, engine, seqs, ks):
         steps, step = [], self.model.step
@@ -45,30 +45,37 @@ class Checked(MTPDrafter):
             out = self.target.decode(torch.tensor([s.tokens[:p]]))
             tokens, logits = self.model.draft(self.target.model.embed, torch.tensor([s.tokens[-1]]), out.hidden[:, -1],
                                               out.shared_kv, torch.tensor([p]), k)
-            assert d.tokens == tokens[0].tolist()
-            got = torch.stack([x[s.row - lo] for x in steps[:k]])
-            torch.testing.assert_close(got, logits[0], rtol=0, atol=1e-10)
+            n = len(d.tokens)  # k, or fewer where the drafter doubted the next token
+            assert d.tokens == tokens[0, :n].tolist()
+            if n < k:
+                assert logits[0, n].softmax(-1).max() < self.min_confidence
+            got = torch.stack([x[s.row - lo] for x in steps[: min(k, n + 1)]])
+            torch.testing.assert_close(got, logits[0, : min(k, n + 1)], rtol=0, atol=1e-10)
             torch.testing.assert_close(s.spec.hidden, out.hidden[0, -1], rtol=0, atol=1e-10)
             Checked.calls += 1
+            Checked.asked += k
         return drafts
 
 
-@pytest.mark.parametrize("name", ["tiny-e2b", "tiny-31b", "tiny-gemma-3-270m"])
-def test_mtp_drafts_are_fed_what_the_reference_path_gives_and_greedy_output_is_unchanged(name):
+@pytest.mark.parametrize("name,min_confidence", [("tiny-e2b", 0), ("tiny-31b", 0), ("tiny-gemma-3-270m", 0),
+                                                 ("tiny-e2b", 0.3), ("tiny-31b", 0.1)])
+def test_mtp_drafts_are_fed_what_the_reference_path_gives_and_greedy_output_is_unchanged(name, min_confidence):
     """Rows of different lengths, sliding rings of 4 + headroom 4 wrapping many times, k = 3 (the
     most a headroom of 4 allows an MTP drafter): every proposal equals the drafter run on a fresh
-    forward's K/V and hidden state, and the tokens equal plain greedy decoding. tiny-e2b: KV
-    sharing and the sparse centroid head; tiny-31b: k_eq_v; tiny-gemma-3-270m: a Gemma 3 target."""
+    forward's K/V and hidden state (a prefix of it, cut only before a token the drafter gives less
+    than min_confidence), and the tokens equal plain greedy decoding. tiny-e2b: KV sharing and the
+    sparse centroid head; tiny-31b: k_eq_v; tiny-gemma-3-270m: a Gemma 3 target."""
     model = _model(name)
     V = model.config.vocab_size
     prompts = [_tokens(V, 5, 31), _tokens(V, 13, 32), _tokens(V, 9, 33)]
     requests = [GenerationRequest(p, 24, GREEDY) for p in prompts]
     want = _ids(_run(model, requests)[0])
-    drafter = Checked(random_drafter(model, DRAFTERS.get(name)), model)
-    Checked.calls = 0
+    drafter = Checked(random_drafter(model, DRAFTERS.get(name)), model, min_confidence=min_confidence)
+    Checked.calls = Checked.asked = 0
     got, engine = _run(model, requests, Speculation(drafter, 3, adaptive=False), headroom=4)
     assert _ids(got) == want and Checked.calls > 20
-    assert engine.speculation.stats.draft_tokens > 0
+    drafted = engine.speculation.stats.draft_tokens
+    assert drafted == Checked.asked if min_confidence == 0 else 0 < drafted < Checked.asked
 
 
 def test_mtp_k_is_bounded_by_the_headroom_less_its_reach_and_read_from_the_checkpoint(tmp_path):
@@ -122,6 +129,7 @@ def test_on_the_cpu_fast_path_the_drafter_is_packed_and_drafts_from_its_vocabula
     want = _ids(_run(model, requests)[0])
     spec = make_speculation(model, draft_model=str(path), draft_tokens=3)
     drafter = spec.drafter
+    drafter.min_confidence = 0  # random weights doubt every draft: draft all k, to see where they come from
     assert isinstance(drafter.head, ShortlistHead)
     assert any(isinstance(m, PackedLinear) for m in drafter.model.modules())
     seen, propose = [], drafter.propose
@@ -143,4 +151,4 @@ def test_on_the_cpu_fast_path_the_drafter_is_packed_and_drafts_from_its_vocabula
     full = drafter.model.logits(z)
     for r, prompt in enumerate(prompts):
         allowed = torch.tensor(sorted(set(vocabulary) | set(prompt)))
-        assert drafter.head(z)[r] == int(allowed[full[r, allowed].argmax()])
+        assert drafter.head(z)[0][r] == int(allowed[full[r, allowed].argmax()])
