@@ -128,11 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verbose", "-v", action="store_true", help="print speed statistics to stderr")
     add_parallel_arguments(g)
 
-    c = sub.add_parser("chat", help="interactive chat (/reset, /system TEXT, /exit; Ctrl-C stops a reply)",
+    c = sub.add_parser("chat", help="interactive chat (/reset, /system TEXT, /image PATH, /audio PATH, /exit; "
+                                        "Ctrl-C stops a reply)",
                        formatter_class=HelpFormatter,
                        description="Chat with a model in the terminal: replies stream as they are written and "
                                    "the conversation is kept (each turn prefills only what is new). Commands: "
-                                   "/reset, /system TEXT, /exit. A line ending in \\ continues on the next; "
+                                   "/reset, /system TEXT, /image PATH, /audio PATH, /exit. "
+                                   "A line ending in \\ continues on the next; "
                                    '""" on a line opens and closes a multi-line block; the arrow keys recall '
                                    "earlier input. Use an instruction-tuned checkpoint (e.g. google/gemma-3-270m-it): "
                                    "the embedded gemma-3-270m is a base model that only continues text.")

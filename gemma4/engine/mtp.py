@@ -85,7 +85,7 @@ class MTPDrafter:
         path = resolve(source)
         drafter = load_drafter(path, target.config, dtype=param.dtype, device=param.device)
         fast = _packed(target) and param.dtype == torch.float32 and fbgemm_works("fp16")
-        if fast:  # the target runs on the CPU fast path: so does the drafter, in int8 (its output only moves acceptance)
+        if fast:  # the target runs on the CPU fast path: so does the drafter, in int8 (it only moves acceptance)
             pack_linears(drafter, "int8-dynamic" if fbgemm_works("int8-dynamic") else "fp16", head=None)
         vocabulary = read_vocabulary(path, target.config.vocab_size) if fast else None
         return cls(drafter, target, _num_assistant_tokens(Path(path)), vocabulary)
