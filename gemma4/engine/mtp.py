@@ -76,10 +76,8 @@ class MTPDrafter:
         device, k from its generation_config.json) or an already loaded drafter model."""
         if isinstance(source, torch.nn.Module):
             return cls(source, target)
-        from ..weights.drafter import load_drafter
+        from ..weights.drafter import load_drafter, read_vocabulary
         from ..weights.hub import resolve
-
-        from ..weights.drafter import read_vocabulary
 
         param = next(target.parameters())
         path = resolve(source)
