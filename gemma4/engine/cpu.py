@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .fuse import fuse_projections
+from .norm import swap_norms
 
 FORMATS = ("fp16", "int8-dynamic")
 
@@ -264,9 +265,10 @@ OTHER_PACKERS: list = []
 
 
 def speed_up(model: nn.Module) -> bool:
-    """Apply the CPU decode fast path (`pack_linears` defaults) to a float32 CPU model, in place,
-    where fbgemm is available; True if applied. Greedy output is unchanged (see pack_linears);
-    sampled logits differ from float32 by fp16 weight rounding and, off the top 64, int8 error.
+    """Apply the CPU decode fast path to a float32 CPU model, in place, where fbgemm is available;
+    True if applied: `pack_linears` defaults (fp16 linears, the rescored head) and one-call norms
+    (`engine.norm`). Greedy output is unchanged (see pack_linears); sampled logits differ from
+    float32 by fp16 weight rounding and, off the top 64, int8 error.
     A model of other weights (quantized) goes to the packers in OTHER_PACKERS
     (`gemma4.quant.speed_up_quantized`)."""
     if any(isinstance(m, PackedLinear) for m in model.modules()):
@@ -279,4 +281,5 @@ def speed_up(model: nn.Module) -> bool:
     if not (fbgemm_works("fp16") and fbgemm_works("int8-dynamic")):
         return False
     pack_linears(model)
+    swap_norms(model)
     return True

@@ -7,8 +7,8 @@
 - grouped-mm and padded-bmm MoE vs the per-expert loop;
 - chunked prefill vs one shot; PLE rows looked up outside the step vs inside;
 - the generator on a kept engine vs a fresh one;
-- fbgemm-packed fp16 linears and the rescored int8 head (the CPU fast path) vs float, and on the
-  real 270M vs the reference.
+- fbgemm-packed fp16 linears, the rescored int8 head and the one-call norms (the CPU fast path)
+  vs float, and on the real 270M vs the reference.
 """
 
 import copy
@@ -427,14 +427,19 @@ def test_pack_refuses_unknown_format():
 @pytest.mark.slow
 @needs_fbgemm
 def test_real_270m_fp16_packed_greedy_equals_reference():
-    """The CPU fast path (fp16 linears, rescored int8 head) on the real gemma-3-270m: all reference
-    prompts in one batch, 40 greedy tokens each, identical to transformers' float32 greedy ids
-    (tests/data/gemma3_270m_reference.json). Int8 activations in the linears change these ids
-    from the first tokens on; an int8 head without rescoring changes them too."""
+    """The CPU fast path as the CLI runs it (`speed_up`: fp16 linears, rescored int8 head, one-call
+    norms) on the real gemma-3-270m: all reference prompts in one batch, 40 greedy tokens each,
+    identical to transformers' float32 greedy ids (tests/data/gemma3_270m_reference.json). Int8
+    activations in the linears change these ids from the first tokens on; an int8 head without
+    rescoring changes them too."""
     import gemma4
+    from gemma4.engine.kernels import library
+    from gemma4.engine.norm import FastRMSNorm
 
     ref = json.loads((Path(__file__).parents[1] / "data" / "gemma3_270m_reference.json").read_text())
-    model = pack_linears(gemma4.load()[0])
+    model = gemma4.load()[0]
+    assert speed_up(model)
+    assert (library() is None) or sum(isinstance(m, FastRMSNorm) for m in model.modules()) == 18 * 6 + 1
     prompts = [p["prompt_ids"] for p in ref["prompts"]]
     out = [[] for _ in prompts]
     engine = Engine(model, rows=len(prompts), max_len=max(map(len, prompts)) + 40)
