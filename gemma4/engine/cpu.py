@@ -50,24 +50,31 @@ _LIB.define("fbgemm_linear(Tensor x, int handle, int out_features, bool int8) ->
 
 
 def _fbgemm_caller():
-    """The fbgemm op call, compiled by TorchScript where this torch has it: from Python, binding the
+    """The fbgemm op calls, compiled by TorchScript where this torch has it: from Python, binding the
     packed weight argument costs ~33 us a call (more than a 640 x 1024 fp16 matmul), which the
-    TorchScript interpreter does not pay: gemma-3-270m's compiled decode step saves ~4 ms a token."""
+    TorchScript interpreter does not pay: gemma-3-270m's compiled decode step saves ~4 ms a token.
+    The int8 call's activation mapping runs in the same function (six small ops without Python's
+    per-op cost: an MTP drafter's step has sixteen such linears)."""
 
-    def call(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase, int8: bool) -> torch.Tensor:
-        if int8:  # reduce_range: 7-bit activations, so fbgemm's int16 pair sums cannot saturate on AVX2
-            return torch.ops.quantized.linear_dynamic(x, packed, True)
+    def call(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic_fp16(x, packed)
+
+    def call_int8(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase,
+                  sums: torch.Tensor) -> torch.Tensor:
+        lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+        span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))  # a constant row maps to 0
+        # reduce_range: 7-bit activations, so fbgemm's int16 pair sums cannot saturate on AVX2
+        return torch.ops.quantized.linear_dynamic((x - lo) / span, packed, True).mul_(span).addcmul_(lo, sums)
 
     try:
         with warnings.catch_warnings():  # deprecated, but nothing else calls a torchbind op from C++
             warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.script(call)
-    except Exception:  # noqa: BLE001 - a torch without TorchScript: the plain call, slower
-        return call
+            return torch.jit.script(call), torch.jit.script(call_int8)
+    except Exception:  # noqa: BLE001 - a torch without TorchScript: the plain calls, slower
+        return call, call_int8
 
 
-_fbgemm_call = _fbgemm_caller()
+_fbgemm_call, _fbgemm_call_int8 = _fbgemm_caller()
 
 
 def _fbgemm_linear(x: torch.Tensor, handle: int, out_features: int, int8: bool) -> torch.Tensor:
@@ -79,11 +86,7 @@ def _fbgemm_linear(x: torch.Tensor, handle: int, out_features: int, int8: bool) 
     exactly [0, 1], so its quantization is the same whatever the batch, and
     x W^T = span * (x' W^T) + min * (W 1) undoes the map."""
     packed, sums = _PACKED[handle]
-    if not int8:
-        return _fbgemm_call(x, packed, False)
-    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
-    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))  # a constant row maps to 0
-    return _fbgemm_call((x - lo) / span, packed, True).mul_(span).addcmul_(lo, sums)
+    return _fbgemm_call_int8(x, packed, sums) if int8 else _fbgemm_call(x, packed)
 
 
 _LIB.impl("fbgemm_linear", _fbgemm_linear, "CPU")

@@ -40,6 +40,7 @@ from ..config import kv_store_layers
 from .cache import DEFAULT_HEADROOM
 from .cpu import PackedLinear, fbgemm_works, pack_linears
 from .draft import Draft
+from .norm import swap_norms
 from .sampling import draw
 
 # A greedy row's drafts end before a token the drafter gives less than this probability
@@ -85,6 +86,7 @@ class MTPDrafter:
         fast = _packed(target) and param.dtype == torch.float32 and fbgemm_works("fp16")
         if fast:  # the target runs on the CPU fast path: so does the drafter, in int8 (it only moves acceptance)
             pack_linears(drafter, "int8-dynamic" if fbgemm_works("int8-dynamic") else "fp16", head=None)
+            swap_norms(drafter)  # as the target's: ~25 norms a draft step
         vocabulary = read_vocabulary(path, target.config.vocab_size) if fast else None
         return cls(drafter, target, _num_assistant_tokens(Path(path)), vocabulary)
 
@@ -108,8 +110,10 @@ class MTPDrafter:
         tokens: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         done = [False] * len(seqs)
+        context = None
         if self.head is not None:
             self.head.start([s.tokens for s in seqs], [s.row - lo for s in seqs], hi - lo)
+            context = self.model.model.context(p[:, None], kv, h.dtype)  # RoPE and masks: one p for the round
         for step in range(max(ks)):
             embeds = self.target.model.embed(ids)
             if self.head is None:
@@ -118,9 +122,10 @@ class MTPDrafter:
                 confidence, best = logits.float().softmax(-1).max(-1)
                 picked = best.tolist()
             else:
-                z, h = self.model.run(embeds[:, None], h[:, None], kv, p[:, None])
+                z, h = self.model.run(embeds[:, None], h[:, None], kv, p[:, None], context)
                 z, h, logits = z[:, 0], h[:, 0], None
                 picked, confidence = self.head(z)
+            confidence = confidence.tolist()
             for i, s in enumerate(seqs):
                 if step >= ks[i] or done[i]:
                     done[i] = True

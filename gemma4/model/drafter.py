@@ -60,13 +60,21 @@ class DrafterStack(nn.Module):
         for t in set(self.config.text.layer_types):
             self.register_buffer(f"inv_freq_{t}", rope_inv_freq(self.config.text.rope(t), device), persistent=False)
 
-    def forward(self, x: torch.Tensor, p: torch.Tensor, shared_kv: dict[str, KV]) -> torch.Tensor:
-        """x [B, T, d] (pre-projected), p [B, T] -> final-normed z [B, T, d]."""
+    def context(self, p: torch.Tensor, shared_kv: dict[str, KV], dtype: torch.dtype) -> tuple[dict, dict]:
+        """(RoPE cos/sin, attention masks) by layer type for queries at p [B, T] over shared_kv: the
+        same for every step of a round (k steps from one p), so a caller drafting k tokens makes them once."""
         cfg = self.config.text
-        rope = {t: rope_cos_sin(getattr(self, f"inv_freq_{t}"), p, x.dtype) for t in set(cfg.layer_types)}
+        rope = {t: rope_cos_sin(getattr(self, f"inv_freq_{t}"), p, dtype) for t in set(cfg.layer_types)}
         # Keys p-W-1 <= k < p: the ordinary rule (q-W' < k <= q) at q = p-1, W' = W+1; p <= 0 sees all (inert).
         masks = {t: attention_mask(p - 1, shared_kv[t][2], cfg.sliding_window + 1 if t == "sliding_attention"
-                                   else None, x.dtype) for t in set(cfg.layer_types)}
+                                   else None, dtype) for t in set(cfg.layer_types)}
+        return rope, masks
+
+    def forward(self, x: torch.Tensor, p: torch.Tensor, shared_kv: dict[str, KV],
+                context: tuple[dict, dict] | None = None) -> torch.Tensor:
+        """x [B, T, d] (pre-projected), p [B, T] -> final-normed z [B, T, d]. `context`: `self.context(p, ...)`."""
+        rope, masks = context if context is not None else self.context(p, shared_kv, x.dtype)
+        masks = dict(masks)  # layers may add entries; the caller's stays as it was
         for spec, layer in zip(self.config.layers, self.layers):
             cos, sin = rope[spec.type]
             x, _ = layer(x, cos, sin, p, masks, kv=shared_kv[spec.type])
@@ -112,9 +120,10 @@ class Drafter(nn.Module):
         self.masked_embedding = CentroidHead(config) if config.use_ordered_embeddings else None
 
     def run(self, embeds: torch.Tensor, h: torch.Tensor, shared_kv: dict[str, KV],
-            p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stack for every query [B, T]: (final-normed z [B, T, d], next hidden [B, T, D])."""
-        z = self.model(self.pre_projection(torch.cat([embeds, h], dim=-1)), p, shared_kv)
+            p: torch.Tensor, context: tuple[dict, dict] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stack for every query [B, T]: (final-normed z [B, T, d], next hidden [B, T, D]).
+        `context`: `self.model.context(p, shared_kv, dtype)`, when several steps share p."""
+        z = self.model(self.pre_projection(torch.cat([embeds, h], dim=-1)), p, shared_kv, context)
         return z, self.post_projection(z)
 
     def logits(self, z: torch.Tensor, dense: bool = False) -> torch.Tensor:
