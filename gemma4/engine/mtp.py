@@ -40,6 +40,7 @@ from ..config import kv_store_layers
 from .cache import DEFAULT_HEADROOM
 from .cpu import PackedLinear, fbgemm_works, pack_linears
 from .draft import Draft
+from .attend import swap_attention
 from .norm import swap_norms
 from .sampling import draw
 
@@ -87,6 +88,7 @@ class MTPDrafter:
         if fast:  # the target runs on the CPU fast path: so does the drafter, in int8 (it only moves acceptance)
             pack_linears(drafter, "int8-dynamic" if fbgemm_works("int8-dynamic") else "fp16", head=None)
             swap_norms(drafter)  # as the target's: ~25 norms a draft step
+            swap_attention(drafter)
         vocabulary = read_vocabulary(path, target.config.vocab_size) if fast else None
         return cls(drafter, target, _num_assistant_tokens(Path(path)), vocabulary)
 

@@ -96,6 +96,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 class Attention(nn.Module):
+    attend = staticmethod(attend)  # the same math by another kernel may replace it (gemma4.engine.attend)
+
     def __init__(self, config: TextConfig, spec: LayerSpec):
         super().__init__()
         d, heads, dim = spec.head_dim, config.num_attention_heads, config.hidden_size
@@ -160,5 +162,5 @@ class Attention(nn.Module):
             blocks = masks.get(BLOCKS) if self.vision_blocks else None
             mask = masks[self.spec.type] = attention_mask(q_pos, kv[2], self.spec.window, q.dtype, blocks,
                                                           self.blocks_windowed)
-        out = attend(q, kv[0], kv[1], mask, self.scale)
+        out = self.attend(q, kv[0], kv[1], mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), kv

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..engine import cpu
 from ..engine.fuse import FusedAttention, FusedMLP
+from ..engine.attend import swap_attention
 from ..engine.norm import swap_norms
 from ..model.attention import Attention
 from ..model.layers import MLP
@@ -209,9 +210,10 @@ def _fuse(module: nn.Module, cls: type, fused_name: str, names: list[str], int4:
 
 
 def speed_up_quantized(model: nn.Module, int4: str = "int4pack", k: int = 64, head: str = "int8") -> bool:
-    """Put a CPU model's quantized linears (and a quantized tied head) on the fast kernels and its norms
-    on the one-call kernel (`engine.norm`), in place; True if the model had any quantized linears.
-    A no-op (False) without fbgemm's int8 kernels or quantized weights."""
+    """Put a CPU model's quantized linears (and a quantized tied head) on the fast kernels and its
+    norms and attention on the one-call kernels (`engine.norm`, `engine.attend`), in place; True if
+    the model had any quantized linears. A no-op (False) without fbgemm's int8 kernels or quantized
+    weights."""
     if int4 not in INT4_KERNELS:
         raise ValueError(f"unknown int4 kernel {int4!r}; use one of {', '.join(INT4_KERNELS)}")
     if not any(isinstance(m, QuantizedTensor) and m.device.type == "cpu" for m in model.modules()):
@@ -237,6 +239,7 @@ def speed_up_quantized(model: nn.Module, int4: str = "int4pack", k: int = 64, he
     if getattr(model, "lm_head", 1) is None and isinstance(table, QuantizedTensor) and len(table.shape) == 2:
         model.lm_head = RescoredTable(table, k, head)
     swap_norms(model)  # as the float fast path does
+    swap_attention(model)
     return True
 
 

@@ -1,9 +1,10 @@
 """The fast path's C kernels (cpu_kernels.c): compiled at first use with the system's C compiler
 (cc -O3 -march=native, well under a second), cached per source, compiler and CPU, loaded with ctypes.
 
-Written by hand only where no library kernel serves: a one-call RMSNorm (`engine.norm`), since
-torch's eager CPU rms_norm is ~8 ops. Without a compiler the callers keep torch's ops (`library()`
-is None).
+Written by hand only where no library kernel serves: a one-call RMSNorm (`engine.norm`; torch's
+eager CPU rms_norm is ~8 ops) and one-call attention for a few query rows (`engine.attend`; torch's
+small batched matmuls cost 30-60 us each). Without a compiler the callers keep torch's ops
+(`library()` is None).
 """
 
 from __future__ import annotations
@@ -77,4 +78,6 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float]
     lib.rms_norm.restype = None
+    lib.attend_few.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 6 + [ctypes.c_float] + [ctypes.c_long] * 9
+    lib.attend_few.restype = None
     return lib

@@ -29,3 +29,64 @@ void rms_norm(const float *x, const float *w, float *y, long rows, long dim, flo
         else for (j = 0; j < dim; j++) yi[j] = xi[j] * r;
     }
 }
+
+static inline float dot(const float *a, const float *b, long d) {
+    long j = 0;
+    float t = 0.f;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 16 <= d; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
+    t = _mm512_reduce_add_ps(acc);
+#endif
+    for (; j < d; j++) t += a[j] * b[j];
+    return t;
+}
+
+/* Attention of a few query rows (a decode or verify step) over a cache, in one call instead of
+ * ~8 torch ops whose small batched matmuls cost 30-60 us each on a CPU:
+ *   out[b, h, t] = softmax(scale * q[b, h, t] . k[b, h / g, s] + mask[b, t, s]) . v[b, h / g, s]
+ * q, out contiguous [B, H, T, d]; k, v [B, Hkv, S, d] with unit stride along d and the given strides
+ * (cache views); mask additive (0 / -inf) with strides over b, t, s (0 where broadcast); `work`
+ * holds S floats. A row that sees no key comes out as zeros. */
+void attend_few(const float *q, const float *k, const float *v, const float *mask, float *out, float *work,
+                long B, long H, long Hkv, long T, long S, long d, float scale,
+                long ksb, long ksh, long kss, long vsb, long vsh, long vss, long msb, long mst, long mss) {
+    long g = H / Hkv;
+    for (long b = 0; b < B; b++)
+        for (long h = 0; h < H; h++)
+            for (long t = 0; t < T; t++) {
+                const float *qi = q + ((b * H + h) * T + t) * d;
+                const float *kb = k + b * ksb + (h / g) * ksh, *vb = v + b * vsb + (h / g) * vsh;
+                const float *mi = mask + b * msb + t * mst;
+                float *oi = out + ((b * H + h) * T + t) * d;
+                float top = -INFINITY;
+                for (long s = 0; s < S; s++) {
+                    float m = mi[s * mss];
+                    float x = m == -INFINITY ? -INFINITY : dot(qi, kb + s * kss, d) * scale + m;
+                    work[s] = x;
+                    if (x > top) top = x;
+                }
+                for (long j = 0; j < d; j++) oi[j] = 0.f;
+                if (top == -INFINITY) continue;
+                float total = 0.f;
+                for (long s = 0; s < S; s++) {
+                    float p = work[s] == -INFINITY ? 0.f : expf(work[s] - top);
+                    work[s] = p;
+                    total += p;
+                }
+                for (long s = 0; s < S; s++) {
+                    float p = work[s];
+                    if (p == 0.f) continue;
+                    const float *vs = vb + s * vss;
+                    long j = 0;
+#ifdef __AVX512F__
+                    __m512 pv = _mm512_set1_ps(p);
+                    for (; j + 16 <= d; j += 16)
+                        _mm512_storeu_ps(oi + j, _mm512_fmadd_ps(pv, _mm512_loadu_ps(vs + j), _mm512_loadu_ps(oi + j)));
+#endif
+                    for (; j < d; j++) oi[j] += p * vs[j];
+                }
+                float inv = 1.f / total;
+                for (long j = 0; j < d; j++) oi[j] *= inv;
+            }
+}

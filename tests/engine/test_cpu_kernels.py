@@ -1,8 +1,10 @@
-"""The one-call CPU RMSNorm (`engine.norm`, kernels/cpu_kernels.c) against the model's RMSNorm, and
-the kernel build: compiled into a fresh cache, reused from it, and absent without a compiler."""
+"""The fast path's C kernels (kernels/cpu_kernels.c) against the model's own ops: the one-call
+RMSNorm (`engine.norm`) and attention (`engine.attend`); the kernel build: compiled into a fresh
+cache, reused from it, and absent without a compiler."""
 
 import pytest
 import torch
+from test_cache import ALL
 from testing_utils import random_model
 
 from gemma4.engine import kernels
@@ -119,3 +121,70 @@ def test_a_compiled_step_traces_the_swapped_norms_as_torch_ops():
             torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
     finally:
         torch._dynamo.reset()
+
+
+@needs_kernels
+@pytest.mark.parametrize("B,H,Hkv,T,S,d", [(1, 4, 1, 1, 37, 256), (2, 8, 2, 5, 130, 64), (1, 2, 2, 3, 9, 24),
+                                          (3, 6, 3, 16, 70, 128)])
+def test_fast_attend_equals_attend_on_cache_views(B, H, Hkv, T, S, d):
+    """K/V as the cache hands them over (narrowed views of longer buffers), masks with -inf (future,
+    window, empty slots) and broadcast over the batch; grouped heads; a verify step's T rows."""
+    from gemma4.engine.attend import fast_attend
+    from gemma4.model.attention import attend, attention_mask
+
+    gen = torch.Generator().manual_seed(B * 100 + T)
+    q = torch.randn(B, T, H, d, generator=gen).transpose(1, 2)  # the strides Attention.forward gives
+    k = torch.randn(B, Hkv, S + 11, d, generator=gen)[:, :, :S]
+    v = torch.randn(B, Hkv, S + 11, d, generator=gen)[:, :, :S]
+    k_pos = torch.arange(S).expand(B, S).clone()
+    k_pos[:, -2:] = -1  # empty slots
+    q_pos = torch.arange(S - 2 - T, S - 2).expand(B, T)
+    for window in (None, 7):
+        mask = attention_mask(q_pos, k_pos, window, torch.float32)
+        want = attend(q, k, v, mask, 0.3)
+        got = fast_attend(q, k, v, mask, 0.3)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(fast_attend(q, k, v, mask, 0.31), want, rtol=1e-3, atol=1e-4)  # scale is used
+    one = attention_mask(q_pos[:1], k_pos[:1], None, torch.float32)  # a mask broadcast over the batch
+    torch.testing.assert_close(fast_attend(q, k, v, one, 0.3), attend(q, k, v, one, 0.3), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_fast_attend_leaves_other_cases_to_attend():
+    from gemma4.engine.attend import fast_attend
+    from gemma4.model.attention import attend
+
+    q, k, v = torch.randn(1, 2, 20, 16), torch.randn(1, 2, 30, 16), torch.randn(1, 2, 30, 16)
+    mask = torch.zeros(1, 1, 20, 30)
+    assert torch.equal(fast_attend(q, k, v, mask, 0.25), attend(q, k, v, mask, 0.25))  # 20 rows: a prefill
+    half = [t.to(torch.bfloat16) for t in (q[:, :, :2], k, v, mask[:, :, :2])]
+    assert torch.equal(fast_attend(*half, 0.25), attend(*half, 0.25))
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ALL)
+def test_fast_path_kernels_keep_the_engine_steps(name):
+    """Every tiny variant (KV sharing, PLE, MoE, k = v, Gemma 3), two rows at different lengths: the
+    engine's step logits on the fast path with and without the one-call norms and attention."""
+    import copy
+
+    from test_fast_paths import _ids, _rows, _step
+
+    from gemma4.engine.attend import swap_attention
+    from gemma4.engine.core import Engine
+    from gemma4.engine.cpu import pack_linears
+
+    for name in (name,):
+        # head=None: the rescored head's logits outside its top 64 are int8 scores, and which tokens
+        # make the 64 can flip on a last-bit change, which would hide or fake a difference here.
+        model = pack_linears(random_model(name), head=None)
+        fast = copy.deepcopy(model)
+        assert swap_norms(fast) > 0 and swap_attention(fast) > 0
+        ids = _ids(model, 2, 9)
+        engines = [Engine(m, rows=2, max_len=12) for m in (model, fast)]
+        rows = [_rows(e, [ids[0, :5].tolist(), ids[1, :3].tolist()]) for e in engines]
+        for e, seqs in zip(engines, rows):
+            e.score(seqs, [ids[0, :5].tolist(), ids[1, :3].tolist()])
+        for t in range(5, 9):
+            want, got = (_step(e, seqs, ids, t) for e, seqs in zip(engines, rows))
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
