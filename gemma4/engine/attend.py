@@ -20,10 +20,12 @@ from .kernels import library
 
 def fast_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """`model.attention.attend` (same arguments, same result up to fp32 summation order)."""
+    if torch.compiler.is_compiling():  # first: a trace must not reach the ctypes library
+        return attend(q, k, v, mask, scale)
     lib = library()
     B, H, T, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    if (lib is None or torch.compiler.is_compiling() or T > FEW_ROWS or q.requires_grad or q.device.type != "cpu"
+    if (lib is None or T > FEW_ROWS or q.requires_grad or q.device.type != "cpu"
             or not all(t.dtype == torch.float32 for t in (q, k, v, mask)) or k.stride(-1) != 1 or v.stride(-1) != 1
             or H % Hkv or v.shape[-1] != d or mask.dim() != 4 or mask.shape[1] != 1):
         return attend(q, k, v, mask, scale)

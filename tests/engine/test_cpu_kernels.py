@@ -97,28 +97,22 @@ def test_without_a_compiler_the_norms_stay_torch(tmp_path, monkeypatch):
 
 
 @needs_kernels
-def test_a_compiled_step_traces_the_swapped_norms_as_torch_ops():
-    """Under torch.compile the swapped norm is torch's rms_norm on the same weight (one graph, no
-    ctypes call in it); eager runs the C kernel. They differ only in summation order (each norm
-    within 2e-6 relative, above), which the random layers amplify to ~2e-5 of the logits."""
-    from test_fast_paths import _ids, _rows, _step
+def test_a_compiled_step_traces_the_kernels_as_torch_ops():
+    """Under torch.compile the swapped norm and attention are torch's ops on the same weights (one
+    graph, no ctypes call in it); eager runs the C kernels. They differ only in summation order
+    (each op within 2e-6 / 1e-5, below), which the random layers amplify to ~2e-5 of the logits."""
+    from test_fast_paths import _ids, traced_equals_eager
 
-    from gemma4.engine.core import Engine
+    from gemma4.engine.attend import swap_attention
 
     model = random_model("tiny-gemma-3-270m")
-    swap_norms(model)
+    assert swap_norms(model) and swap_attention(model)
     ids = _ids(model, 1, 9)
-    options = {"backend": "aot_eager", "fullgraph": True}
     torch._dynamo.reset()
     try:
-        eager = Engine(model, max_len=12, headroom=1)
-        traced = Engine(model, max_len=12, headroom=1, mode="compile", compile_options=options)
-        rows = [_rows(e, [ids[0, :5].tolist()]) for e in (eager, traced)]
-        for e, seqs in zip((eager, traced), rows):
-            e.score(seqs, [ids[0, :5].tolist()])
-        for t in range(5, 9):
-            got, want = (_step(e, seqs, ids, t) for e, seqs in ((traced, rows[1]), (eager, rows[0])))
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+        logits = model(ids[:, :5])
+        traced_equals_eager(model, ids, {"backend": "aot_eager", "fullgraph": True},
+                            atol=1e-4 * logits.abs().max().item())
     finally:
         torch._dynamo.reset()
 

@@ -407,16 +407,21 @@ def test_packed_linears_trace_into_a_compiled_step():
         before.score([seq], [ids[0, :5].tolist()])
         _step(before, [seq], ids, 5)
         pack_linears(model)  # fp16 linears, q/k/v and gate/up fused, rescored int8 head
-        eager = Engine(model, max_len=12, headroom=1)  # rings of window + 1 that wrap, as in the traced step
-        traced = Engine(model, max_len=12, headroom=1, mode="compile", compile_options=options)
-        rows = [_rows(e, [ids[0, :5].tolist()]) for e in (eager, traced)]
-        for e, seqs in zip((eager, traced), rows):
-            e.score(seqs, [ids[0, :5].tolist()])
-        for t in range(5, 9):
-            got, want = (_step(e, seqs, ids, t) for e, seqs in ((traced, rows[1]), (eager, rows[0])))
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        traced_equals_eager(model, ids, options, atol=1e-5)
     finally:
         torch._dynamo.reset()
+
+
+def traced_equals_eager(model, ids, options: dict, atol: float) -> None:
+    """The compiled step's logits against eager's, four steps after a 5-token prefix of ids[0]."""
+    eager = Engine(model, max_len=12, headroom=1)  # rings of window + 1 that wrap, as in the traced step
+    traced = Engine(model, max_len=12, headroom=1, mode="compile", compile_options=options)
+    rows = [_rows(e, [ids[0, :5].tolist()]) for e in (eager, traced)]
+    for e, seqs in zip((eager, traced), rows):
+        e.score(seqs, [ids[0, :5].tolist()])
+    for t in range(5, 9):
+        got, want = (_step(e, seqs, ids, t) for e, seqs in ((traced, rows[1]), (eager, rows[0])))
+        torch.testing.assert_close(got, want, rtol=0, atol=atol)
 
 
 def test_pack_refuses_unknown_format():
