@@ -96,7 +96,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 class Attention(nn.Module):
-    attend = staticmethod(attend)  # the same math by another kernel may replace it (gemma4.engine.attend)
+    # The same math by other kernels may replace these (gemma4.engine.attend).
+    attend = staticmethod(attend)
+    rope = staticmethod(apply_rope)
 
     def __init__(self, config: TextConfig, spec: LayerSpec):
         super().__init__()
@@ -129,7 +131,7 @@ class Attention(nn.Module):
         shape = (*raw[0].shape[:-1], self.spec.num_kv_heads, self.spec.head_dim)
         k_raw = raw[0].view(shape)
         v = k_raw if len(raw) == 1 else raw[1].view(shape)  # k_eq_v: V is the raw K projection
-        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        k = self.rope(self.k_norm(k_raw), cos, sin)
         if self.v_norm is not None:
             v = self.v_norm(v)
         return k.transpose(1, 2), v.transpose(1, 2)
@@ -153,7 +155,7 @@ class Attention(nn.Module):
         """
         B, T, _ = x.shape
         q, raw = self.project(x)
-        q = apply_rope(self.q_norm(q.view(B, T, -1, self.spec.head_dim)), cos, sin).transpose(1, 2)
+        q = self.rope(self.q_norm(q.view(B, T, -1, self.spec.head_dim)), cos, sin).transpose(1, 2)
         if kv is None:
             k, v = self.project_kv(raw, cos, sin)
             kv = (k, v, q_pos) if cache is None else cache.update(k, v, q_pos)

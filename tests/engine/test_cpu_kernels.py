@@ -182,3 +182,20 @@ def test_fast_path_kernels_keep_the_engine_steps(name):
         for t in range(5, 9):
             want, got = (_step(e, seqs, ids, t) for e, seqs in zip(engines, rows))
             torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 1, 4, 256), (2, 5, 1, 256), (1, 3, 8, 64), (3, 2, 2, 6)])
+def test_fast_rope_equals_apply_rope(shape):
+    from gemma4.engine.attend import fast_rope
+    from gemma4.model.layers import apply_rope, rope_cos_sin
+
+    B, T, heads, d = shape
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(B, T, heads, d, generator=gen) * 30
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    cos, sin = rope_cos_sin(inv, torch.randint(0, 5000, (B, T), generator=gen), torch.float32)
+    want = apply_rope(x, cos, sin)
+    assert torch.equal(fast_rope(x, cos, sin), want)  # two products rounded, then the sum: as torch
+    assert torch.equal(fast_rope(x.transpose(1, 2).contiguous().transpose(1, 2), cos, sin), want)  # strided x
+    assert not torch.allclose(fast_rope(x, sin, cos), want)

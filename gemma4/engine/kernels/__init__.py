@@ -1,9 +1,10 @@
 """The fast path's C kernels (cpu_kernels.c): compiled at first use with the system's C compiler
-(cc -O3 -march=native, well under a second), cached per source, compiler and CPU, loaded with ctypes.
+(cc -O3 -march=native -ffp-contract=off, well under a second), cached per source, compiler and CPU, loaded with ctypes.
 
-Written by hand only where no library kernel serves: a one-call RMSNorm (`engine.norm`; torch's
-eager CPU rms_norm is ~8 ops) and one-call attention for a few query rows (`engine.attend`; torch's
-small batched matmuls cost 30-60 us each). Without a compiler the callers keep torch's ops
+Written by hand only where no library kernel serves, each replacing several eager torch ops of a
+decode step by one call: RMSNorm (`engine.norm`; torch's CPU rms_norm is ~8 ops), rotate-half
+RoPE (6 ops) and attention of a few query rows (`engine.attend`; torch's small batched matmuls
+cost 30-60 us each). Without a compiler the callers keep torch's ops
 (`library()` is None).
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
 
 
 def cache_dir() -> Path:
@@ -55,15 +57,16 @@ def library() -> ctypes.CDLL | None:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    key = hashlib.sha256(source + version.encode() + _cpu_flags().encode() + platform.machine().encode())
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode() + _cpu_flags().encode()
+                         + platform.machine().encode())
     target = cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: processes may race
                 out = Path(tmp) / target.name
-                run = subprocess.run([cc, "-O3", "-march=native", "-shared", "-fPIC", str(SOURCE),
-                                      "-o", str(out), "-lm"], capture_output=True, text=True, timeout=120)
+                run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True,
+                                     text=True, timeout=120)
                 if run.returncode:
                     log.debug("cpu kernels: %s failed: %s", cc, run.stderr[-2000:])
                     return None
@@ -80,4 +83,6 @@ def library() -> ctypes.CDLL | None:
     lib.rms_norm.restype = None
     lib.attend_few.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] * 6 + [ctypes.c_float] + [ctypes.c_long] * 9
     lib.attend_few.restype = None
+    lib.rope.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
+    lib.rope.restype = None
     return lib

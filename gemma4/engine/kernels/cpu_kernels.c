@@ -90,3 +90,17 @@ void attend_few(const float *q, const float *k, const float *v, const float *mas
                 for (long j = 0; j < d; j++) oi[j] *= inv;
             }
 }
+
+/* Rotate-half RoPE: y[r, h, :] = x[r, h, :] * cos[r, :] + rotate_half(x[r, h, :]) * sin[r, :], with
+ * rotate_half(x) = (-x[d/2:], x[:d/2]); x, y [R, heads, d] contiguous, cos, sin [R, d]. Built with
+ * -ffp-contract=off: the products are rounded before the sum, as torch's two multiplies and an add. */
+void rope(const float *x, const float *cos, const float *sin, float *y, long R, long heads, long d) {
+    long half = d / 2;
+    for (long r = 0; r < R; r++)
+        for (long h = 0; h < heads; h++) {
+            const float *xi = x + (r * heads + h) * d, *c = cos + r * d, *s = sin + r * d;
+            float *yi = y + (r * heads + h) * d;
+            for (long j = 0; j < half; j++) yi[j] = xi[j] * c[j] + -xi[j + half] * s[j];
+            for (long j = half; j < d; j++) yi[j] = xi[j] * c[j] + xi[j - half] * s[j];
+        }
+}
