@@ -24,7 +24,9 @@ class FastRMSNorm(nn.Module):
         super().__init__()
         self.eps = norm.eps
         w = None if norm.weight is None else norm.weight.detach().float() + norm.offset
-        self.register_buffer("scale", None if w is None else w.contiguous(), persistent=False)
+        # A parameter (frozen), as the norm's weight was: code that finds a model's device and dtype
+        # from its parameters still does on a quantized model, whose norms may be all it has.
+        self.scale = None if w is None else nn.Parameter(w.contiguous(), requires_grad=False)
         self._lib = library()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

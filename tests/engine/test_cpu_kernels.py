@@ -65,6 +65,10 @@ def test_swap_norms_swaps_every_float_norm_and_keeps_the_output():
         assert not any(type(m) is RMSNorm for m in model.modules())
         got = model(ids)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+    # The swapped norms' weights stay parameters: a quantized checkpoint on the fast path has no
+    # other, and the engine finds a model's device and dtype from its parameters.
+    weighted = sum(n.endswith(".scale") for n, _ in model.named_parameters())
+    assert weighted == sum(isinstance(m, FastRMSNorm) and m.scale is not None for m in model.modules()) > 0
 
 
 def test_kernels_build_into_a_fresh_cache_and_are_reused(tmp_path, monkeypatch):

@@ -372,6 +372,8 @@ def test_speed_up_packs_float32_and_quantized_cpu_models_only_and_leaves_adapter
     assert not speed_up(random_model("tiny-gemma-3-270m").to(torch.bfloat16))
     quantized = quantize(random_model("tiny-gemma-3-270m"), "int8", progress=False)
     assert speed_up(quantized) and isinstance(quantized.lm_head, RescoredTable)  # gemma4.quant's own packer
+    steps = list(TokenGenerator(quantized, [[2, 5, 9]], [GREEDY], [3], set()))  # and the engine still runs it
+    assert len(steps) == 3 and all(s[0].token is not None for s in steps)
     model = random_model("tiny-gemma-3-270m")
     apply_lora(model, LoraConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"]))
     for _, m in lora_modules(model):
