@@ -8,6 +8,7 @@ It loads the base model, which `finetune` takes loaded. Defaults equal `TrainCon
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 
 import torch
@@ -165,6 +166,11 @@ def run(a: argparse.Namespace) -> int:
                       config=config, source=source)
     if torch.distributed.is_initialized():  # under torchrun: leave the group cleanly, report once
         rank = torch.distributed.get_rank()
+        # FSDP's mesh holds the group: free it while the interpreter is whole (gloo's threads torn
+        # down at interpreter exit aborted a rank once in CI), and let no rank leave first.
+        del model
+        gc.collect()
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
         if rank != 0:
             return 0
