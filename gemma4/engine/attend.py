@@ -57,8 +57,8 @@ def fast_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 
 
 def swap_attention(model: nn.Module) -> int:
-    """Give every attention module of a model the one-call kernels (in place); the count. None
-    where the kernels cannot be built."""
+    """Give every attention module of a model the one-call kernels (in place); the count swapped
+    (0 where the kernels cannot be built)."""
     if library() is None:
         return 0
     count = 0
