@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from child import measure_in_child  # noqa: E402
 
 
 def _measure(name: str, seconds: float, repeat: int, threads: int | None) -> dict:
@@ -84,10 +85,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     for name in models:
         for seconds in args.seconds:
-            cmd = [sys.executable, __file__, "--child", name, str(seconds), "--repeat", str(args.repeat)]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            r = measure_in_child(__file__, [name, seconds], args.repeat, args.threads)
             print(f"| {r['model']} | {r['seconds']:g} | {r['soft_tokens']} | {r['params_m']:.1f} | "
                   f"{r['features_s']:.3f} | {r['best_s']:.3f} | {r['activation_peak_mib']:.0f} |")
     return 0

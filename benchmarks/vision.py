@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from child import measure_in_child  # noqa: E402
 
 
 def _measure(tower: str, budget: int, repeat: int, threads: int | None) -> dict:
@@ -69,10 +70,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     for tower in args.towers:
         for budget in args.budgets:
-            cmd = [sys.executable, __file__, "--child", tower, str(budget), "--repeat", str(args.repeat)]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            r = measure_in_child(__file__, [tower, budget], args.repeat, args.threads)
             print(f"| {r['tower']} | {r['budget']} | {r['soft_tokens']} | {r['patches']} | {r['params_m']:.0f} | "
                   f"{r['best_s']:.3f} | {r['activation_peak_mib']:.0f} |")
     return 0

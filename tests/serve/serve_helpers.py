@@ -147,6 +147,25 @@ def save_reference(ref, directory, media_tokens: list[str]):
     return directory
 
 
+def multimodal_reference(tmp_path_factory, variant: str, edit, media_tokens: list[str]):
+    """(transformers model, its checkpoint directory) of the tiny multimodal `variant` ("e2b", "31b"...)
+    whose config `edit` changes, with the tiny tokenizer plus `media_tokens`."""
+    from vision_refs import hf_multimodal
+
+    ref = hf_multimodal(variant, edit=edit)
+    return ref, save_reference(ref, tmp_path_factory.mktemp(f"tiny-{variant}") / f"tiny-{variant}", media_tokens)
+
+
+@contextlib.contextmanager
+def exact_server(path, **config):
+    """The server over the checkpoint at `path`, loaded in float32 (`exact`): yields (url, loaded)."""
+    from gemma4.serve import load_checkpoint
+
+    loaded = load_checkpoint(str(path), exact=True)
+    with running_server(make_app(loaded, **config)) as url:
+        yield url, loaded
+
+
 @contextlib.contextmanager
 def running_server(app):
     """Serve `app` with the server `gemma4 serve` runs (uvicorn, draining the app on shutdown) on

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from serve_helpers import SPECIAL, VOCAB, make_app, running_server, save_reference
+from serve_helpers import SPECIAL, VOCAB, exact_server, make_app, multimodal_reference, running_server
 
 MEDIA = ["<|image>", "<image|>", "<|image|>", "<|video|>", "<|audio|>"]
 IDS = {t: len(SPECIAL) + i for i, t in enumerate(MEDIA)}
@@ -27,20 +27,13 @@ def _edit(raw):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from vision_refs import hf_multimodal
-
-    ref = hf_multimodal("31b", edit=_edit)
-    path = tmp_path_factory.mktemp("vision") / "tiny-31b-vision"
-    return ref, save_reference(ref, path, MEDIA)
+    return multimodal_reference(tmp_path_factory, "31b", _edit, MEDIA)
 
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    from gemma4.serve import load_checkpoint
-
-    loaded = load_checkpoint(str(checkpoint[1]), exact=True)
-    with running_server(make_app(loaded, max_batch=4)) as url:
-        yield url, loaded
+    with exact_server(checkpoint[1], max_batch=4) as served:
+        yield served
 
 
 def _png(seed: int, size=(150, 100)) -> bytes:

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from serve_helpers import SPECIAL, VOCAB, make_app, running_server, save_reference
+from serve_helpers import SPECIAL, VOCAB, exact_server, make_app, multimodal_reference, running_server
 
 from gemma4.media.windows import plan_windows
 
@@ -34,20 +34,13 @@ def _edit(raw):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from vision_refs import hf_multimodal
-
-    ref = hf_multimodal("e2b", edit=_edit)
-    path = tmp_path_factory.mktemp("audio") / "tiny-e2b-audio"
-    return ref, save_reference(ref, path, MEDIA)
+    return multimodal_reference(tmp_path_factory, "e2b", _edit, MEDIA)
 
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    from gemma4.serve import load_checkpoint
-
-    loaded = load_checkpoint(str(checkpoint[1]), exact=True)
-    with running_server(make_app(loaded, max_batch=4, max_model_len=1024)) as url:
-        yield url, loaded
+    with exact_server(checkpoint[1], max_batch=4, max_model_len=1024) as served:
+        yield served
 
 
 def _speech(seconds: float, rate: int = RATE, seed: int = 0) -> np.ndarray:
