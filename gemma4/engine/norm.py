@@ -27,15 +27,14 @@ class FastRMSNorm(nn.Module):
         # A parameter (frozen), as the norm's weight was: code that finds a model's device and dtype
         # from its parameters still does on a quantized model, whose norms may be all it has.
         self.scale = None if w is None else nn.Parameter(w.contiguous(), requires_grad=False)
-        self._lib = library()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self._lib is None or torch.compiler.is_compiling() or x.dtype != torch.float32
-                or x.device.type != "cpu" or x.requires_grad):
+        lib = None if torch.compiler.is_compiling() else library()  # a trace must not reach ctypes
+        if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad:
             return F.rms_norm(x.float(), (x.shape[-1],), self.scale, self.eps).type_as(x)
         x = x.contiguous()
         y = torch.empty_like(x)
-        self._lib.rms_norm(x.data_ptr(), None if self.scale is None else self.scale.data_ptr(), y.data_ptr(),
+        lib.rms_norm(x.data_ptr(), None if self.scale is None else self.scale.data_ptr(), y.data_ptr(),
                            x.numel() // x.shape[-1], x.shape[-1], self.eps)
         return y
 
