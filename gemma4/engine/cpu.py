@@ -31,8 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
-from .fuse import fuse_projections
 from .attend import swap_attention
+from .fuse import fuse_projections
 from .norm import swap_norms
 
 FORMATS = ("fp16", "int8-dynamic")
@@ -271,8 +271,8 @@ OTHER_PACKERS: list = []
 def speed_up(model: nn.Module) -> bool:
     """Apply the CPU decode fast path to a float32 CPU model, in place, where fbgemm is available;
     True if applied: `pack_linears` defaults (fp16 linears, the rescored head), one-call norms and
-    attention (`engine.norm`, `engine.attend`). Greedy output is unchanged (see pack_linears); sampled logits differ from
-    float32 by fp16 weight rounding and, off the top 64, int8 error.
+    attention (`engine.norm`, `engine.attend`). Greedy output is unchanged (see pack_linears);
+    sampled logits differ from float32 by fp16 weight rounding and, off the top 64, int8 error.
     A model of other weights (quantized) goes to the packers in OTHER_PACKERS
     (`gemma4.quant.speed_up_quantized`)."""
     if any(isinstance(m, PackedLinear) for m in model.modules()):

@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 
 from ..config import kv_store_layers
+from .attend import swap_attention
 from .cache import DEFAULT_HEADROOM
 from .cpu import PackedLinear, fbgemm_works, pack_linears
 from .draft import Draft
-from .attend import swap_attention
 from .norm import swap_norms
 from .sampling import draw
 
@@ -118,7 +118,7 @@ class MTPDrafter:
             context = self.model.model.context(p[:, None], kv, h.dtype)  # RoPE and masks: one p for the round
         for step in range(max(ks)):
             embeds = self.target.model.embed(ids)
-            if self.head is None:
+            if self.head is None:  # no draft vocabulary (a released drafter, or off the fast path): the full head
                 out = self.model.step(embeds, h, kv, p)
                 logits, h = out.logits, out.hidden
                 confidence, best = logits.float().softmax(-1).max(-1)
